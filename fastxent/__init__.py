@@ -1,0 +1,38 @@
+"""fastxent: fused softmax cross-entropy loss and gradient on the CPU, with PyTorch's semantics.
+
+>>> import numpy as np, fastxent as fx
+>>> logits = np.array([[2.0, 0.5, -1.0]], dtype=np.float32)
+>>> loss, grad = fx.cross_entropy_with_grad(logits, np.array([0]))
+
+The class axis is the last axis. See ``help(fx.cross_entropy)`` for the formulas.
+"""
+
+from __future__ import annotations
+
+from ._api import (
+    TargetOutOfRangeError,
+    cross_entropy,
+    cross_entropy_grad,
+    cross_entropy_with_grad,
+    log_softmax,
+    logsumexp,
+    softmax,
+)
+from ._dispatch import available_backends
+from ._threads import get_num_threads, set_num_threads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TargetOutOfRangeError",
+    "available_backends",
+    "cross_entropy",
+    "cross_entropy_grad",
+    "cross_entropy_with_grad",
+    "get_num_threads",
+    "log_softmax",
+    "logsumexp",
+    "set_num_threads",
+    "softmax",
+    "__version__",
+]

@@ -1,0 +1,398 @@
+"""The public functions: validate, allocate outputs, dispatch, reduce.
+
+Nothing here loops over elements: the work is done by the kernels that ``_dispatch``
+picks. Exact semantics (PyTorch's ``cross_entropy`` with the class axis last) are
+written out in the README and in ``_reference.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from . import _dispatch
+
+Reduction = Literal["mean", "sum", "none"]
+_REDUCTIONS = ("mean", "sum", "none")
+_INT64 = np.iinfo(np.int64)
+
+
+class TargetOutOfRangeError(IndexError, ValueError):
+    """A class-index target outside ``[0, C)`` that is not ``ignore_index``."""
+
+
+# --- validation ----------------------------------------------------------------------
+
+
+def _as_logits(logits: ArrayLike) -> np.ndarray:
+    x = np.asarray(logits)
+    if x.dtype.kind != "f":
+        raise TypeError(f"logits must be a floating array (float16, float32 or float64), got dtype {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError("logits must have at least one dimension (the class axis, last)")
+    return x
+
+
+def _rows(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x`` as a C-contiguous ``(n, C)`` array of ``dtype``; a view when it already is one."""
+    return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=dtype)
+
+
+def _check_out(out: Any, x: np.ndarray, name: str = "out") -> np.ndarray:
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"{name} must have the logits' shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    if np.may_share_memory(out, x) and not _same_view(out, x):
+        raise ValueError(f"{name} overlaps the logits without being the same array; pass out=logits for in place")
+    return out
+
+
+def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+    )
+
+
+def _check_options(reduction: str, label_smoothing: float) -> float:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    try:
+        eps = float(label_smoothing)
+    except (TypeError, ValueError):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}") from None
+    if not 0.0 <= eps <= 1.0:  # also rejects NaN; PyTorch silently treats eps < 0 as 0
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    return eps
+
+
+def _check_weight(weight: ArrayLike | None, n_classes: int, dtype: np.dtype) -> tuple[np.ndarray, float]:
+    """The class weights as a contiguous array of ``dtype`` (length 0 for none) and their sum."""
+    if weight is None:
+        return np.empty(0, dtype), float(n_classes)
+    w = np.asarray(weight)
+    if w.dtype.kind not in "fiu":
+        raise TypeError(f"weight must be a real numeric array, got dtype {w.dtype}")
+    if w.shape != (n_classes,):
+        raise ValueError(f"weight must have shape ({n_classes},) (one per class), got {w.shape}")
+    w = np.ascontiguousarray(w, dtype=dtype)
+    return w, float(np.sum(w, dtype=np.float64))
+
+
+def _check_ignore_index(ignore_index: Any) -> int:
+    try:
+        value = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
+    if not _INT64.min <= value <= _INT64.max:
+        raise ValueError(f"ignore_index must fit in int64, got {value}")
+    return value
+
+
+def _index_labels(target: np.ndarray, batch_shape: tuple[int, ...], ignore_index: int) -> np.ndarray:
+    """Class-index targets as a contiguous 1-D int32/int64 array (other integer dtypes cast)."""
+    if target.shape != batch_shape:
+        raise ValueError(
+            f"class-index target must have shape {batch_shape} (the logits' shape without the class axis), "
+            f"got {target.shape}"
+        )
+    native = np.dtype(target.dtype.type)
+    if native not in (np.dtype(np.int32), np.dtype(np.int64)):
+        if native == np.dtype(np.uint64) and target.size and target.max() > _INT64.max:
+            # would wrap to a negative int64 (possibly ignore_index): report it here
+            _raise_out_of_range(target.reshape(-1), int(np.argmax(target.reshape(-1) > _INT64.max)), batch_shape, -1, ignore_index)
+        native = np.dtype(np.int64)
+    return np.ascontiguousarray(target.reshape(-1), dtype=native)
+
+
+def _raise_out_of_range(labels, row: int, batch_shape, n_classes: int, ignore_index: int):
+    where = np.unravel_index(row, batch_shape) if len(batch_shape) > 1 else (row,)
+    position = ", ".join(str(int(j)) for j in where)
+    expected = f"0 <= target < {n_classes}" if n_classes >= 0 else "a valid class index"
+    raise TargetOutOfRangeError(
+        f"target[{position}] = {labels[row]} is out of range: expected {expected} or ignore_index={ignore_index}"
+    )
+
+
+# --- the cross-entropy driver --------------------------------------------------------
+
+
+def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, backend, want_grad, out):
+    """Validate, run one fused kernel, reduce. Returns ``(loss, grad or None)``."""
+    x = _as_logits(logits)
+    dtype = _dispatch.compute_dtype(x.dtype)
+    kernels = _dispatch.kernels_for(backend)
+    eps = _check_options(reduction, label_smoothing)
+    ignore_index = _check_ignore_index(ignore_index)
+    batch_shape, n_classes = x.shape[:-1], x.shape[-1]
+    if n_classes == 0:
+        raise ValueError(f"logits must have at least one class (last axis), got shape {x.shape}")
+    w, weight_total = _check_weight(weight, n_classes, dtype)
+    if want_grad and out is not None:
+        _check_out(out, x)
+
+    t = np.asarray(target)
+    if t.dtype.kind in "iu":  # class indices
+        labels = _index_labels(t, batch_shape, ignore_index)
+        first_bad, denominator = kernels.label_stats(labels, n_classes, ignore_index, w)
+        if first_bad >= 0:
+            _raise_out_of_range(labels, first_bad, batch_shape, n_classes, ignore_index)
+    elif t.dtype.kind == "f":  # probabilities
+        if t.shape != x.shape:
+            raise ValueError(
+                f"probability target must have the logits' shape {x.shape}, got {t.shape}; "
+                "class indices must be an integer array"
+            )
+        labels = None
+        denominator = float(math.prod(batch_shape))
+    else:
+        raise TypeError(
+            f"target must be an integer array of class indices or a floating array of probabilities, got dtype {t.dtype}"
+        )
+    if want_grad and out is not None and (np.may_share_memory(out, t) or np.may_share_memory(out, w)):
+        raise ValueError("out must not share memory with the target or the weight")
+
+    x2 = _rows(x, dtype)
+    n = x2.shape[0]
+    grad2 = None
+    if want_grad:
+        if out is not None and out.dtype == dtype and out.flags.c_contiguous:
+            grad2 = out.reshape(n, n_classes)  # written directly, also when out is logits
+        elif not np.may_share_memory(x2, x):
+            grad2 = x2  # x2 is already our own copy (cast or made contiguous): reuse it in place
+        else:
+            grad2 = np.empty((n, n_classes), dtype)
+
+    row_loss = np.empty(n, np.float64)
+    reduce_mean = reduction == "mean"
+    if reduce_mean and denominator == 0:  # all rows ignored, N = 0, or zero weights
+        loss_value = math.nan
+        if want_grad:
+            grad2.fill(0)
+    else:
+        grad_scale = 1.0 / denominator if reduce_mean else 1.0
+        grad_arg = grad2 if want_grad else np.empty((1, n_classes), dtype)  # untouched when loss only
+        if labels is not None:
+            kernels.xent_index(x2, labels, w, weight_total, ignore_index, eps, grad_scale, row_loss, grad_arg, want_grad)
+        else:
+            t2 = _rows(t, dtype)
+            kernels.xent_probability(x2, t2, w, eps, grad_scale, row_loss, grad_arg, want_grad)
+        loss_value = float(np.sum(row_loss))  # pairwise in float64: the same for any thread count
+        if reduce_mean:
+            loss_value /= denominator
+
+    if reduction == "none":
+        loss = row_loss.astype(x.dtype).reshape(batch_shape)
+    else:
+        loss = x.dtype.type(loss_value)
+    if not want_grad:
+        return loss, None
+    grad = out if out is not None else None
+    if grad is None:
+        grad = grad2.reshape(x.shape) if grad2.dtype == x.dtype else grad2.reshape(x.shape).astype(x.dtype)
+    elif not np.shares_memory(grad, grad2):
+        grad[...] = grad2.reshape(x.shape)
+    return loss, grad
+
+
+_SHARED_DOC = """
+    Parameters
+    ----------
+    logits : array_like, shape (..., C)
+        Unnormalised scores; the class axis is the LAST axis. float16, float32 or float64
+        (float16 is computed in float32). Any layout: non-contiguous input is copied once.
+    target : array_like
+        Either class indices, an integer array of shape ``logits.shape[:-1]`` (any integer
+        dtype), or probabilities, a floating array of shape ``logits.shape`` (soft or one-hot
+        labels; not normalised).
+    weight : array_like of shape (C,), optional
+        Per-class weights ``w_c``.
+    ignore_index : int, default -100
+        Rows whose class index equals it contribute nothing (class-index targets only).
+    reduction : {"mean", "sum", "none"}, default "mean"
+        "mean" divides by ``D = sum_i [y_i != ignore_index] w[y_i]`` for class indices and by
+        the number of rows N for probabilities; "none" returns one loss per row.
+    label_smoothing : float in [0, 1], default 0.0
+        ``eps``: the target becomes ``(1-eps) * onehot + eps/C``.
+    backend : {"numba", "cython", "numpy"}, optional
+        Default: ``$FASTXENT_BACKEND``, else the fastest available.
+"""
+
+_SHARED_RAISES = """
+    Raises
+    ------
+    IndexError
+        (``fastxent.TargetOutOfRangeError``, also a ValueError) a class index outside
+        ``[0, C)`` that is not ``ignore_index``; the message names the row and the value.
+    TypeError
+        Non-floating logits, or a target that is neither integer nor floating.
+    ValueError
+        Shapes that do not match, 0-d logits, no classes, unknown reduction,
+        label_smoothing outside [0, 1], ``out`` of the wrong shape or dtype.
+"""
+
+
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    backend: str | None = None,
+) -> np.floating | NDArray[np.floating]:
+    loss, _ = _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, backend, False, None)
+    return loss
+
+
+def cross_entropy_grad(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    backend: str | None = None,
+    out: np.ndarray | None = None,
+) -> NDArray[np.floating]:
+    _, grad = _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, backend, True, out)
+    return grad
+
+
+def cross_entropy_with_grad(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    backend: str | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.floating | NDArray[np.floating], NDArray[np.floating]]:
+    return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, backend, True, out)
+
+
+cross_entropy.__doc__ = (
+    """Softmax cross-entropy, exactly ``torch.nn.functional.cross_entropy`` with the class axis last.
+
+    Per row ``i``, with ``lse_i = m_i + log sum_c exp(x_ic - m_i)``, ``m_i = max_c x_ic``:
+
+    - class indices: ``l_i = k_i [(1-eps) w[y_i] (lse_i - x_i,y_i) + eps/C sum_c w_c (lse_i - x_ic)]``
+      with ``k_i = [y_i != ignore_index]``;
+    - probabilities: ``l_i = -sum_c w_c t'_ic (x_ic - lse_i)`` with ``t' = (1-eps) t + eps/C``.
+    """
+    + _SHARED_DOC
+    + """
+    Returns
+    -------
+    loss : NumPy scalar of the logits' dtype ("mean", "sum"), or ndarray of shape
+        ``logits.shape[:-1]`` ("none"). Row sums accumulate in float64 in a fixed order.
+    """
+    + _SHARED_RAISES
+)
+
+cross_entropy_grad.__doc__ = (
+    """Gradient of :func:`cross_entropy` with respect to the logits (one fused pass).
+
+    ``dl_i/dx_ic = k_i [(1-eps) w[y_i] (p_ic - [c == y_i]) + eps/C (W p_ic - w_c)]`` for class
+    indices and ``p_ic sum_k w_k t'_ik - w_c t'_ic`` for probabilities (``p = softmax(x)``,
+    ``W = sum_c w_c``), divided by the "mean" denominator; for "none" it is the gradient of
+    the sum of the rows. With one-hot targets and no options: ``softmax(x) - Y``.
+    """
+    + _SHARED_DOC
+    + """    out : ndarray, optional
+        Where to write the gradient: the logits' shape and dtype. ``out=logits`` overwrites
+        the logits in place (no second N x C buffer).
+
+    Returns
+    -------
+    grad : ndarray like ``logits`` (``out`` when given).
+    """
+    + _SHARED_RAISES
+)
+
+cross_entropy_with_grad.__doc__ = (
+    """Loss and gradient of :func:`cross_entropy` in ONE fused pass over the logits.
+
+    Same as ``(cross_entropy(...), cross_entropy_grad(...))`` at the cost of one call.
+    """
+    + _SHARED_DOC
+    + """    out : ndarray, optional
+        As in :func:`cross_entropy_grad`; ``out=logits`` computes the gradient in place.
+
+    Returns
+    -------
+    (loss, grad)
+    """
+    + _SHARED_RAISES
+)
+
+
+# --- softmax family ------------------------------------------------------------------
+
+
+def _row_transform(logits, out, backend, kernel_name):
+    x = _as_logits(logits)
+    dtype = _dispatch.compute_dtype(x.dtype)
+    kernels = _dispatch.kernels_for(backend)
+    if out is not None:
+        _check_out(out, x)
+    result = out if out is not None else np.empty(x.shape, x.dtype)
+    if x.size == 0:
+        return result
+    x2 = _rows(x, dtype)
+    if result.dtype == dtype and result.flags.c_contiguous:
+        target_rows = result.reshape(x2.shape)
+    else:
+        target_rows = np.empty(x2.shape, dtype)
+    getattr(kernels, kernel_name)(x2, target_rows)
+    if not np.shares_memory(result, target_rows):
+        result[...] = target_rows.reshape(x.shape)
+    return result
+
+
+def log_softmax(logits: ArrayLike, *, out: np.ndarray | None = None, backend: str | None = None) -> NDArray[np.floating]:
+    """``x - logsumexp(x)`` along the last axis, computed as ``(x - m) - log sum exp(x - m)``.
+
+    Returns an array of the logits' shape and dtype (``out`` when given; ``out=logits`` is
+    in place). float16 is computed in float32.
+    """
+    return _row_transform(logits, out, backend, "log_softmax_rows")
+
+
+def softmax(logits: ArrayLike, *, out: np.ndarray | None = None, backend: str | None = None) -> NDArray[np.floating]:
+    """``exp(x - m) / sum exp(x - m)`` along the last axis (``m`` the row max).
+
+    Returns an array of the logits' shape and dtype (``out`` when given; ``out=logits`` is
+    in place). float16 is computed in float32.
+    """
+    return _row_transform(logits, out, backend, "softmax_rows")
+
+
+def logsumexp(logits: ArrayLike, *, backend: str | None = None) -> NDArray[np.floating]:
+    """``m + log sum_c exp(x_c - m)`` along the last axis; shape ``logits.shape[:-1]``.
+
+    An empty class axis gives ``-inf`` (the log of an empty sum). The result has the
+    logits' dtype.
+    """
+    x = _as_logits(logits)
+    dtype = _dispatch.compute_dtype(x.dtype)
+    kernels = _dispatch.kernels_for(backend)
+    if x.shape[-1] == 0:
+        return np.full(x.shape[:-1], -np.inf, x.dtype)
+    x2 = _rows(x, dtype)
+    result = np.empty(x2.shape[0], dtype)
+    kernels.logsumexp_rows(x2, result)
+    return result.astype(x.dtype, copy=False).reshape(x.shape[:-1])

@@ -1,0 +1,84 @@
+"""The one place that owns every Numba option: fastmath flags, caching, threading, intrinsics.
+
+Why these flags
+---------------
+``FASTMATH`` lets LLVM reassociate the row sums (so they vectorise into 16 float32 / 8
+float64 partial sums) and fuse multiply-adds, but deliberately leaves out ``nnan`` and
+``ninf``: masked classes with ``-inf`` logits and NaN rows are normal input and must keep
+IEEE semantics (``exp(-inf) = 0``, NaN in -> NaN out).
+
+The vectorisable exponential (``fast_exp``) is compiled *without* ``reassoc``: its range
+reduction rounds with the ``(v + 1.5 * 2**p) - 1.5 * 2**p`` trick, which reassociation
+would fold away. Numba compiles each ``@njit`` function with its own flags and LLVM keeps
+flags per instruction when it inlines, so the kernels call it as an ordinary (not
+``inline="always"``) function.
+
+Compilation is lazy and cached (``cache=True``): a call compiles only the signature it
+needs, once per machine; later processes load it from the cache (``__pycache__`` next to
+the package, or numba's per-user cache dir when that is read-only). ``precompile()``
+compiles every supported signature ahead of time.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import intrinsic
+from llvmlite import ir
+
+#: fastmath flags for every kernel: everything LLVM's "fast" has except nnan and ninf.
+FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+#: flags for the exponential: contraction into FMA only, no reassociation (see above).
+EXP_FASTMATH = frozenset({"contract"})
+
+
+def kernel(func=None, *, parallel: bool = True):
+    """Decorator for a hot row kernel: parallel, cached, GIL-free, shared fastmath flags."""
+
+    def wrap(f):
+        return numba.njit(parallel=parallel, cache=True, nogil=True, fastmath=set(FASTMATH))(f)
+
+    return wrap(func) if func is not None else wrap
+
+
+def helper(func):
+    """Decorator for a small per-row helper that the kernels call (inlined by LLVM)."""
+    return numba.njit(cache=True, nogil=True, fastmath=set(FASTMATH))(func)
+
+
+def exp_helper(func):
+    """Decorator for the exponential: no reassociation, so its rounding trick survives."""
+    return numba.njit(cache=True, nogil=True, fastmath=set(EXP_FASTMATH))(func)
+
+
+@intrinsic
+def two_to_the_rounded(typingctx, v):
+    """``2**k`` for ``v = k + 1.5 * 2**p`` (p = 23 for float32, 52 for float64).
+
+    Adding ``1.5 * 2**p`` to a float of magnitude < 2**(p-1) leaves the rounded integer
+    ``k`` in the low mantissa bits of ``v``; this subtracts the bits of ``1.5 * 2**p``,
+    adds the exponent bias and shifts ``k`` into the exponent field, in the float's own
+    integer width (numba would widen int32 arithmetic to int64, which does not vectorise
+    as well). ``k`` must lie in the normal exponent range; the caller clamps.
+    """
+    if v == types.float32:
+        int_type, round_bits, bias, mantissa = ir.IntType(32), 0x4B400000, 127, 23
+    elif v == types.float64:
+        int_type, round_bits, bias, mantissa = ir.IntType(64), 0x4338000000000000, 1023, 52
+    else:
+        return None
+    sig = v(v)
+
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[0], int_type)
+        biased = builder.add(bits, ir.Constant(int_type, bias - round_bits))
+        exponent = builder.shl(biased, ir.Constant(int_type, mantissa))
+        return builder.bitcast(exponent, args[0].type)
+
+    return sig, codegen
+
+
+#: dtypes that have native kernels; everything else is decided in _dispatch.py
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))

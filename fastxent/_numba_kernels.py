@@ -1,0 +1,369 @@
+"""The hot row-parallel fused kernels (Numba). The same steps, in the same words, as
+``_reference.py`` and ``kernels/_cy_xent.pyx``.
+
+Every kernel takes a C-contiguous 2-D ``x`` of shape ``(n, C)`` and runs one ``prange``
+iteration per row. Each row is read from memory once: a row of up to ~128k float32 fits
+in L2, so the later steps re-read it from cache. Per row:
+
+  (1) ``m = max_c x_c``                                 (16 independent lanes, vectorised)
+  (2) ``e_c = exp(x_c - m)`` written into the gradient row as scratch, ``s = sum_c e_c``;
+      the smoothing sum ``sw = sum_c w_c (m - x_c)`` (index targets) or the target sums
+      ``A = sum_c w_c t'_c``, ``B = sum_c w_c t'_c (m - x_c)`` (probability targets) in
+      the same loop
+  (3) ``lse = m + log(s)``; index targets: ``loss = (1-eps) w_y (lse - x_y)
+      + eps/C (sw + W log s)``; probability targets: ``loss = B + A log s``
+  (4) ``grad_c = e_c / s * a - b_c``, scaled by ``grad_scale`` (1/D for "mean"):
+      index targets ``a = (1-eps) w_y + eps W / C``, ``b_c = eps/C w_c``, then
+      ``grad_y -= (1-eps) w_y``; probability targets ``a = A``, ``b_c = w_c t'_c``.
+
+``sum_c w_c (lse - x_c)`` is written ``sw + W log s`` so that it is a sum of
+non-negative terms, without the cancellation of ``W lse - sum_c w_c x_c``.
+
+Accumulators (``s``, ``sw``, ``A``, ``B``) and the per-row loss are float64 for both
+dtypes, as in scikit-learn's ``_loss``; the exponentials and the gradient are computed
+in the input dtype. Kernels never allocate (beyond numba's parallel scheduling) and never
+validate: ``_api.py`` checks the inputs, casts them, allocates every output, and hands
+the kernel plain arrays. Labels are checked by ``label_stats`` before any kernel writes,
+so a bad label never leaves ``out=`` half written.
+
+Where there is no gradient to write (loss only), pass ``write_grad=False`` and a
+``(1, C)`` array of the right dtype as ``grad`` (it is not touched).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange, types
+from numba.extending import overload
+
+from ._jit import EXP_FASTMATH, helper, kernel, two_to_the_rounded
+
+# --- the vectorisable exponential ---------------------------------------------------
+# exp(t) for t <= 0 (and -inf, NaN), as 2**k * exp(r): k = rint(t / ln 2), r = t - k ln 2
+# in two parts (Cody-Waite, so r is exact to the last bit), exp(r) by its Taylor
+# polynomial on |r| <= ln2 / 2 (truncation < 0.1 ulp), 2**k built in the exponent field.
+# Below the smallest normal (t < LO) the result is 0: against s >= 1 such terms do not
+# count, and exp(-inf) = 0 exactly. NaN propagates through r. Max error: < 1 ulp
+# (tests/test_exp.py).
+
+_F32 = np.float32
+_EXP32_LOG2E = _F32(1.4426950408889634)
+_EXP32_LN2_HI = _F32(0.693359375)
+_EXP32_LN2_LO = _F32(-2.12194440e-4)
+_EXP32_ROUND = _F32(12582912.0)  # 1.5 * 2**23: v + this rounds v to an integer
+_EXP32_LO = _F32(-87.0)  # 2**-126 is the smallest normal float32
+_EXP32_TAYLOR = tuple(_F32(1.0 / math.factorial(j)) for j in range(7, -1, -1))
+
+_EXP64_LOG2E = 1.4426950408889634
+_EXP64_LN2_HI = 6.93145751953125e-1
+_EXP64_LN2_LO = 1.42860682030941723212e-6
+_EXP64_ROUND = 6755399441055744.0  # 1.5 * 2**52
+_EXP64_LO = -708.0  # 2**-1022 is the smallest normal float64
+_EXP64_TAYLOR = tuple(1.0 / math.factorial(j) for j in range(13, -1, -1))
+
+
+def fast_exp(t):
+    """``exp(t)`` for ``t <= 0``, vectorisable; typed by ``t`` (float32 or float64)."""
+    return math.exp(t)
+
+
+@overload(fast_exp, jit_options={"fastmath": set(EXP_FASTMATH)})
+def _fast_exp_overload(t):
+    if t == types.float32:
+        c7, c6, c5, c4, c3, c2, c1, c0 = _EXP32_TAYLOR
+
+        def exp32(t):
+            tc = t if t >= _EXP32_LO else _EXP32_LO  # NaN -> LO here; t carries the NaN on
+            v = tc * _EXP32_LOG2E + _EXP32_ROUND
+            k = v - _EXP32_ROUND
+            r = (t - k * _EXP32_LN2_HI) - k * _EXP32_LN2_LO
+            p = c7
+            p = p * r + c6
+            p = p * r + c5
+            p = p * r + c4
+            p = p * r + c3
+            p = p * r + c2
+            p = p * r + c1
+            p = p * r + c0
+            two_k = two_to_the_rounded(v)
+            return _F32(0.0) if t < _EXP32_LO else p * two_k
+
+        return exp32
+    if t == types.float64:
+        (c13, c12, c11, c10, c9, c8, c7, c6, c5, c4, c3, c2, c1, c0) = _EXP64_TAYLOR
+
+        def exp64(t):
+            tc = t if t >= _EXP64_LO else _EXP64_LO
+            v = tc * _EXP64_LOG2E + _EXP64_ROUND
+            k = v - _EXP64_ROUND
+            r = (t - k * _EXP64_LN2_HI) - k * _EXP64_LN2_LO
+            p = c13
+            p = p * r + c12
+            p = p * r + c11
+            p = p * r + c10
+            p = p * r + c9
+            p = p * r + c8
+            p = p * r + c7
+            p = p * r + c6
+            p = p * r + c5
+            p = p * r + c4
+            p = p * r + c3
+            p = p * r + c2
+            p = p * r + c1
+            p = p * r + c0
+            two_k = two_to_the_rounded(v)
+            return 0.0 if t < _EXP64_LO else p * two_k
+
+        return exp64
+    return None
+
+
+@helper
+def exp_array(t, out):
+    """``out[j] = fast_exp(t[j])``: the exponential alone, for its accuracy test."""
+    for j in range(t.shape[0]):
+        out[j] = fast_exp(t[j])
+
+
+# --- per-row steps -------------------------------------------------------------------
+
+
+@helper
+def _greater(a, b):
+    return b if b > a else a
+
+
+@helper
+def row_max(row):
+    """Step (1): ``max_c row_c``. A plain ``if v > m`` loop is a serial dependency chain
+    that LLVM will not vectorise without ``nnan``; 16 independent lanes, combined at the
+    end, vectorise into one AVX-512 compare-and-blend per 16 floats. NaN is ignored here;
+    it reaches the result through ``exp`` in step (2)."""
+    n_classes = row.shape[0]
+    m = row[0]
+    if n_classes < 64:
+        for c in range(1, n_classes):
+            m = _greater(m, row[c])
+        return m
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = m
+    m8 = m9 = m10 = m11 = m12 = m13 = m14 = m15 = m
+    blocked = n_classes - n_classes % 16
+    for c in range(0, blocked, 16):
+        m0 = _greater(m0, row[c])
+        m1 = _greater(m1, row[c + 1])
+        m2 = _greater(m2, row[c + 2])
+        m3 = _greater(m3, row[c + 3])
+        m4 = _greater(m4, row[c + 4])
+        m5 = _greater(m5, row[c + 5])
+        m6 = _greater(m6, row[c + 6])
+        m7 = _greater(m7, row[c + 7])
+        m8 = _greater(m8, row[c + 8])
+        m9 = _greater(m9, row[c + 9])
+        m10 = _greater(m10, row[c + 10])
+        m11 = _greater(m11, row[c + 11])
+        m12 = _greater(m12, row[c + 12])
+        m13 = _greater(m13, row[c + 13])
+        m14 = _greater(m14, row[c + 14])
+        m15 = _greater(m15, row[c + 15])
+    for c in range(blocked, n_classes):
+        m0 = _greater(m0, row[c])
+    m0 = _greater(_greater(_greater(m0, m1), _greater(m2, m3)), _greater(_greater(m4, m5), _greater(m6, m7)))
+    m8 = _greater(_greater(_greater(m8, m9), _greater(m10, m11)), _greater(_greater(m12, m13), _greater(m14, m15)))
+    return _greater(m0, m8)
+
+
+@helper
+def row_sum_exp(row, m, e_out, write_e):
+    """Step (2): ``s = sum_c exp(row_c - m)``; the terms go to ``e_out`` when ``write_e``."""
+    s = 0.0
+    if write_e:
+        for c in range(row.shape[0]):
+            e = fast_exp(row[c] - m)
+            e_out[c] = e
+            s += e
+    else:
+        for c in range(row.shape[0]):
+            s += fast_exp(row[c] - m)
+    return s
+
+
+@helper
+def row_sum_exp_smooth(row, m, weight, e_out, write_e):
+    """Step (2) with label smoothing: ``s`` and ``sw = sum_c w_c (m - row_c)``."""
+    s = 0.0
+    sw = 0.0
+    has_weight = weight.shape[0] != 0
+    for c in range(row.shape[0]):
+        z = row[c]
+        e = fast_exp(z - m)
+        if write_e:
+            e_out[c] = e
+        s += e
+        if has_weight:
+            sw += weight[c] * (m - z)
+        else:
+            sw += m - z
+    return s, sw
+
+
+@helper
+def row_sum_exp_target(row, m, t, weight, eps, e_out, write_e):
+    """Step (2) for probability targets: ``s``, ``A = sum_c w_c t'_c`` and
+    ``B = sum_c w_c t'_c (m - row_c)`` with ``t'_c = (1-eps) t_c + eps/C``."""
+    n_classes = row.shape[0]
+    keep = 1.0 - eps
+    spread = eps / n_classes
+    has_weight = weight.shape[0] != 0
+    s = 0.0
+    a = 0.0
+    b = 0.0
+    for c in range(n_classes):
+        z = row[c]
+        e = fast_exp(z - m)
+        if write_e:
+            e_out[c] = e
+        s += e
+        wt = keep * t[c] + spread
+        if has_weight:
+            wt = weight[c] * wt
+        a += wt
+        b += wt * (m - z)
+    return s, a, b
+
+
+# --- the kernels ---------------------------------------------------------------------
+
+
+@kernel
+def xent_index(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
+    """Cross-entropy rows for class-index targets (see the module docstring).
+
+    x (n, C) float; y (n,) int, every non-ignored value in [0, C) (checked by the caller);
+    weight (C,) of x's dtype or length 0 for none; weight_total = sum(weight) (C without);
+    loss (n,) float64 out: per-row losses; grad (n, C) out, scaled by grad_scale.
+    """
+    n, n_classes = x.shape
+    has_weight = weight.shape[0] != 0
+    keep = 1.0 - eps
+    spread = eps / n_classes
+    for i in prange(n):
+        yi = y[i]
+        if yi == ignore_index:  # ignored rows: loss 0, gradient 0, y_i never read
+            loss[i] = 0.0
+            if write_grad:
+                grad[i, :] = 0
+            continue
+        row = x[i]
+        g = grad[i] if write_grad else grad[0]  # loss only: grad is a (1, C) dummy, never written
+        w_y = weight[yi] if has_weight else 1.0
+        m = row_max(row)  # (1)
+        x_y = row[yi]  # read before step (2) may overwrite the row (out=x)
+        if eps > 0:  # (2)
+            s, sw = row_sum_exp_smooth(row, m, weight, g, write_grad)
+        else:
+            s = row_sum_exp(row, m, g, write_grad)
+            sw = 0.0
+        log_s = math.log(s)  # (3)
+        lse = m + log_s
+        row_loss = keep * w_y * (lse - x_y)
+        if eps > 0:
+            row_loss += spread * (sw + weight_total * log_s)
+        loss[i] = row_loss
+        if write_grad:  # (4)
+            a = g.dtype.type(grad_scale * (keep * w_y + spread * weight_total) / s)
+            if eps > 0:
+                b = g.dtype.type(grad_scale * spread)
+                if has_weight:
+                    for c in range(n_classes):
+                        g[c] = g[c] * a - b * weight[c]
+                else:
+                    for c in range(n_classes):
+                        g[c] = g[c] * a - b
+            else:
+                for c in range(n_classes):
+                    g[c] = g[c] * a
+            g[yi] -= g.dtype.type(grad_scale * keep * w_y)
+
+
+@kernel
+def xent_probability(x, t, weight, eps, grad_scale, loss, grad, write_grad):
+    """Cross-entropy rows for probability targets t (n, C) of x's dtype (see the module
+    docstring). weight (C,) or length 0; loss (n,) float64 out; grad (n, C) out."""
+    n, n_classes = x.shape
+    has_weight = weight.shape[0] != 0
+    keep = 1.0 - eps
+    spread = eps / n_classes
+    for i in prange(n):
+        row = x[i]
+        ti = t[i]
+        g = grad[i] if write_grad else grad[0]
+        m = row_max(row)  # (1)
+        s, a, b = row_sum_exp_target(row, m, ti, weight, eps, g, write_grad)  # (2)
+        loss[i] = b + a * math.log(s)  # (3)
+        if write_grad:  # (4)
+            scale_a = g.dtype.type(grad_scale * a / s)
+            scale_b = g.dtype.type(grad_scale)
+            k = g.dtype.type(keep)
+            u = g.dtype.type(spread)
+            if has_weight:
+                for c in range(n_classes):
+                    g[c] = g[c] * scale_a - scale_b * weight[c] * (k * ti[c] + u)
+            else:
+                for c in range(n_classes):
+                    g[c] = g[c] * scale_a - scale_b * (k * ti[c] + u)
+
+
+@kernel
+def logsumexp_rows(x, out):
+    """``out_i = m + log(sum_c exp(x_ic - m))``, steps (1)-(3); out (n,) of x's dtype."""
+    for i in prange(x.shape[0]):
+        row = x[i]
+        m = row_max(row)
+        out[i] = m + math.log(row_sum_exp(row, m, row, False))
+
+
+@kernel
+def log_softmax_rows(x, out):
+    """``out_ic = (x_ic - m) - log(s)``; out may be x itself."""
+    for i in prange(x.shape[0]):
+        row = x[i]
+        o = out[i]
+        m = row_max(row)
+        log_s = o.dtype.type(math.log(row_sum_exp(row, m, row, False)))
+        for c in range(row.shape[0]):
+            o[c] = (row[c] - m) - log_s
+
+
+@kernel
+def softmax_rows(x, out):
+    """``out_ic = exp(x_ic - m) / s``; out may be x itself."""
+    for i in prange(x.shape[0]):
+        row = x[i]
+        o = out[i]
+        m = row_max(row)
+        s = row_sum_exp(row, m, o, True)
+        inv_s = o.dtype.type(1.0 / s)
+        for c in range(row.shape[0]):
+            o[c] = o[c] * inv_s
+
+
+@helper
+def label_stats(y, n_classes, ignore_index, weight):
+    """Checks labels before any kernel runs and sums the "mean" denominator.
+
+    Returns ``(first_bad, total)``: the first row whose label is neither ignore_index nor
+    in [0, n_classes) (-1 if none), and ``D = sum_i [y_i != ignore_index] w[y_i]`` in
+    float64 (the count of kept rows when weight has length 0), summed in row order.
+    """
+    has_weight = weight.shape[0] != 0
+    total = 0.0
+    for i in range(y.shape[0]):
+        yi = y[i]
+        if yi == ignore_index:
+            continue
+        if yi < 0 or yi >= n_classes:
+            return i, total
+        total += weight[yi] if has_weight else 1.0
+    return -1, total

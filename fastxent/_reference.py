@@ -1,0 +1,102 @@
+"""The plain NumPy reference: the oracle every kernel is tested against, and the last fallback.
+
+Everything here is computed in float64 straight from the formulas of SEMANTICS.md, with no
+attempt at speed. Shapes are 2-D: logits ``x`` is ``(n, C)``; index targets ``y`` are ``(n,)``;
+probability targets ``t`` are ``(n, C)``.
+
+Per row ``i`` (``lse_i = m_i + log sum_c exp(x_ic - m_i)``, ``p_ic = exp(x_ic - lse_i)``):
+
+- index targets, ``k_i = [y_i != ignore_index]``::
+
+      l_i = k_i [(1-eps) w[y_i] (lse_i - x_i,y_i) + eps/C sum_c w_c (lse_i - x_ic)]
+      dl_i/dx_ic = k_i [(1-eps) w[y_i] (p_ic - [c == y_i]) + eps/C (W p_ic - w_c)]
+
+- probability targets, ``t'_ic = (1-eps) t_ic + eps/C``::
+
+      l_i = -sum_c w_c t'_ic (x_ic - lse_i)
+      dl_i/dx_ic = p_ic sum_k w_k t'_ik - w_c t'_ic
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """``x - lse(x)`` along the last axis, in float64, stable: ``(x - m) - log sum exp(x - m)``."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        m = np.max(x, axis=-1, keepdims=True)
+        shifted = x - m
+        return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def logsumexp(x: np.ndarray) -> np.ndarray:
+    """``m + log sum exp(x - m)`` along the last axis, in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        m = np.max(x, axis=-1, keepdims=True)
+        return (m + np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True)))[..., 0]
+
+
+def index_rows(x, y, weight, ignore_index, eps):
+    """Per-row losses and the gradient of their sum, for class-index targets (float64)."""
+    x = np.asarray(x, dtype=np.float64)
+    n, C = x.shape
+    w = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
+    kept = y != ignore_index
+    y_safe = np.where(kept, y, 0).astype(np.intp)  # ignored rows never read y_i
+    rows = np.arange(n)
+    lsm = log_softmax(x)
+    p = np.exp(lsm)
+    onehot = np.zeros_like(x)
+    onehot[rows, y_safe] = 1.0
+    w_y = w[y_safe]
+    with np.errstate(invalid="ignore", over="ignore"):
+        loss = (1 - eps) * w_y * -lsm[rows, y_safe]
+        grad = ((1 - eps) * w_y)[:, None] * (p - onehot)
+        if eps > 0:  # PyTorch skips the smoothing term at eps == 0 (so 0 * inf never appears)
+            loss = loss + eps / C * -np.sum(w * lsm, axis=-1)
+            grad = grad + eps / C * (w.sum() * p - w)
+    loss = np.where(kept, loss, 0.0)
+    grad = np.where(kept[:, None], grad, 0.0)
+    return loss, grad
+
+
+def probability_rows(x, t, weight, eps):
+    """Per-row losses and the gradient of their sum, for probability targets (float64)."""
+    x = np.asarray(x, dtype=np.float64)
+    C = x.shape[-1]
+    w = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
+    t = (1 - eps) * np.asarray(t, dtype=np.float64) + eps / C
+    lsm = log_softmax(x)
+    with np.errstate(invalid="ignore", over="ignore"):
+        loss = -np.sum(w * t * lsm, axis=-1)
+        grad = np.exp(lsm) * np.sum(w * t, axis=-1, keepdims=True) - w * t
+    return loss, grad
+
+
+def cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """Loss and gradient of ``torch.nn.functional.cross_entropy`` for 2-D logits, in float64.
+
+    Returns ``(loss, grad)``: ``loss`` is a float ("mean", "sum") or an ``(n,)`` array
+    ("none"); ``grad`` is the gradient of the returned loss (of the sum of rows for "none").
+    """
+    x = np.asarray(x, dtype=np.float64)
+    target = np.asarray(target)
+    n = x.shape[0]
+    if np.issubdtype(target.dtype, np.floating):
+        loss, grad = probability_rows(x, target, weight, label_smoothing)
+        denominator = float(n)
+    else:
+        loss, grad = index_rows(x, target, weight, ignore_index, label_smoothing)
+        kept = target != ignore_index
+        w_y = 1.0 if weight is None else np.asarray(weight, np.float64)[np.where(kept, target, 0)]
+        denominator = float(np.sum(kept * w_y))
+    if reduction == "none":
+        return loss, grad
+    if reduction == "sum":
+        return float(np.sum(loss)), grad
+    if denominator == 0:  # N = 0, every row ignored, or zero weights: NaN loss, zero gradient
+        return float("nan"), np.zeros_like(grad)
+    return float(np.sum(loss)) / denominator, grad / denominator
