@@ -1,0 +1,55 @@
+"""Shared fixtures: one `backend` per available backend, and the one tolerance table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+import fastxent as fx
+
+settings.register_profile("default", max_examples=100, deadline=None)
+settings.register_profile("thorough", max_examples=2000, deadline=None)
+settings.load_profile("default")
+
+BACKENDS = fx.available_backends()
+
+#: the one tolerance table: (rtol, atol) by the dtype the result is returned in. float32
+#: kernels compute exp in float32 (< 1 ulp) and accumulate in float64; float16 results
+#: are rounded to float16 at the end.
+TOLERANCE = {
+    np.dtype(np.float16): (2e-3, 2e-3),
+    np.dtype(np.float32): (2e-5, 2e-6),
+    np.dtype(np.float64): (1e-12, 1e-14),
+}
+
+
+def tolerance(dtype) -> dict:
+    rtol, atol = TOLERANCE[np.dtype(dtype)]
+    return {"rtol": rtol, "atol": atol}
+
+
+def assert_close(actual, expected, dtype, *, scale: float = 1.0, err_msg: str = ""):
+    """``actual`` within the dtype's tolerance of ``expected``; NaN/inf must match exactly.
+
+    ``scale`` widens both tolerances (e.g. for sums over many rows)."""
+    rtol, atol = TOLERANCE[np.dtype(dtype)]
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=np.float64),
+        np.asarray(expected, dtype=np.float64),
+        rtol=rtol * scale,
+        atol=atol * scale,
+        equal_nan=True,
+        err_msg=err_msg,
+    )
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Runs a test once per available backend."""
+    return request.param
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261124)
