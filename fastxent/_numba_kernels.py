@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numba
 from numba import prange, types
 from numba.extending import overload
 
@@ -120,7 +121,7 @@ def _fast_exp_overload(t):
     return None
 
 
-@helper
+@numba.njit(cache=True)
 def exp_array(t, out):
     """``out[j] = fast_exp(t[j])``: the exponential alone, for its accuracy test."""
     for j in range(t.shape[0]):
@@ -177,7 +178,7 @@ def row_max(row):
 @helper
 def row_sum_exp(row, m, e_out, write_e):
     """Step (2): ``s = sum_c exp(row_c - m)``; the terms go to ``e_out`` when ``write_e``."""
-    s = 0.0
+    s = row.dtype.type(0)
     if write_e:
         for c in range(row.shape[0]):
             e = fast_exp(row[c] - m)
@@ -192,8 +193,8 @@ def row_sum_exp(row, m, e_out, write_e):
 @helper
 def row_sum_exp_smooth(row, m, weight, e_out, write_e):
     """Step (2) with label smoothing: ``s`` and ``sw = sum_c w_c (m - row_c)``."""
-    s = 0.0
-    sw = 0.0
+    s = row.dtype.type(0)
+    sw = row.dtype.type(0)
     has_weight = weight.shape[0] != 0
     for c in range(row.shape[0]):
         z = row[c]
@@ -213,12 +214,12 @@ def row_sum_exp_target(row, m, t, weight, eps, e_out, write_e):
     """Step (2) for probability targets: ``s``, ``A = sum_c w_c t'_c`` and
     ``B = sum_c w_c t'_c (m - row_c)`` with ``t'_c = (1-eps) t_c + eps/C``."""
     n_classes = row.shape[0]
-    keep = 1.0 - eps
-    spread = eps / n_classes
+    keep = row.dtype.type(1.0 - eps)
+    spread = row.dtype.type(eps / n_classes)
     has_weight = weight.shape[0] != 0
-    s = 0.0
-    a = 0.0
-    b = 0.0
+    s = row.dtype.type(0)
+    a = row.dtype.type(0)
+    b = row.dtype.type(0)
     for c in range(n_classes):
         z = row[c]
         e = fast_exp(z - m)
@@ -236,6 +237,52 @@ def row_sum_exp_target(row, m, t, weight, eps, e_out, write_e):
 # --- the kernels ---------------------------------------------------------------------
 
 
+@helper
+def _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
+    """Steps (1)-(4) for row i with a class-index target. The kernels pass ``write_grad``
+    as a literal, so after inlining each copy of the loop is free of its branches."""
+    n_classes = x.shape[1]
+    keep = 1.0 - eps
+    spread = eps / n_classes
+    has_weight = weight.shape[0] != 0
+    yi = y[i]
+    if yi == ignore_index:  # ignored rows: loss 0, gradient 0, y_i never read
+        loss[i] = 0.0
+        if write_grad:
+            grad[i, :] = 0
+        return
+    row = x[i]
+    g = grad[i] if write_grad else grad[0]  # loss only: grad is a (1, C) dummy, never written
+    w_y = weight[yi] if has_weight else 1.0
+    m = row_max(row)  # (1)
+    x_y = row[yi]  # read before step (2) may overwrite the row (out=x)
+    if eps > 0:  # (2)
+        s, sw = row_sum_exp_smooth(row, m, weight, g, write_grad)
+    else:
+        s = row_sum_exp(row, m, g, write_grad)
+        sw = 0.0
+    log_s = math.log(s)  # (3)
+    lse = m + log_s
+    row_loss = keep * w_y * (lse - x_y)
+    if eps > 0:
+        row_loss += spread * (sw + weight_total * log_s)
+    loss[i] = row_loss
+    if write_grad:  # (4)
+        a = g.dtype.type(grad_scale * (keep * w_y + spread * weight_total) / s)
+        if eps > 0:
+            b = g.dtype.type(grad_scale * spread)
+            if has_weight:
+                for c in range(n_classes):
+                    g[c] = g[c] * a - b * weight[c]
+            else:
+                for c in range(n_classes):
+                    g[c] = g[c] * a - b
+        else:
+            for c in range(n_classes):
+                g[c] = g[c] * a
+        g[yi] -= g.dtype.type(grad_scale * keep * w_y)
+
+
 @kernel
 def xent_index(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
     """Cross-entropy rows for class-index targets (see the module docstring).
@@ -244,75 +291,48 @@ def xent_index(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, 
     weight (C,) of x's dtype or length 0 for none; weight_total = sum(weight) (C without);
     loss (n,) float64 out: per-row losses; grad (n, C) out, scaled by grad_scale.
     """
-    n, n_classes = x.shape
+    if write_grad:
+        for i in prange(x.shape[0]):
+            _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, True)
+    else:
+        for i in prange(x.shape[0]):
+            _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, False)
+
+
+@helper
+def _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, write_grad):
+    """Steps (1)-(4) for row i with a probability target (``write_grad`` a literal)."""
+    n_classes = x.shape[1]
     has_weight = weight.shape[0] != 0
-    keep = 1.0 - eps
-    spread = eps / n_classes
-    for i in prange(n):
-        yi = y[i]
-        if yi == ignore_index:  # ignored rows: loss 0, gradient 0, y_i never read
-            loss[i] = 0.0
-            if write_grad:
-                grad[i, :] = 0
-            continue
-        row = x[i]
-        g = grad[i] if write_grad else grad[0]  # loss only: grad is a (1, C) dummy, never written
-        w_y = weight[yi] if has_weight else 1.0
-        m = row_max(row)  # (1)
-        x_y = row[yi]  # read before step (2) may overwrite the row (out=x)
-        if eps > 0:  # (2)
-            s, sw = row_sum_exp_smooth(row, m, weight, g, write_grad)
+    row = x[i]
+    ti = t[i]
+    g = grad[i] if write_grad else grad[0]
+    m = row_max(row)  # (1)
+    s, a, b = row_sum_exp_target(row, m, ti, weight, eps, g, write_grad)  # (2)
+    loss[i] = b + a * math.log(s)  # (3)
+    if write_grad:  # (4)
+        scale_a = g.dtype.type(grad_scale * a / s)
+        scale_b = g.dtype.type(grad_scale)
+        keep = g.dtype.type(1.0 - eps)
+        spread = g.dtype.type(eps / n_classes)
+        if has_weight:
+            for c in range(n_classes):
+                g[c] = g[c] * scale_a - scale_b * weight[c] * (keep * ti[c] + spread)
         else:
-            s = row_sum_exp(row, m, g, write_grad)
-            sw = 0.0
-        log_s = math.log(s)  # (3)
-        lse = m + log_s
-        row_loss = keep * w_y * (lse - x_y)
-        if eps > 0:
-            row_loss += spread * (sw + weight_total * log_s)
-        loss[i] = row_loss
-        if write_grad:  # (4)
-            a = g.dtype.type(grad_scale * (keep * w_y + spread * weight_total) / s)
-            if eps > 0:
-                b = g.dtype.type(grad_scale * spread)
-                if has_weight:
-                    for c in range(n_classes):
-                        g[c] = g[c] * a - b * weight[c]
-                else:
-                    for c in range(n_classes):
-                        g[c] = g[c] * a - b
-            else:
-                for c in range(n_classes):
-                    g[c] = g[c] * a
-            g[yi] -= g.dtype.type(grad_scale * keep * w_y)
+            for c in range(n_classes):
+                g[c] = g[c] * scale_a - scale_b * (keep * ti[c] + spread)
 
 
 @kernel
 def xent_probability(x, t, weight, eps, grad_scale, loss, grad, write_grad):
     """Cross-entropy rows for probability targets t (n, C) of x's dtype (see the module
     docstring). weight (C,) or length 0; loss (n,) float64 out; grad (n, C) out."""
-    n, n_classes = x.shape
-    has_weight = weight.shape[0] != 0
-    keep = 1.0 - eps
-    spread = eps / n_classes
-    for i in prange(n):
-        row = x[i]
-        ti = t[i]
-        g = grad[i] if write_grad else grad[0]
-        m = row_max(row)  # (1)
-        s, a, b = row_sum_exp_target(row, m, ti, weight, eps, g, write_grad)  # (2)
-        loss[i] = b + a * math.log(s)  # (3)
-        if write_grad:  # (4)
-            scale_a = g.dtype.type(grad_scale * a / s)
-            scale_b = g.dtype.type(grad_scale)
-            k = g.dtype.type(keep)
-            u = g.dtype.type(spread)
-            if has_weight:
-                for c in range(n_classes):
-                    g[c] = g[c] * scale_a - scale_b * weight[c] * (k * ti[c] + u)
-            else:
-                for c in range(n_classes):
-                    g[c] = g[c] * scale_a - scale_b * (k * ti[c] + u)
+    if write_grad:
+        for i in prange(x.shape[0]):
+            _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, True)
+    else:
+        for i in prange(x.shape[0]):
+            _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, False)
 
 
 @kernel
