@@ -123,6 +123,23 @@ def _raise_out_of_range(labels, row: int, batch_shape, n_classes: int, ignore_in
     )
 
 
+def _gradient_rows(x: np.ndarray, x2: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """Where the kernel writes its ``(n, C)`` result, in the compute dtype.
+
+    ``x2`` itself when the result replaces the logits (``out=logits``: the kernel then
+    sees one array, see _numba_kernels) or when ``x2`` is already our own copy; ``out``
+    when the kernel can write it directly; else a new array. The caller copies the
+    result into ``out`` when they differ.
+    """
+    if out is not None and np.may_share_memory(out, x):
+        return x2  # in place: a view of out, or our copy that is copied back
+    if out is not None and out.dtype == x2.dtype and out.flags.c_contiguous:
+        return out.reshape(x2.shape)
+    if not np.may_share_memory(x2, x):
+        return x2  # the cast or contiguous copy is ours to overwrite
+    return np.empty(x2.shape, x2.dtype)
+
+
 # --- the cross-entropy driver --------------------------------------------------------
 
 
@@ -165,12 +182,7 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     n = x2.shape[0]
     grad2 = None
     if want_grad:
-        if out is not None and out.dtype == dtype and out.flags.c_contiguous:
-            grad2 = out.reshape(n, n_classes)  # written directly, also when out is logits
-        elif not np.may_share_memory(x2, x):
-            grad2 = x2  # x2 is already our own copy (cast or made contiguous): reuse it in place
-        else:
-            grad2 = np.empty((n, n_classes), dtype)
+        grad2 = _gradient_rows(x, x2, out)
 
     row_loss = np.empty(n, np.float64)
     reduce_mean = reduction == "mean"
@@ -353,10 +365,7 @@ def _row_transform(logits, out, backend, kernel_name):
     if x.size == 0:
         return result
     x2 = _rows(x, dtype)
-    if result.dtype == dtype and result.flags.c_contiguous:
-        target_rows = result.reshape(x2.shape)
-    else:
-        target_rows = np.empty(x2.shape, dtype)
+    target_rows = _gradient_rows(x, x2, result)
     getattr(kernels, kernel_name)(x2, target_rows)
     if not np.shares_memory(result, target_rows):
         result[...] = target_rows.reshape(x.shape)

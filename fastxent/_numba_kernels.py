@@ -178,7 +178,7 @@ def row_max(row):
 @helper
 def row_sum_exp(row, m, e_out, write_e):
     """Step (2): ``s = sum_c exp(row_c - m)``; the terms go to ``e_out`` when ``write_e``."""
-    s = row.dtype.type(0)
+    s = 0.0
     if write_e:
         for c in range(row.shape[0]):
             e = fast_exp(row[c] - m)
@@ -193,8 +193,8 @@ def row_sum_exp(row, m, e_out, write_e):
 @helper
 def row_sum_exp_smooth(row, m, weight, e_out, write_e):
     """Step (2) with label smoothing: ``s`` and ``sw = sum_c w_c (m - row_c)``."""
-    s = row.dtype.type(0)
-    sw = row.dtype.type(0)
+    s = 0.0
+    sw = 0.0
     has_weight = weight.shape[0] != 0
     for c in range(row.shape[0]):
         z = row[c]
@@ -217,9 +217,9 @@ def row_sum_exp_target(row, m, t, weight, eps, e_out, write_e):
     keep = row.dtype.type(1.0 - eps)
     spread = row.dtype.type(eps / n_classes)
     has_weight = weight.shape[0] != 0
-    s = row.dtype.type(0)
-    a = row.dtype.type(0)
-    b = row.dtype.type(0)
+    s = 0.0
+    a = 0.0
+    b = 0.0
     for c in range(n_classes):
         z = row[c]
         e = fast_exp(z - m)
@@ -284,19 +284,19 @@ def _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, los
 
 
 @kernel
-def xent_index(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
-    """Cross-entropy rows for class-index targets (see the module docstring).
-
-    x (n, C) float; y (n,) int, every non-ignored value in [0, C) (checked by the caller);
-    weight (C,) of x's dtype or length 0 for none; weight_total = sum(weight) (C without);
-    loss (n,) float64 out: per-row losses; grad (n, C) out, scaled by grad_scale.
-    """
+def _xent_index_kernel(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
     if write_grad:
         for i in prange(x.shape[0]):
             _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, True)
     else:
         for i in prange(x.shape[0]):
             _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, False)
+
+
+@kernel
+def _xent_index_in_place_kernel(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss):
+    for i in prange(x.shape[0]):
+        _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, x, True)
 
 
 @helper
@@ -324,15 +324,19 @@ def _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, write_grad):
 
 
 @kernel
-def xent_probability(x, t, weight, eps, grad_scale, loss, grad, write_grad):
-    """Cross-entropy rows for probability targets t (n, C) of x's dtype (see the module
-    docstring). weight (C,) or length 0; loss (n,) float64 out; grad (n, C) out."""
+def _xent_probability_kernel(x, t, weight, eps, grad_scale, loss, grad, write_grad):
     if write_grad:
         for i in prange(x.shape[0]):
             _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, True)
     else:
         for i in prange(x.shape[0]):
             _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, False)
+
+
+@kernel
+def _xent_probability_in_place_kernel(x, t, weight, eps, grad_scale, loss):
+    for i in prange(x.shape[0]):
+        _probability_row(i, x, t, weight, eps, grad_scale, loss, x, True)
 
 
 @kernel
@@ -344,29 +348,91 @@ def logsumexp_rows(x, out):
         out[i] = m + math.log(row_sum_exp(row, m, row, False))
 
 
+@helper
+def _log_softmax_row(row, o):
+    """``o_c = (row_c - m) - log(s)``: steps (1)-(3), then one write per element."""
+    m = row_max(row)
+    log_s = o.dtype.type(math.log(row_sum_exp(row, m, row, False)))
+    for c in range(row.shape[0]):
+        o[c] = (row[c] - m) - log_s
+
+
+@helper
+def _softmax_row(row, o):
+    """``o_c = exp(row_c - m) / s``: steps (1)-(2) write e into o, then scale by 1/s."""
+    m = row_max(row)
+    s = row_sum_exp(row, m, o, True)
+    inv_s = o.dtype.type(1.0 / s)
+    for c in range(row.shape[0]):
+        o[c] = o[c] * inv_s
+
+
 @kernel
+def _log_softmax_kernel(x, out):
+    for i in prange(x.shape[0]):
+        _log_softmax_row(x[i], out[i])
+
+
+@kernel
+def _log_softmax_in_place_kernel(x):
+    for i in prange(x.shape[0]):
+        _log_softmax_row(x[i], x[i])
+
+
+@kernel
+def _softmax_kernel(x, out):
+    for i in prange(x.shape[0]):
+        _softmax_row(x[i], out[i])
+
+
+@kernel
+def _softmax_in_place_kernel(x):
+    for i in prange(x.shape[0]):
+        _softmax_row(x[i], x[i])
+
+
+# --- the backend interface (see _numpy_backend.py) -----------------------------------
+# In place (``grad is x``), the kernel must see ONE array: given two arguments that alias,
+# LLVM's runtime overlap check fails and every row runs the scalar loop (4x slower).
+
+
+def xent_index(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
+    """Cross-entropy rows for class-index targets (see the module docstring).
+
+    x (n, C) float; y (n,) int, every non-ignored value in [0, C) (checked by the caller);
+    weight (C,) of x's dtype or length 0 for none; weight_total = sum(weight) (C without);
+    loss (n,) float64 out: per-row losses; grad (n, C) out, scaled by grad_scale; grad may
+    be x itself (the gradient overwrites the logits).
+    """
+    if write_grad and grad is x:
+        _xent_index_in_place_kernel(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss)
+    else:
+        _xent_index_kernel(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad)
+
+
+def xent_probability(x, t, weight, eps, grad_scale, loss, grad, write_grad):
+    """Cross-entropy rows for probability targets t (n, C) of x's dtype (see the module
+    docstring). weight (C,) or length 0; loss (n,) float64 out; grad (n, C) out or x."""
+    if write_grad and grad is x:
+        _xent_probability_in_place_kernel(x, t, weight, eps, grad_scale, loss)
+    else:
+        _xent_probability_kernel(x, t, weight, eps, grad_scale, loss, grad, write_grad)
+
+
 def log_softmax_rows(x, out):
     """``out_ic = (x_ic - m) - log(s)``; out may be x itself."""
-    for i in prange(x.shape[0]):
-        row = x[i]
-        o = out[i]
-        m = row_max(row)
-        log_s = o.dtype.type(math.log(row_sum_exp(row, m, row, False)))
-        for c in range(row.shape[0]):
-            o[c] = (row[c] - m) - log_s
+    if out is x:
+        _log_softmax_in_place_kernel(x)
+    else:
+        _log_softmax_kernel(x, out)
 
 
-@kernel
 def softmax_rows(x, out):
     """``out_ic = exp(x_ic - m) / s``; out may be x itself."""
-    for i in prange(x.shape[0]):
-        row = x[i]
-        o = out[i]
-        m = row_max(row)
-        s = row_sum_exp(row, m, o, True)
-        inv_s = o.dtype.type(1.0 / s)
-        for c in range(row.shape[0]):
-            o[c] = o[c] * inv_s
+    if out is x:
+        _softmax_in_place_kernel(x)
+    else:
+        _softmax_kernel(x, out)
 
 
 @helper

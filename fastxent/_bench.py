@@ -1,0 +1,297 @@
+"""``fastxent bench``: fastxent against its peers and the memory floor, side by side.
+
+Every contender runs on the same logits at the same thread count; after one warm-up
+call each, the repeats are interleaved (one call of every contender per round) so that
+a noisy neighbour slows all of them alike, and the table shows medians.
+
+The memory floor is ``np.copyto(out, logits)``: it reads N*C once and writes N*C once,
+the least traffic any loss+gradient can have. "x floor" is a contender's time over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import _api, _dispatch
+from ._threads import get_num_threads, set_num_threads
+
+DEFAULT_SHAPES = ((262144, 10), (65536, 128), (16384, 1000), (4096, 32000), (2048, 128256), (8192, 50257))
+#: the NumPy reference makes several float64 N x C temporaries: only below this size
+REFERENCE_MAX_ELEMENTS = 1 << 23
+
+
+@dataclass
+class Contender:
+    name: str
+    kind: str  # "fwd+bwd", "fwd" or "floor": which PyTorch row it is compared with
+    run: Callable[[], object]
+    times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    shape: tuple[int, int]
+    name: str
+    kind: str
+    median_ms: float
+    spread_pct: float
+    gbps: float
+    vs_torch: float | None
+    x_floor: float | None
+    times_ms: list[float]
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in ("numpy", "numba", "torch", "jax", "fastxent"):
+        try:
+            found[name] = importlib.import_module(name).__version__
+        except Exception:  # noqa: BLE001 - any failure means "not available"
+            pass
+    return found
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _contenders(x: np.ndarray, y: np.ndarray, threads: int, notes: list[str], with_reference: bool):
+    """The callables to time on logits ``x`` and labels ``y``."""
+    grad_out = np.empty_like(x)
+    in_place = x.copy()
+    floor_out = np.empty_like(x)
+    found = []
+    for backend in _dispatch.available_backends():
+        if backend == "numpy":
+            continue
+        found += [
+            Contender(f"fastxent[{backend}] loss+grad", "fwd+bwd",
+                      lambda b=backend: _api.cross_entropy_with_grad(x, y, backend=b)),
+            Contender(f"fastxent[{backend}] loss+grad out=", "fwd+bwd",
+                      lambda b=backend: _api.cross_entropy_with_grad(x, y, backend=b, out=grad_out)),
+            Contender(f"fastxent[{backend}] in place", "fwd+bwd",
+                      lambda b=backend: _api.cross_entropy_with_grad(in_place, y, backend=b, out=in_place)),
+            Contender(f"fastxent[{backend}] loss only", "fwd",
+                      lambda b=backend: _api.cross_entropy(x, y, backend=b)),
+        ]
+    if with_reference:
+        found.append(Contender("numpy reference loss+grad", "fwd+bwd",
+                               lambda: _api.cross_entropy_with_grad(x, y, backend="numpy")))
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        notes.append("torch not installed: no PyTorch rows (pip install torch==2.13.0)")
+    else:
+        torch.set_num_threads(threads)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+
+        def torch_fwd_bwd():
+            leaf = xt.detach().requires_grad_(True)
+            F.cross_entropy(leaf, yt).backward()
+            return leaf.grad
+
+        def torch_fwd():
+            with torch.no_grad():
+                return F.cross_entropy(xt, yt)
+
+        found += [Contender("torch fwd+bwd", "torch fwd+bwd", torch_fwd_bwd),
+                  Contender("torch fwd", "torch fwd", torch_fwd)]
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        notes.append("jax not installed: no JAX row")
+    else:
+        def jax_loss(z, labels):
+            lse = jax.nn.logsumexp(z, axis=-1)
+            return jnp.mean(lse - jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0])
+
+        value_and_grad = jax.jit(jax.value_and_grad(jax_loss))
+        xj, yj = jnp.asarray(x), jnp.asarray(y)
+        found.append(Contender("jax jit(value_and_grad)", "fwd+bwd",
+                               lambda: jax.block_until_ready(value_and_grad(xj, yj))))
+    found.append(Contender("memory floor (copy)", "floor", lambda: np.copyto(floor_out, x)))
+    return found
+
+
+def _progress(done: int, total: int, label: str) -> None:
+    if not sys.stderr.isatty():
+        return
+    width = 30
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def run(shapes=DEFAULT_SHAPES, dtype="float32", threads=None, repeat=5, seed=0, progress=True):
+    """Time every contender on every shape; returns ``(header, rows, notes)``."""
+    if threads is None:
+        threads = get_num_threads()
+    set_num_threads(threads)
+    notes: list[str] = []
+    rows: list[Row] = []
+    rng = np.random.default_rng(seed)
+    total = len(shapes) * (repeat + 1)
+    step = 0
+    for n, n_classes in shapes:
+        x = rng.standard_normal((n, n_classes), dtype=np.float32).astype(dtype, copy=False)
+        y = rng.integers(0, n_classes, n).astype(np.int64)
+        contenders = _contenders(x, y, threads, notes, n * n_classes <= REFERENCE_MAX_ELEMENTS)
+        for round_index in range(repeat + 1):  # round 0 is the warm-up (and JIT compile)
+            for contender in contenders:
+                start = time.perf_counter()
+                contender.run()
+                elapsed = time.perf_counter() - start
+                if round_index:
+                    contender.times.append(elapsed)
+            step += 1
+            if progress:
+                _progress(step, total, f"{n}x{n_classes}")
+        rows += _summarise((n, n_classes), np.dtype(dtype).itemsize, contenders)
+        del x, y, contenders
+    if n * n_classes > REFERENCE_MAX_ELEMENTS:
+        notes.append(f"numpy reference timed only where N*C <= {REFERENCE_MAX_ELEMENTS} (it makes float64 temporaries)")
+    header = {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "dtype": str(np.dtype(dtype)),
+        "repeat": repeat,
+        "versions": _versions(),
+        "backends": list(_dispatch.available_backends()),
+        "numba_threading_layer": _threading_layer(),
+        "torch_allocator": "THP_MEM_ALLOC_ENABLE=" + os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+    }
+    return header, rows, sorted(set(notes))
+
+
+def _threading_layer() -> str:
+    try:
+        import numba
+
+        return numba.threading_layer()
+    except Exception:  # noqa: BLE001 - no parallel call yet, or no numba
+        return "n/a"
+
+
+def _summarise(shape, itemsize, contenders) -> list[Row]:
+    medians = {c.name: float(np.median(c.times)) for c in contenders}
+    by_kind = {c.kind: medians[c.name] for c in contenders}
+    floor = by_kind.get("floor")
+    bytes_moved = 2 * shape[0] * shape[1] * itemsize  # read N*C once, write N*C once
+    rows = []
+    for c in contenders:
+        t = medians[c.name]
+        q25, q75 = np.percentile(c.times, [25, 75])
+        torch_time = by_kind.get("torch " + c.kind)
+        rows.append(Row(
+            shape=shape, name=c.name, kind=c.kind, median_ms=1e3 * t,
+            spread_pct=100 * (q75 - q25) / t,
+            gbps=bytes_moved / t / 1e9,
+            vs_torch=torch_time / t if torch_time else None,
+            x_floor=t / floor if floor else None,
+            times_ms=[1e3 * v for v in c.times],
+        ))
+    return rows
+
+
+def format_table(header, rows, notes) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in header["versions"].items())
+    lines = [
+        f"fastxent bench: {header['cpu']}, {header['cores']} cores, {header['threads']} threads, {header['dtype']}, "
+        f"median of {header['repeat']} interleaved rounds",
+        f"{versions}; numba threading layer {header['numba_threading_layer']}; torch {header['torch_allocator']}",
+        "GB/s counts the floor's traffic (read N*C + write N*C); 'vs torch' compares loss+grad rows with "
+        "torch fwd+bwd and loss-only rows with torch fwd.",
+        "",
+        f"{'shape':>14}  {'contender':<36} {'median ms':>10} {'spread':>7} {'GB/s':>7} {'vs torch':>9} {'x floor':>8}",
+    ]
+    last_shape = None
+    for row in rows:
+        shape = f"{row.shape[0]}x{row.shape[1]}" if row.shape != last_shape else ""
+        if row.shape != last_shape and last_shape is not None:
+            lines.append("")
+        last_shape = row.shape
+        vs = f"{row.vs_torch:8.1f}x" if row.vs_torch else f"{'':>9}"
+        fl = f"{row.x_floor:7.2f}x" if row.x_floor else f"{'':>8}"
+        lines.append(f"{shape:>14}  {row.name:<36} {row.median_ms:10.2f} {row.spread_pct:6.1f}% {row.gbps:7.1f} {vs} {fl}")
+    lines += [f"note: {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def plot(rows, path: str) -> None:
+    """Time per element against C for each contender, with the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in dict.fromkeys(r.name for r in rows):
+        mine = sorted((r for r in rows if r.name == name), key=lambda r: r.shape[1])
+        style = {"color": "black", "linestyle": "--"} if mine[0].kind == "floor" else {"marker": "o"}
+        ax.plot([r.shape[1] for r in mine], [1e6 * r.median_ms / (r.shape[0] * r.shape[1]) for r in mine],
+                label=name, **style)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("classes C")
+    ax.set_ylabel("ns per element (median)")
+    ax.set_title("softmax cross-entropy, time per logit")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        shapes = tuple(tuple(int(v) for v in item.lower().split("x")) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes look like 4096x32000,65536x128; got {text!r}") from None
+    if any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"shapes look like 4096x32000,65536x128; got {text!r}")
+    return shapes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", type=_parse_shapes, default=DEFAULT_SHAPES,
+                        help="comma-separated NxC list (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="threads for every contender (default: all)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds after the warm-up (default: 5)")
+    parser.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    parser.add_argument("--plot", metavar="PATH.png", help="draw time per element against C (needs matplotlib)")
+
+
+def main(args: argparse.Namespace) -> int:
+    header, rows, notes = run(args.shapes, args.dtype, args.threads, max(1, args.repeat))
+    if args.plot:
+        try:
+            plot(rows, args.plot)
+        except ImportError:
+            notes.append("matplotlib not installed: no plot (pip install 'fastxent[bench]')")
+    print(format_table(header, rows, notes))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": [asdict(r) for r in rows], "notes": notes}, f, indent=1)
+    return 0
