@@ -42,6 +42,14 @@ def _rows(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=dtype)
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view of ``a``. Kernel inputs are always passed read-only, so that numba
+    compiles one specialisation per dtype, not one more for every writable/read-only mix."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 def _check_out(out: Any, x: np.ndarray, name: str = "out") -> np.ndarray:
     if not isinstance(out, np.ndarray):
         raise ValueError(f"{name} must be a NumPy array, got {type(out).__name__}")
@@ -154,12 +162,14 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     if n_classes == 0:
         raise ValueError(f"logits must have at least one class (last axis), got shape {x.shape}")
     w, weight_total = _check_weight(weight, n_classes, dtype)
+    w = _read_only(w)
     if want_grad and out is not None:
         _check_out(out, x)
 
     t = np.asarray(target)
     if t.dtype.kind in "iu":  # class indices
         labels = _index_labels(t, batch_shape, ignore_index)
+        labels = _read_only(labels)
         first_bad, denominator = kernels.label_stats(labels, n_classes, ignore_index, w)
         if first_bad >= 0:
             _raise_out_of_range(labels, first_bad, batch_shape, n_classes, ignore_index)
@@ -193,11 +203,12 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     else:
         grad_scale = 1.0 / denominator if reduce_mean else 1.0
         grad_arg = grad2 if want_grad else np.empty((1, n_classes), dtype)  # untouched when loss only
+        x_in = x2 if grad_arg is x2 else _read_only(x2)  # in place needs the writable array itself
         if labels is not None:
-            kernels.xent_index(x2, labels, w, weight_total, ignore_index, eps, grad_scale, row_loss, grad_arg, want_grad)
+            kernels.xent_index(x_in, labels, w, weight_total, ignore_index, eps, grad_scale, row_loss, grad_arg, want_grad)
         else:
-            t2 = _rows(t, dtype)
-            kernels.xent_probability(x2, t2, w, eps, grad_scale, row_loss, grad_arg, want_grad)
+            t2 = _read_only(_rows(t, dtype))
+            kernels.xent_probability(x_in, t2, w, eps, grad_scale, row_loss, grad_arg, want_grad)
         loss_value = float(np.sum(row_loss))  # pairwise in float64: the same for any thread count
         if reduce_mean:
             loss_value /= denominator
@@ -366,7 +377,7 @@ def _row_transform(logits, out, backend, kernel_name):
         return result
     x2 = _rows(x, dtype)
     target_rows = _gradient_rows(x, x2, result)
-    getattr(kernels, kernel_name)(x2, target_rows)
+    getattr(kernels, kernel_name)(x2 if target_rows is x2 else _read_only(x2), target_rows)
     if not np.shares_memory(result, target_rows):
         result[...] = target_rows.reshape(x.shape)
     return result
@@ -401,7 +412,7 @@ def logsumexp(logits: ArrayLike, *, backend: str | None = None) -> NDArray[np.fl
     kernels = _dispatch.kernels_for(backend)
     if x.shape[-1] == 0:
         return np.full(x.shape[:-1], -np.inf, x.dtype)
-    x2 = _rows(x, dtype)
+    x2 = _read_only(_rows(x, dtype))
     result = np.empty(x2.shape[0], dtype)
     kernels.logsumexp_rows(x2, result)
     return result.astype(x.dtype, copy=False).reshape(x.shape[:-1])

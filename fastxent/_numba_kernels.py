@@ -39,7 +39,7 @@ import numba
 from numba import prange, types
 from numba.extending import overload
 
-from ._jit import EXP_FASTMATH, helper, kernel, two_to_the_rounded
+from ._jit import EXP_FASTMATH, FASTMATH, helper, kernel, two_to_the_rounded
 
 # --- the vectorisable exponential ---------------------------------------------------
 # exp(t) for t <= 0 (and -inf, NaN), as 2**k * exp(r): k = rint(t / ln 2), r = t - k ln 2
@@ -138,16 +138,26 @@ def _greater(a, b):
 
 @helper
 def row_max(row):
-    """Step (1): ``max_c row_c``. A plain ``if v > m`` loop is a serial dependency chain
-    that LLVM will not vectorise without ``nnan``; 16 independent lanes, combined at the
-    end, vectorise into one AVX-512 compare-and-blend per 16 floats. NaN is ignored here;
-    it reaches the result through ``exp`` in step (2)."""
+    """Step (1): ``max_c row_c``. NaN is ignored here; it reaches the result through
+    ``exp`` in step (2). Short rows take a plain loop; long rows the 16-lane version."""
+    n_classes = row.shape[0]
+    if n_classes >= 64:
+        return _row_max_16_lanes(row)
+    m = row[0]
+    for c in range(1, n_classes):
+        m = _greater(m, row[c])
+    return m
+
+
+@numba.njit(cache=True, nogil=True, fastmath=set(FASTMATH))
+def _row_max_16_lanes(row):
+    """``max_c row_c`` for long rows. A plain ``if v > m`` loop is a serial dependency
+    chain that LLVM will not vectorise without ``nnan``; 16 independent lanes, combined at
+    the end, vectorise into one AVX-512 compare-and-blend per 16 floats. Not inlined by
+    numba (LLVM still may): it is a large body, and inlining it into every kernel tripled
+    their compile time for no measurable gain."""
     n_classes = row.shape[0]
     m = row[0]
-    if n_classes < 64:
-        for c in range(1, n_classes):
-            m = _greater(m, row[c])
-        return m
     m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = m
     m8 = m9 = m10 = m11 = m12 = m13 = m14 = m15 = m
     blocked = n_classes - n_classes % 16
