@@ -54,7 +54,9 @@ def _check_out(out: Any, x: np.ndarray, name: str = "out") -> np.ndarray:
     if not isinstance(out, np.ndarray):
         raise ValueError(f"{name} must be a NumPy array, got {type(out).__name__}")
     if out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(f"{name} must have the logits' shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}")
+        raise ValueError(
+            f"{name} must have the logits' shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}"
+        )
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     if np.may_share_memory(out, x) and not _same_view(out, x):
@@ -117,7 +119,9 @@ def _index_labels(target: np.ndarray, batch_shape: tuple[int, ...], ignore_index
     if native not in (np.dtype(np.int32), np.dtype(np.int64)):
         if native == np.dtype(np.uint64) and target.size and target.max() > _INT64.max:
             # would wrap to a negative int64 (possibly ignore_index): report it here
-            _raise_out_of_range(target.reshape(-1), int(np.argmax(target.reshape(-1) > _INT64.max)), batch_shape, -1, ignore_index)
+            _raise_out_of_range(
+                target.reshape(-1), int(np.argmax(target.reshape(-1) > _INT64.max)), batch_shape, -1, ignore_index
+            )
         native = np.dtype(np.int64)
     return np.ascontiguousarray(target.reshape(-1), dtype=native)
 
@@ -183,7 +187,8 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         denominator = float(math.prod(batch_shape))
     else:
         raise TypeError(
-            f"target must be an integer array of class indices or a floating array of probabilities, got dtype {t.dtype}"
+            "target must be an integer array of class indices or a floating array of probabilities, "
+            f"got dtype {t.dtype}"
         )
     if want_grad and out is not None and (np.may_share_memory(out, t) or np.may_share_memory(out, w)):
         raise ValueError("out must not share memory with the target or the weight")
@@ -205,7 +210,9 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         grad_arg = grad2 if want_grad else np.empty((1, n_classes), dtype)  # untouched when loss only
         x_in = x2 if grad_arg is x2 else _read_only(x2)  # in place needs the writable array itself
         if labels is not None:
-            kernels.xent_index(x_in, labels, w, weight_total, ignore_index, eps, grad_scale, row_loss, grad_arg, want_grad)
+            kernels.xent_index(
+                x_in, labels, w, weight_total, ignore_index, eps, grad_scale, row_loss, grad_arg, want_grad
+            )
         else:
             t2 = _read_only(_rows(t, dtype))
             kernels.xent_probability(x_in, t2, w, eps, grad_scale, row_loss, grad_arg, want_grad)
@@ -383,7 +390,9 @@ def _row_transform(logits, out, backend, kernel_name):
     return result
 
 
-def log_softmax(logits: ArrayLike, *, out: np.ndarray | None = None, backend: str | None = None) -> NDArray[np.floating]:
+def log_softmax(
+    logits: ArrayLike, *, out: np.ndarray | None = None, backend: str | None = None
+) -> NDArray[np.floating]:
     """``x - logsumexp(x)`` along the last axis, computed as ``(x - m) - log sum exp(x - m)``.
 
     Returns an array of the logits' shape and dtype (``out`` when given; ``out=logits`` is

@@ -82,18 +82,29 @@ def _contenders(x: np.ndarray, y: np.ndarray, threads: int, notes: list[str], wi
         if backend == "numpy":
             continue
         found += [
-            Contender(f"fastxent[{backend}] loss+grad", "fwd+bwd",
-                      lambda b=backend: _api.cross_entropy_with_grad(x, y, backend=b)),
-            Contender(f"fastxent[{backend}] loss+grad out=", "fwd+bwd",
-                      lambda b=backend: _api.cross_entropy_with_grad(x, y, backend=b, out=grad_out)),
-            Contender(f"fastxent[{backend}] in place", "fwd+bwd",
-                      lambda b=backend: _api.cross_entropy_with_grad(in_place, y, backend=b, out=in_place)),
-            Contender(f"fastxent[{backend}] loss only", "fwd",
-                      lambda b=backend: _api.cross_entropy(x, y, backend=b)),
+            Contender(
+                f"fastxent[{backend}] loss+grad",
+                "fwd+bwd",
+                lambda b=backend: _api.cross_entropy_with_grad(x, y, backend=b),
+            ),
+            Contender(
+                f"fastxent[{backend}] loss+grad out=",
+                "fwd+bwd",
+                lambda b=backend: _api.cross_entropy_with_grad(x, y, backend=b, out=grad_out),
+            ),
+            Contender(
+                f"fastxent[{backend}] in place",
+                "fwd+bwd",
+                lambda b=backend: _api.cross_entropy_with_grad(in_place, y, backend=b, out=in_place),
+            ),
+            Contender(f"fastxent[{backend}] loss only", "fwd", lambda b=backend: _api.cross_entropy(x, y, backend=b)),
         ]
     if with_reference:
-        found.append(Contender("numpy reference loss+grad", "fwd+bwd",
-                               lambda: _api.cross_entropy_with_grad(x, y, backend="numpy")))
+        found.append(
+            Contender(
+                "numpy reference loss+grad", "fwd+bwd", lambda: _api.cross_entropy_with_grad(x, y, backend="numpy")
+            )
+        )
     try:
         import torch
         import torch.nn.functional as F
@@ -112,22 +123,26 @@ def _contenders(x: np.ndarray, y: np.ndarray, threads: int, notes: list[str], wi
             with torch.no_grad():
                 return F.cross_entropy(xt, yt)
 
-        found += [Contender("torch fwd+bwd", "torch fwd+bwd", torch_fwd_bwd),
-                  Contender("torch fwd", "torch fwd", torch_fwd)]
+        found += [
+            Contender("torch fwd+bwd", "torch fwd+bwd", torch_fwd_bwd),
+            Contender("torch fwd", "torch fwd", torch_fwd),
+        ]
     try:
         import jax
         import jax.numpy as jnp
     except ImportError:
         notes.append("jax not installed: no JAX row")
     else:
+
         def jax_loss(z, labels):
             lse = jax.nn.logsumexp(z, axis=-1)
             return jnp.mean(lse - jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0])
 
         value_and_grad = jax.jit(jax.value_and_grad(jax_loss))
         xj, yj = jnp.asarray(x), jnp.asarray(y)
-        found.append(Contender("jax jit(value_and_grad)", "fwd+bwd",
-                               lambda: jax.block_until_ready(value_and_grad(xj, yj))))
+        found.append(
+            Contender("jax jit(value_and_grad)", "fwd+bwd", lambda: jax.block_until_ready(value_and_grad(xj, yj)))
+        )
     found.append(Contender("memory floor (copy)", "floor", lambda: np.copyto(floor_out, x)))
     return found
 
@@ -204,14 +219,19 @@ def _summarise(shape, itemsize, contenders) -> list[Row]:
         t = medians[c.name]
         q25, q75 = np.percentile(c.times, [25, 75])
         torch_time = by_kind.get("torch " + c.kind)
-        rows.append(Row(
-            shape=shape, name=c.name, kind=c.kind, median_ms=1e3 * t,
-            spread_pct=100 * (q75 - q25) / t,
-            gbps=bytes_moved / t / 1e9,
-            vs_torch=torch_time / t if torch_time else None,
-            x_floor=t / floor if floor else None,
-            times_ms=[1e3 * v for v in c.times],
-        ))
+        rows.append(
+            Row(
+                shape=shape,
+                name=c.name,
+                kind=c.kind,
+                median_ms=1e3 * t,
+                spread_pct=100 * (q75 - q25) / t,
+                gbps=bytes_moved / t / 1e9,
+                vs_torch=torch_time / t if torch_time else None,
+                x_floor=t / floor if floor else None,
+                times_ms=[1e3 * v for v in c.times],
+            )
+        )
     return rows
 
 
@@ -234,7 +254,9 @@ def format_table(header, rows, notes) -> str:
         last_shape = row.shape
         vs = f"{row.vs_torch:8.1f}x" if row.vs_torch else f"{'':>9}"
         fl = f"{row.x_floor:7.2f}x" if row.x_floor else f"{'':>8}"
-        lines.append(f"{shape:>14}  {row.name:<36} {row.median_ms:10.2f} {row.spread_pct:6.1f}% {row.gbps:7.1f} {vs} {fl}")
+        lines.append(
+            f"{shape:>14}  {row.name:<36} {row.median_ms:10.2f} {row.spread_pct:6.1f}% {row.gbps:7.1f} {vs} {fl}"
+        )
     lines += [f"note: {note}" for note in notes]
     return "\n".join(lines)
 
@@ -250,8 +272,12 @@ def plot(rows, path: str) -> None:
     for name in dict.fromkeys(r.name for r in rows):
         mine = sorted((r for r in rows if r.name == name), key=lambda r: r.shape[1])
         style = {"color": "black", "linestyle": "--"} if mine[0].kind == "floor" else {"marker": "o"}
-        ax.plot([r.shape[1] for r in mine], [1e6 * r.median_ms / (r.shape[0] * r.shape[1]) for r in mine],
-                label=name, **style)
+        ax.plot(
+            [r.shape[1] for r in mine],
+            [1e6 * r.median_ms / (r.shape[0] * r.shape[1]) for r in mine],
+            label=name,
+            **style,
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("classes C")
@@ -274,8 +300,9 @@ def _parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", type=_parse_shapes, default=DEFAULT_SHAPES,
-                        help="comma-separated NxC list (default: %(default)s)")
+    parser.add_argument(
+        "--shapes", type=_parse_shapes, default=DEFAULT_SHAPES, help="comma-separated NxC list (default: %(default)s)"
+    )
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--threads", type=int, default=None, help="threads for every contender (default: all)")
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds after the warm-up (default: 5)")

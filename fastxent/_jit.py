@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
-from llvmlite import ir
 
 #: fastmath flags for every kernel: everything LLVM's "fast" has except nnan and ninf.
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import numba
+import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
