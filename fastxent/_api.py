@@ -147,8 +147,8 @@ def _gradient_rows(x: np.ndarray, x2: np.ndarray, out: np.ndarray | None) -> np.
         return x2  # in place: a view of out, or our copy that is copied back
     if out is not None and out.dtype == x2.dtype and out.flags.c_contiguous:
         return out.reshape(x2.shape)
-    if not np.may_share_memory(x2, x):
-        return x2  # the cast or contiguous copy is ours to overwrite
+    if x2.flags.owndata:
+        return x2  # the cast or contiguous copy is ours to overwrite (a view of x never owns)
     return np.empty(x2.shape, x2.dtype)
 
 
@@ -172,6 +172,11 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
 
     t = np.asarray(target)
     if t.dtype.kind in "iu":  # class indices
+        if t.shape == x.shape:
+            raise TypeError(
+                f"target has the logits' shape {x.shape}, so it would be probabilities, but its dtype is {t.dtype}: "
+                "probability targets must be floating (class indices have shape logits.shape[:-1])"
+            )
         labels = _index_labels(t, batch_shape, ignore_index)
         labels = _read_only(labels)
         first_bad, denominator = kernels.label_stats(labels, n_classes, ignore_index, w)
