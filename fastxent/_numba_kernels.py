@@ -355,7 +355,19 @@ def _logsumexp_kernel(x, out):
     for i in prange(x.shape[0]):
         row = x[i]
         m = row_max(row)
-        out[i] = m + math.log(row_sum_exp(row, m, row, False))
+        if math.isinf(m):  # as torch: all -inf -> log 0 = -inf; a +inf -> +inf (not inf - inf)
+            out[i] = math.log(_sum_exp_unshifted(row))
+        else:
+            out[i] = m + math.log(row_sum_exp(row, m, row, False))
+
+
+@numba.njit(cache=True, nogil=True)
+def _sum_exp_unshifted(row):
+    """``sum_c exp(row_c)`` with libm's exp: the rare rows whose max is infinite."""
+    s = 0.0
+    for c in range(row.shape[0]):
+        s += math.exp(row[c])
+    return s
 
 
 @helper

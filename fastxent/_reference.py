@@ -32,10 +32,14 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def logsumexp(x: np.ndarray) -> np.ndarray:
-    """``m + log sum exp(x - m)`` along the last axis, in float64."""
+    """``m + log sum exp(x - m)`` along the last axis, in float64.
+
+    As ``torch.logsumexp``, an infinite max is replaced by 0, so a row of all -inf gives
+    ``log 0 = -inf`` and a row holding +inf gives +inf (not ``inf - inf = NaN``)."""
     x = np.asarray(x, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         m = np.max(x, axis=-1, keepdims=True)
+        m = np.where(np.isinf(m), 0.0, m)
         return (m + np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True)))[..., 0]
 
 

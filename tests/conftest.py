@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-from hypothesis import settings
+import os
 
-import fastxent as fx
+# OpenMP worker threads (numba's "omp" layer, and torch's own libgomp) spin-wait after
+# each parallel call by default, taking the other core from the next call on this
+# 2-core machine; sleeping instead keeps the suite's run time steady. Set before the
+# first parallel call starts the pools.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+import fastxent as fx  # noqa: E402
 
 settings.register_profile("default", max_examples=100, deadline=None)
 settings.register_profile("thorough", max_examples=2000, deadline=None)
