@@ -127,11 +127,13 @@ def _index_labels(target: np.ndarray, batch_shape: tuple[int, ...], ignore_index
 
 
 def _raise_out_of_range(labels, row: int, batch_shape, n_classes: int, ignore_index: int):
-    where = np.unravel_index(row, batch_shape) if len(batch_shape) > 1 else (row,)
-    position = ", ".join(str(int(j)) for j in where)
+    if batch_shape:  # name the element by its full index, e.g. target[1, 4]
+        position = "[" + ", ".join(str(int(j)) for j in np.unravel_index(row, batch_shape)) + "]"
+    else:  # a 0-d target (1-D logits)
+        position = ""
     expected = f"0 <= target < {n_classes}" if n_classes >= 0 else "a valid class index"
     raise TargetOutOfRangeError(
-        f"target[{position}] = {labels[row]} is out of range: expected {expected} or ignore_index={ignore_index}"
+        f"target{position} = {labels[row]} is out of range: expected {expected} or ignore_index={ignore_index}"
     )
 
 
