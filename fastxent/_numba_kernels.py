@@ -272,8 +272,10 @@ def _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, los
         s = row_sum_exp(row, m, g, write_grad)
         sw = 0.0
     log_s = math.log(s)  # (3)
-    lse = m + log_s
-    row_loss = keep * w_y * (lse - x_y)
+    # lse - x_y, summed as (m - x_y) + log s: exact in float64, and no rounding of m + log s
+    # (which would cost the small losses of confident rows their digits). np.float64, not
+    # float(): numba's float() of a float32 stays float32.
+    row_loss = keep * w_y * ((np.float64(m) - np.float64(x_y)) + log_s)
     if eps > 0:
         row_loss += spread * (sw + weight_total * log_s)
     loss[i] = row_loss
