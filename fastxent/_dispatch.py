@@ -9,6 +9,7 @@ All decisions are made here, in Python, before any kernel runs.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from types import ModuleType
 
@@ -41,7 +42,21 @@ except ImportError as error:  # numba missing or broken: the package still works
 else:
     KERNELS["numba"] = _numba_kernels
 
-UNAVAILABLE.setdefault("cython", "the Cython backend is not built yet")
+#: the environment variable that keeps the compiled extension from loading (``1``)
+DISABLE_CYTHON_ENV = "FASTXENT_DISABLE_CYTHON"
+
+if os.environ.get(DISABLE_CYTHON_ENV, "").strip() not in ("", "0"):
+    UNAVAILABLE["cython"] = f"disabled by {DISABLE_CYTHON_ENV}={os.environ[DISABLE_CYTHON_ENV]}"
+else:
+    try:
+        from . import _cy_xent
+    except ImportError as error:  # not built (FASTXENT_BUILD_EXT=0, no compiler) or broken
+        why = str(error)
+        if importlib.util.find_spec(f"{__package__}._cy_xent") is None:  # Python's message says "circular import"
+            why = "it is not built: installing needs Cython and a C compiler, see setup.py"
+        UNAVAILABLE["cython"] = f"the compiled extension fastxent._cy_xent could not be imported ({why})"
+    else:
+        KERNELS["cython"] = _cy_xent
 
 
 def available_backends() -> tuple[str, ...]:

@@ -1,0 +1,49 @@
+/* Build switches for kernels/_cy_xent.pyx: OpenMP and function multiversioning.
+ *
+ * FX_HOT marks the per-block kernels. When setup.py found that the compiler builds and
+ * links `target_clones` (GCC >= 12 on x86-64 Linux/glibc, which resolves the clone once
+ * at load time through an ifunc), it defines FASTXENT_MULTIVERSION and every FX_HOT
+ * function is compiled three times: x86-64-v4 (AVX-512 + FMA), x86-64-v3 (AVX2 + FMA)
+ * and the baseline (SSE2); the loader picks the best one the CPU supports. `flatten`
+ * inlines every per-row helper into each clone (gcc's size heuristics otherwise leave
+ * the big ones out of line, compiled for the baseline ISA only), so they are vectorised
+ * for that clone's ISA. Without multiversioning, FX_HOT is `flatten` alone (GCC/Clang).
+ *
+ * Cython cannot put an attribute on a cdef function; the .pyx uses the return type
+ * `fx_hot_int`, declared there as the C text "FX_HOT int", to carry it.
+ */
+#ifndef FASTXENT_CY_XENT_SIMD_H
+#define FASTXENT_CY_XENT_SIMD_H
+
+#ifdef _OPENMP
+#include <omp.h>
+#define FX_OPENMP 1
+static int fx_get_max_threads(void) { return omp_get_max_threads(); }
+static void fx_set_num_threads(int n) { omp_set_num_threads(n); }
+#else
+#define FX_OPENMP 0
+static int fx_get_max_threads(void) { return 1; }
+static void fx_set_num_threads(int n) { (void)n; }
+#endif
+
+#if defined(FASTXENT_MULTIVERSION) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define FX_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#define FX_MULTIVERSIONED 1
+/* The clone the loader picks (the same test as the ifunc resolver). */
+static const char *fx_simd_level(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4";
+    if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3";
+    return "baseline";
+}
+#else
+#if defined(__GNUC__)
+#define FX_HOT __attribute__((flatten))
+#else
+#define FX_HOT
+#endif
+#define FX_MULTIVERSIONED 0
+static const char *fx_simd_level(void) { return "baseline"; }
+#endif
+
+#endif /* FASTXENT_CY_XENT_SIMD_H */

@@ -1,0 +1,470 @@
+"""The Cython backend (kernels/_cy_xent.pyx) against the numba one, its thread-count
+invariance, and the package without numba or without the extension.
+
+What may differ between the two backends, and by how much
+---------------------------------------------------------
+Both run the same steps with the same operations in the same precisions, and the
+exponential is bitwise the same wherever both compile it with FMA (LLVM for the host CPU;
+gcc in the x86-64-v3/v4 clones; the baseline SSE2 clone has no FMA and may differ by
+1 ulp). The one difference is the ORDER of the float64 row sums of step (2): numba lets
+LLVM reassociate them, the Cython kernel keeps 16 explicit lanes. A reordered sum of C
+non-negative terms differs by at most ``C * eps64`` relative, so:
+
+- the row max and the exponentials: bitwise (or 1 ulp without FMA);
+- the loss (float64): within ``(C + 8) * eps64`` times the sum of the magnitudes of its
+  terms (``loss_atol`` below), plus ``4 * eps`` of the dtype when the exp may differ;
+- the gradient, ``e * a - b`` with ``a`` rounded to the dtype from a float64 sum: within
+  ``4 * eps + C * eps64`` (eps of the dtype) times ``grad_scale`` times the size of its
+  terms (``grad_atol``). In float32 the reordered float64 sum almost never changes ``a``,
+  and the gradients come out bitwise equal; in float64 they differ in the last bits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastxent as fx
+from fastxent import _dispatch
+
+cy = _dispatch.KERNELS.get("cython")
+nb = _dispatch.KERNELS.get("numba")
+
+needs_cython = pytest.mark.skipif(cy is None, reason=f"Cython backend not built: {_dispatch.UNAVAILABLE.get('cython')}")
+needs_both = pytest.mark.skipif(
+    cy is None or nb is None,
+    reason=f"needs the cython and numba backends: {_dispatch.UNAVAILABLE}",
+)
+
+EPS64 = np.finfo(np.float64).eps
+DTYPES = (np.float32, np.float64)
+LABEL_DTYPES = (np.int32, np.int64)
+#: row lengths that cover: a single class, the masked tail only, exactly one lane block,
+#: a block plus a tail, the plain-loop row max (< 64) and the lane row max (>= 64)
+CLASS_COUNTS = (1, 5, 16, 17, 63, 64, 100, 1000)
+
+
+def _exp_has_fma() -> bool:
+    """Whether the Cython clone in use fuses like LLVM does on this host (then exp is bitwise)."""
+    return cy is not None and cy.simd_level() in ("x86-64-v4", "x86-64-v3")
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+def _logits(rng, n, n_classes, dtype, special=False):
+    x = (rng.standard_normal((n, n_classes)) * 4).astype(dtype)
+    if special and n_classes > 2:
+        x[0, 1] = -np.inf  # a masked class
+        x[1, :] = -np.inf  # an all -inf row: NaN
+        x[1 % n, 0] = -np.inf
+        x[2, 0] = np.nan  # a NaN row
+        x[3, 0], x[3, 1] = 1e4, -1e4  # huge finite logits
+    return x
+
+
+def _assert_close(actual, expected, atol, rtol=0.0, what=""):
+    """Non-finite values identical (NaN where NaN, inf of the same sign); finite values
+    within ``atol + rtol * |expected|`` (atol may be an array broadcasting to them)."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=f"{what}: NaN pattern")
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(actual[~finite & ~np.isnan(expected)], expected[~finite & ~np.isnan(expected)])
+    with np.errstate(invalid="ignore"):  # inf - inf where the values are not finite
+        bound = np.broadcast_to(np.asarray(atol, np.float64), expected.shape) + rtol * np.abs(expected)
+        excess = np.where(finite, np.abs(actual - expected) - bound, 0.0)
+    assert not np.any(np.isnan(excess)), f"{what}: NaN bound where the values are finite"
+    worst = np.unravel_index(np.argmax(excess), excess.shape) if excess.size else None
+    assert excess.size == 0 or excess[worst] <= 0, (
+        f"{what}: |{actual[worst]!r} - {expected[worst]!r}| exceeds the bound {bound[worst]!r} at {worst}"
+    )
+
+
+def _ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distance in units in the last place (0 for equal values, equal NaNs and equal infs)."""
+    int_type = np.int32 if a.dtype == np.float32 else np.int64
+    ia, ib = a.view(int_type).astype(np.int64), b.view(int_type).astype(np.int64)
+    ia = np.where(ia < 0, np.iinfo(int_type).min - ia, ia)  # a monotone integer order
+    ib = np.where(ib < 0, np.iinfo(int_type).min - ib, ib)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    return np.where(same, 0, np.abs(ia - ib))
+
+
+def _exp_eps(dtype) -> float:
+    """What the exponentials may differ by: 0 when both fuse the same way, else 1 ulp."""
+    return 0.0 if _exp_has_fma() else 4 * float(np.finfo(dtype).eps)
+
+
+# --- index targets --------------------------------------------------------------------
+
+
+def _index_bounds(x, y, weight, eps, grad_scale, ignore_index, dtype):
+    """Per-row loss tolerance and per-row gradient tolerance (see the module docstring)."""
+    n, n_classes = x.shape
+    x64 = x.astype(np.float64)
+    w = weight.astype(np.float64) if weight.size else np.ones(n_classes)
+    kept = y != ignore_index
+    w_y = np.where(kept, w[np.where(kept, y, 0)], 0.0)
+    with np.errstate(invalid="ignore"):
+        m = np.max(x64, axis=1)
+        x_y = np.take_along_axis(x64, np.where(kept, y, 0)[:, None].astype(np.int64), 1)[:, 0]
+        keep, spread, total = 1 - eps, eps / n_classes, w.sum()
+        lse_scale = np.abs(m) + np.abs(x_y) + np.log(n_classes) + 1
+        smooth = spread * np.sum(w * np.abs(m[:, None] - x64), axis=1)
+        terms = (keep * w_y + spread * total) * lse_scale + smooth
+    loss_atol = ((n_classes + 8) * EPS64 + _exp_eps(dtype)) * np.where(np.isfinite(terms), terms, 0)
+    eps_dtype = float(np.finfo(dtype).eps)
+    grad_term = grad_scale * (keep * w_y + spread * total + spread * w.max())
+    grad_atol = (4 * eps_dtype + n_classes * EPS64) * grad_term
+    return loss_atol, grad_atol[:, None]
+
+
+@needs_both
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
+@pytest.mark.parametrize("n_classes", CLASS_COUNTS)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+def test_index_matches_numba(dtype, label_dtype, n_classes, weighted, eps):
+    rng = np.random.default_rng(n_classes * 7 + int(eps * 10) + weighted)
+    n, ignore_index = 203, -100
+    x = _logits(rng, n, n_classes, dtype, special=True)
+    y = rng.integers(0, n_classes, n).astype(label_dtype)
+    y[::5] = ignore_index
+    weight = rng.uniform(0.1, 3.0, n_classes).astype(dtype) if weighted else np.empty(0, dtype)
+    weight_total = float(np.sum(weight, dtype=np.float64)) if weighted else float(n_classes)
+    first_bad, denominator = cy.label_stats(_read_only(y), n_classes, ignore_index, _read_only(weight))
+    assert (first_bad, denominator) == nb.label_stats(y, n_classes, ignore_index, weight)  # bitwise: row order
+    grad_scale = 1.0 / denominator
+    results = {}
+    for name, module in (("numba", nb), ("cython", cy)):
+        loss, grad = np.empty(n), np.empty_like(x)
+        module.xent_index(
+            _read_only(x),
+            _read_only(y),
+            _read_only(weight),
+            weight_total,
+            ignore_index,
+            eps,
+            grad_scale,
+            loss,
+            grad,
+            True,
+        )
+        results[name] = loss, grad
+    loss_atol, grad_atol = _index_bounds(x, y, weight, eps, grad_scale, ignore_index, dtype)
+    _assert_close(results["cython"][0], results["numba"][0], loss_atol, what="loss")
+    _assert_close(results["cython"][1], results["numba"][1], grad_atol, what="grad")
+    ignored = y == ignore_index
+    assert np.all(results["cython"][0][ignored] == 0) and np.all(results["cython"][1][ignored] == 0)
+
+    # loss only: the (1, C) dummy is never written; the losses are those of the loss+grad
+    # pass up to FMA contraction, which gcc (like LLVM in the numba kernels, whose two
+    # passes differ the same way) may choose differently in the two specialised copies
+    loss_only, dummy = np.empty(n), np.full((1, n_classes), 7, dtype)
+    cy.xent_index(
+        _read_only(x),
+        _read_only(y),
+        _read_only(weight),
+        weight_total,
+        ignore_index,
+        eps,
+        grad_scale,
+        loss_only,
+        dummy,
+        False,
+    )
+    _assert_close(loss_only, results["cython"][0], loss_atol, what="loss only")
+    assert np.all(dummy == 7)
+
+    # in place (grad is x): bit for bit the out-of-place result
+    x_in_place, loss_in_place = x.copy(), np.empty(n)
+    cy.xent_index(
+        x_in_place,
+        _read_only(y),
+        _read_only(weight),
+        weight_total,
+        ignore_index,
+        eps,
+        grad_scale,
+        loss_in_place,
+        x_in_place,
+        True,
+    )
+    np.testing.assert_array_equal(loss_in_place, results["cython"][0])
+    np.testing.assert_array_equal(x_in_place, results["cython"][1])
+
+
+@needs_both
+@pytest.mark.parametrize("n_classes", CLASS_COUNTS)
+def test_float32_gradient_bitwise_with_fma(n_classes):
+    """Where both exponentials fuse alike, float32 gradients (and row maxima, and hence
+    everything but the float64 rounding of the sums) agree bit for bit with numba on
+    ordinary inputs: the reordered float64 sum does not change ``a`` once rounded."""
+    if not _exp_has_fma():
+        pytest.skip(f"the {cy.simd_level()} clone has no FMA; exp may differ by 1 ulp")
+    rng = np.random.default_rng(n_classes)
+    n = 512
+    x = _logits(rng, n, n_classes, np.float32)
+    y = rng.integers(0, n_classes, n).astype(np.int64)
+    weight = np.empty(0, np.float32)
+    grads = []
+    for module in (nb, cy):
+        loss, grad = np.empty(n), np.empty_like(x)
+        module.xent_index(x, y, weight, float(n_classes), -100, 0.0, 1.0 / n, loss, grad, True)
+        grads.append(grad)
+    assert np.max(_ulps(grads[0], grads[1])) <= 1  # in practice 0; 1 if a float32 `a` rounds apart
+    assert np.mean(grads[0] == grads[1]) > 0.999
+
+
+# --- probability targets ------------------------------------------------------------
+
+
+@needs_both
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_classes", CLASS_COUNTS)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+def test_probability_matches_numba(dtype, n_classes, weighted, eps):
+    rng = np.random.default_rng(n_classes * 11 + int(eps * 10) + weighted)
+    n = 131
+    x = _logits(rng, n, n_classes, dtype)
+    t = rng.random((n, n_classes)).astype(dtype)
+    t[::3] /= t[::3].sum(axis=1, keepdims=True)  # some rows normalised, others not
+    weight = rng.uniform(0.1, 3.0, n_classes).astype(dtype) if weighted else np.empty(0, dtype)
+    grad_scale = 1.0 / n
+    results = {}
+    for name, module in (("numba", nb), ("cython", cy)):
+        loss, grad = np.empty(n), np.empty_like(x)
+        module.xent_probability(_read_only(x), _read_only(t), _read_only(weight), eps, grad_scale, loss, grad, True)
+        results[name] = loss, grad
+
+    x64, t64 = x.astype(np.float64), t.astype(np.float64)
+    w = weight.astype(np.float64) if weighted else np.ones(n_classes)
+    wt = w * ((1 - eps) * t64 + eps / n_classes)
+    m = x64.max(axis=1, keepdims=True)
+    loss_terms = np.sum(np.abs(wt * (m - x64)), axis=1) + wt.sum(axis=1) * (np.log(n_classes) + 2)
+    loss_atol = ((n_classes + 8) * EPS64 + _exp_eps(dtype)) * loss_terms
+    eps_dtype = float(np.finfo(dtype).eps)
+    grad_terms = grad_scale * (wt.sum(axis=1, keepdims=True) + wt.max(axis=1, keepdims=True))
+    grad_atol = (4 * eps_dtype + n_classes * EPS64) * grad_terms
+    _assert_close(results["cython"][0], results["numba"][0], loss_atol, what="loss")
+    _assert_close(results["cython"][1], results["numba"][1], grad_atol, what="grad")
+
+    loss_only = np.empty(n)
+    cy.xent_probability(x, t, weight, eps, grad_scale, loss_only, np.empty((1, n_classes), dtype), False)
+    _assert_close(loss_only, results["cython"][0], loss_atol, what="loss only")  # see test_index_matches_numba
+    x_in_place, loss_in_place = x.copy(), np.empty(n)
+    cy.xent_probability(x_in_place, t, weight, eps, grad_scale, loss_in_place, x_in_place, True)
+    np.testing.assert_array_equal(loss_in_place, results["cython"][0])
+    np.testing.assert_array_equal(x_in_place, results["cython"][1])
+
+
+# --- the softmax family -------------------------------------------------------------
+
+
+@needs_both
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_classes", CLASS_COUNTS)
+def test_row_functions_match_numba(dtype, n_classes):
+    """Each result is one float64 quantity (log s or 1/s) rounded to the dtype and applied
+    to exact (or, without FMA, 1-ulp) terms: within (C + 8) eps64 relative of the float64
+    quantity, i.e. at most 1 ulp apart in float32 (almost always 0); log_softmax also
+    allows for numba's reassociation (below)."""
+    rng = np.random.default_rng(n_classes + 99)
+    n = 157
+    x = _logits(rng, n, n_classes, dtype, special=True)
+    eps_dtype = float(np.finfo(dtype).eps)
+    slack = (n_classes + 8) * EPS64 + _exp_eps(dtype) + (eps_dtype if dtype == np.float32 else 0.0)
+    with np.errstate(invalid="ignore"):
+        m = np.abs(np.max(x.astype(np.float64), axis=1))
+
+    outs = {}
+    for name, module in (("numba", nb), ("cython", cy)):
+        lse, log_sm, sm = np.empty(n, dtype), np.empty_like(x), np.empty_like(x)
+        module.logsumexp_rows(_read_only(x), lse)
+        module.log_softmax_rows(_read_only(x), log_sm)
+        module.softmax_rows(_read_only(x), sm)
+        outs[name] = lse, log_sm, sm
+    (lse_nb, log_sm_nb, sm_nb), (lse_cy, log_sm_cy, sm_cy) = outs["numba"], outs["cython"]
+    _assert_close(lse_cy, lse_nb, slack * (np.nan_to_num(m, posinf=0) + np.log(n_classes) + 1), what="logsumexp")
+    # numba's fastmath lets LLVM hoist (x - m) - log s into x - (m + log s): one more
+    # rounding, of m + log s in the dtype (up to 1/2 ulp of |m| + log s), than Cython's
+    shift = 2 * eps_dtype * (np.nan_to_num(m, posinf=0) + np.log(n_classes) + 1)[:, None]
+    _assert_close(log_sm_cy, log_sm_nb, shift + slack * (np.log(n_classes) + 1), rtol=2 * eps_dtype, what="log_softmax")
+    _assert_close(sm_cy, sm_nb, 0.0, rtol=2 * slack + 2 * eps_dtype, what="softmax")
+
+    # in place (out is x) gives the same bits as out of place
+    for kernel, expected in (("log_softmax_rows", log_sm_cy), ("softmax_rows", sm_cy)):
+        x_in_place = x.copy()
+        getattr(cy, kernel)(x_in_place, x_in_place)
+        np.testing.assert_array_equal(x_in_place, expected, err_msg=kernel)
+
+
+@needs_both
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exp_matches_numba(dtype):
+    """The exponential alone: bitwise when the clone in use has FMA (as LLVM on this host),
+    else within 1 ulp; 0 below the smallest normal, exp(-inf) = 0, NaN propagates."""
+    rng = np.random.default_rng(5)
+    lo = -87.0 if dtype == np.float32 else -708.0
+    t = np.concatenate(
+        [
+            -rng.random(200_000) * (-lo + 3),
+            -rng.random(10_000) * 1e-3,
+            [0.0, -0.0, lo, np.nextafter(lo, 0), np.nextafter(lo, -np.inf), -1e30, -np.inf, np.nan],
+        ]
+    ).astype(dtype)
+    e_nb, e_cy = np.empty_like(t), np.empty_like(t)
+    nb.exp_array(t, e_nb)
+    cy.exp_array(t, e_cy)
+    assert np.max(_ulps(e_nb, e_cy)) <= (0 if _exp_has_fma() else 1)
+    assert np.all(e_cy[t < lo] == 0) and np.isnan(e_cy[-1]) and e_cy[-2] == 0
+    ok = t >= lo
+    assert np.max(_ulps(e_cy[ok], np.exp(t[ok].astype(np.float64)).astype(dtype))) <= 1
+
+
+# --- threads --------------------------------------------------------------------------
+
+
+@needs_cython
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_classes", [3, 100, 40_000])
+def test_thread_count_invariance(dtype, n_classes):
+    """1 and 2 OpenMP threads give the same bits: each row is computed by one thread."""
+    if not cy.openmp_enabled():
+        pytest.skip("built without OpenMP")
+    rng = np.random.default_rng(n_classes)
+    n = max(4, 300_000 // n_classes)  # several blocks of rows (BLOCK_ELEMENTS = 32768)
+    x = _logits(rng, n, n_classes, dtype)
+    y = rng.integers(0, n_classes, n)
+    y[::7] = -100
+    t = rng.random((n, n_classes)).astype(dtype)
+    weight = rng.uniform(0.5, 2, n_classes).astype(dtype)
+    before = cy.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            cy.set_num_threads(threads)
+            assert cy.get_num_threads() == threads
+            loss_i, grad_i = np.empty(n), np.empty_like(x)
+            cy.xent_index(x, y, weight, float(weight.sum(dtype=np.float64)), -100, 0.1, 1 / n, loss_i, grad_i, True)
+            loss_p, grad_p = np.empty(n), np.empty_like(x)
+            cy.xent_probability(x, t, weight, 0.1, 1 / n, loss_p, grad_p, True)
+            lse, sm, log_sm = np.empty(n, dtype), np.empty_like(x), np.empty_like(x)
+            cy.logsumexp_rows(x, lse)
+            cy.softmax_rows(x, sm)
+            cy.log_softmax_rows(x, log_sm)
+            results.append((loss_i, grad_i, loss_p, grad_p, lse, sm, log_sm))
+    finally:
+        cy.set_num_threads(before)
+    for one, two in zip(*results, strict=True):
+        np.testing.assert_array_equal(one, two)
+
+
+@needs_cython
+def test_package_threads_govern_openmp():
+    before = fx.get_num_threads()
+    try:
+        fx.set_num_threads(1)
+        assert cy.get_num_threads() == 1 or not cy.openmp_enabled()
+    finally:
+        fx.set_num_threads(before)
+    assert isinstance(cy.openmp_enabled(), bool)
+    assert cy.simd_level() in ("x86-64-v4", "x86-64-v3", "baseline")
+
+
+@needs_cython
+def test_public_api_on_cython_matches_reference():
+    """End to end through the public API (validation, dtype casts, reductions)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 6, 11)).astype(np.float16)
+    y = rng.integers(0, 11, (4, 6))
+    y[0, 0] = -100
+    loss, grad = fx.cross_entropy_with_grad(x, y, label_smoothing=0.2, backend="cython")
+    ref_loss, ref_grad = fx.cross_entropy_with_grad(x, y, label_smoothing=0.2, backend="numpy")
+    assert grad.dtype == np.float16 and loss.dtype == np.float16
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=2e-3)
+    np.testing.assert_allclose(grad.astype(np.float64), ref_grad.astype(np.float64), rtol=2e-3, atol=2e-4)
+
+
+# --- the package without numba, or without the extension ----------------------------
+
+
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("FASTXENT_")}
+    environment.update(env)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fx.__file__)))
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [root, environment.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environment, timeout=600
+    )
+
+
+def test_imports_and_computes_without_numba():
+    """With numba hidden from import, the package loads and computes on Cython (or NumPy
+    when the extension is not built), and the thread functions still work."""
+    code = """
+        import sys
+        sys.modules["numba"] = None  # any `import numba` now raises ImportError
+        import numpy as np
+        import fastxent as fx
+        from fastxent import _dispatch, _reference
+
+        assert "numba" not in fx.available_backends(), fx.available_backends()
+        assert "numba" in _dispatch.UNAVAILABLE
+        rng = np.random.default_rng(1)
+        x = rng.standard_normal((300, 37)).astype(np.float32)
+        y = rng.integers(0, 37, 300)
+        y[::4] = -100
+        w = rng.uniform(0.5, 2, 37)
+        loss, grad = fx.cross_entropy_with_grad(x, y, weight=w, label_smoothing=0.1)
+        row_loss, row_grad = _reference.index_rows(x.astype(np.float64), y, w, -100, 0.1)
+        kept = y != -100
+        denominator = w[y[kept]].sum()
+        np.testing.assert_allclose(float(loss), row_loss.sum() / denominator, rtol=1e-5)
+        np.testing.assert_allclose(grad, row_grad / denominator, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(fx.softmax(x).sum(axis=1), 1, rtol=1e-5)
+        fx.set_num_threads(1)
+        assert fx.get_num_threads() == 1
+        assert "numba" not in sys.modules or sys.modules["numba"] is None
+        print(fx.available_backends()[0])
+    """
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    built = importlib.util.find_spec("fastxent._cy_xent") is not None  # whatever this process disabled
+    assert result.stdout.strip() == ("cython" if built else "numpy")
+
+
+def test_cython_backend_missing_is_a_clear_error():
+    code = """
+        import numpy as np
+        import fastxent as fx
+        assert "cython" not in fx.available_backends()
+        for call in (
+            lambda: fx.cross_entropy(np.zeros((2, 3)), np.zeros(2, int)),
+            lambda: fx.softmax(np.zeros((2, 3)), backend="cython"),
+        ):
+            try:
+                call()
+            except RuntimeError as error:
+                print(error)
+            else:
+                raise SystemExit("no RuntimeError")
+    """
+    result = _run_python(code, FASTXENT_BACKEND="cython", FASTXENT_DISABLE_CYTHON="1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert "FASTXENT_BACKEND='cython' is not available" in lines[0] and "FASTXENT_DISABLE_CYTHON" in lines[0]
+    assert "backend='cython' is not available" in lines[1]
