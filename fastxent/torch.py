@@ -1,0 +1,417 @@
+"""PyTorch autograd adapter: fastxent's fused kernel behind ``torch.nn.functional.cross_entropy``.
+
+Swap one line::
+
+    loss_fn = torch.nn.CrossEntropyLoss(...)          # before
+    loss_fn = fastxent.torch.CrossEntropyLoss(...)    # after: same arguments, same numbers
+
+``cross_entropy`` has the signature of ``torch.nn.functional.cross_entropy`` (positional order
+included, deprecated ``size_average``/``reduce`` handled as torch does) and PyTorch's
+conventions: class dim 1 for ``(N, C, d1, ..., dk)``, ``(C,)`` unbatched, class-index (integer)
+or probability (floating) targets, ``weight``, ``ignore_index``, ``reduction``,
+``label_smoothing``. ``import fastxent`` does not import torch; ``import fastxent.torch`` does.
+
+How it works
+------------
+The forward runs fastxent's fused loss+gradient kernel ONCE on zero-copy NumPy views of the
+CPU tensors and keeps only the gradient (saved with ``save_for_backward``, so autograd frees
+it after a backward that does not retain the graph). The backward multiplies it by
+``grad_output`` (a scalar for "mean"/"sum", skipped when it is exactly 1; per row for "none")
+and moves the class dim back. Copies:
+
+- ``(N, C)`` or ``(C,)`` contiguous float32/float64: none. The kernel reads the logits'
+  storage and writes a new gradient buffer, which is what backward returns.
+- ``(N, C, d1, ..., dk)``: the kernel needs the class dim last and contiguous. A standard
+  (channels-first) tensor is copied ONCE to class-last order, and the kernel then writes the
+  gradient over that copy (no second N x C buffer); backward returns it as a class-dim-1 view
+  with channels-last strides (a leaf input's ``.grad`` is then laid out like the leaf by
+  autograd, which costs autograd one copy). An input that is already class-last in memory
+  (``input.movedim(1, -1).is_contiguous()``, e.g. ``torch.channels_last``) is not copied.
+- other strides: one contiguous copy, gradient written over it.
+- float16 / bfloat16: one copy to float32 (bfloat16 has no NumPy dtype), computed there, and
+  loss and gradient converted back to the input dtype.
+
+Without a gradient to compute (under ``torch.no_grad()``/``inference_mode()``, or when
+``input`` does not require grad), only the loss is computed: no N x C array is written.
+
+``inplace_backward=True`` (opt in)
+-------------------------------------
+The gradient is written over the logits' own storage (fastxent's ``out=logits``): no N x C
+buffer at all. After the call ``input`` holds the gradient of the (unscaled) loss, and
+backward scales it in place and hands it on. What is checked:
+
+- at forward time, refused with :class:`InplaceBackwardError`: ``input`` is a leaf or a view
+  of a leaf (its storage is user-visible, e.g. a Parameter); ``input`` is not float32/float64;
+  ``input`` is not contiguous with its class dim last (``(N, C)``/``(C,)`` contiguous, or
+  ``input.movedim(1, -1).is_contiguous()`` for ``(N, C, d1, ...)``).
+- the forward bumps ``input``'s version counter (as any in-place op does), so autograd itself
+  raises in the backward of any other node that saved those logits (e.g. a ``tanh`` that
+  produced them, or another op that consumed them), instead of computing a wrong gradient.
+- backward compares ``input._version`` with the value recorded after the forward and raises
+  :class:`InplaceBackwardError` if the logits were modified in place in between.
+- a second backward through the same graph (``retain_graph=True``) must use the same
+  ``grad_output`` as the first (the buffer was scaled in place), else it raises;
+  ``create_graph=True`` (double backward) raises: the logits it needs are gone.
+
+Not detectable: writes that bypass the version counter (``tensor.data``, NumPy views, raw
+pointers). Under no_grad, or when ``input`` does not require grad, the flag is ignored and
+the logits are left untouched.
+
+Fallback to PyTorch (never a wrong answer)
+------------------------------------------
+``torch.nn.functional.cross_entropy`` itself is used for: non-CPU tensors (CUDA, MPS, meta),
+non-strided layouts, non-floating or complex logits (torch raises its own error), a floating
+target or a weight that requires grad (torch differentiates soft targets), ``label_smoothing``
+outside [0, 1] (torch treats a negative value as 0 and raises above 1), ``torch.compile``
+tracing, tensor subclasses with ``__torch_function__``, functorch transforms (``vmap``,
+``grad``) and forward-mode AD dual tensors.
+
+Double backward (``create_graph=True``, ``gradgradcheck``): backward detects that grad mode is
+on and recomputes the loss with PyTorch's own ops on the original logits, returning a
+differentiable gradient. For this the forward keeps a reference (no copy) to the logits
+until the first backward; a first-order backward drops it, so ``create_graph=True`` after a
+``retain_graph=True`` first-order backward of the same graph raises a clear error.
+
+Known differences from PyTorch: see fastxent's README (class indices of any integer dtype are
+accepted; when the "mean" denominator is 0 because every kept row's class has weight 0 the
+gradient is zeros where PyTorch gives NaN; out-of-range targets raise
+``fastxent.TargetOutOfRangeError``, an IndexError). Kernel threads are fastxent's
+(``fastxent.set_num_threads``), not ``torch.set_num_threads``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import _reduction as _Reduction
+
+import fastxent as _fx
+
+__all__ = ["CrossEntropyLoss", "InplaceBackwardError", "cross_entropy"]
+
+_NATIVE = (torch.float32, torch.float64)  # dtypes the kernels run on directly
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NO_GRADS = (None,) * 6  # target, weight, ignore_index, reduction, label_smoothing, inplace
+
+
+class InplaceBackwardError(RuntimeError):
+    """``inplace_backward=True`` was asked where overwriting the logits would be unsafe."""
+
+
+# --- layout and dtype helpers --------------------------------------------------------
+
+
+def _class_last(t: Tensor) -> Tensor:
+    """``(N, C, d1, ..., dk)`` as the view ``(N, d1, ..., dk, C)``; ``(N, C)``, ``(C,)`` as is."""
+    return t.movedim(1, -1) if t.dim() > 2 else t
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in _NATIVE else torch.float32
+
+
+def _kernel_ready(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` contiguous and of ``dtype``: itself when it already is, else one (parallel) copy."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t
+    return t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+def _target_array(target: Tensor, dtype: torch.dtype) -> np.ndarray:
+    t = target.detach()
+    if t.is_floating_point():  # probabilities: same layout as the logits
+        return _kernel_ready(_class_last(t), dtype).numpy()
+    return t.numpy()  # class indices: shape (N, d1, ..., dk), any integer dtype
+
+
+def _weight_array(weight: Tensor | None, dtype: torch.dtype) -> np.ndarray | None:
+    if weight is None:
+        return None
+    w = weight.detach()
+    return (w if w.dtype in _NATIVE else w.to(dtype)).numpy()
+
+
+def _loss_tensor(loss, dtype: torch.dtype) -> Tensor:
+    t = torch.from_numpy(np.asarray(loss))  # 0-d ("mean", "sum") or batch-shaped ("none")
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _use_torch(input, target, weight, label_smoothing) -> bool:
+    """True where fastxent cannot (or must not) run, and PyTorch's own op is used."""
+    if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
+        return True
+    if torch.overrides.has_torch_function_variadic(input, target, weight):
+        return True
+    if not (input.is_cpu and target.is_cpu and input.layout == torch.strided and target.layout == torch.strided):
+        return True
+    if weight is not None and not (
+        isinstance(weight, Tensor) and weight.is_cpu and weight.layout == torch.strided and not weight.requires_grad
+    ):
+        return True
+    if input.dtype not in _FLOATS or input.dim() == 0:
+        return True
+    if target.requires_grad and target.is_floating_point():
+        return True
+    if not 0.0 <= label_smoothing <= 1.0:  # also NaN
+        return True
+    if torch.compiler.is_compiling() or _is_functorch_wrapped(input):
+        return True
+    return torch.autograd.forward_ad.unpack_dual(input).tangent is not None
+
+
+def _is_functorch_wrapped(t: Tensor) -> bool:
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False
+
+
+def _check_inplace(input: Tensor) -> None:
+    """Refuse ``inplace_backward=True`` where the logits' storage is visible or unusable."""
+    if input.is_leaf or (input._base is not None and input._base.is_leaf):
+        raise InplaceBackwardError(
+            "inplace_backward=True would overwrite a leaf tensor (or a view of one) that requires grad, "
+            "whose values are user-visible (e.g. a Parameter): pass the output of an operation (e.g. a Linear "
+            "layer's logits), or use the default inplace_backward=False"
+        )
+    if input.dtype not in _NATIVE:
+        raise InplaceBackwardError(
+            f"inplace_backward=True needs float32 or float64 logits (got {input.dtype}, which is computed in a "
+            "float32 copy): use the default inplace_backward=False"
+        )
+    if not _class_last(input).is_contiguous():
+        raise InplaceBackwardError(
+            "inplace_backward=True needs logits that are contiguous with the class dim last in memory "
+            f"((N, C) contiguous, or input.movedim(1, -1).is_contiguous()); got shape {tuple(input.shape)} with "
+            f"strides {input.stride()}: use the default inplace_backward=False (one copy)"
+        )
+
+
+_MODIFIED = (
+    "inplace_backward=True: the logits (which hold the gradient since the forward) were modified in place "
+    "between forward and backward"
+)
+
+
+# --- the autograd Function -----------------------------------------------------------
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Loss in forward, its gradient kept from the same fused pass; backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, inplace):
+        dtype = _compute_dtype(input.dtype)
+        x = _class_last(input.detach())
+        if inplace:  # checked by the caller: class-last contiguous, native dtype
+            buf, own = x, True
+        elif x.dtype == dtype and x.is_contiguous():
+            buf, own = x, False  # zero copy: the kernel reads the input's storage
+        else:
+            buf, own = _kernel_ready(x, dtype), True  # our copy: the gradient overwrites it
+        arr = buf.numpy()
+        loss, grad = _fx.cross_entropy_with_grad(
+            arr,
+            _target_array(target, dtype),
+            weight=_weight_array(weight, dtype),
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            out=arr if own else None,
+        )
+        g = buf if own else torch.from_numpy(grad)
+        if g.dtype != input.dtype:
+            g = g.to(input.dtype)
+        ctx.reduction = reduction
+        ctx.moved = input.dim() > 2
+        ctx.inplace = inplace
+        if inplace:
+            torch.autograd.graph.increment_version(input)  # the logits were overwritten
+            ctx.version = input._version  # g shares input's version counter (detach, movedim)
+            ctx.applied = None  # the grad_output of the first backward (the buffer's scale)
+            ctx.fallback = None
+        else:  # only for a create_graph=True backward; dropped by a first-order backward
+            ctx.fallback = (input, target, weight, ignore_index, label_smoothing)
+            ctx.input_version = input._version
+        ctx.save_for_backward(g)
+        return _loss_tensor(loss, input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient, from PyTorch
+            return (_torch_backward(ctx, grad_output),) + _NO_GRADS
+        ctx.fallback = None
+        try:
+            (g,) = ctx.saved_tensors
+        except RuntimeError as error:
+            if ctx.inplace and "inplace operation" in str(error):
+                raise InplaceBackwardError(f"{_MODIFIED} ({error})") from error
+            raise
+        if ctx.inplace:
+            if g._version != ctx.version:
+                raise InplaceBackwardError(f"{_MODIFIED} (version {g._version}, expected {ctx.version})")
+            grad = _scale_in_place(ctx, g, grad_output)
+        elif ctx.reduction == "none":
+            grad = g * grad_output.unsqueeze(-1)
+        elif grad_output.item() == 1.0:
+            grad = g  # loss.backward(): no pass over the gradient at all
+        else:
+            grad = g * grad_output
+        return (grad.movedim(-1, 1) if ctx.moved else grad,) + _NO_GRADS
+
+
+def _scale_in_place(ctx, g: Tensor, grad_output: Tensor) -> Tensor:
+    """Scale the gradient (the logits' storage) by ``grad_output``, once per graph."""
+    if ctx.applied is not None:  # a retain_graph=True backward again: the buffer is already handed out
+        if not torch.equal(ctx.applied, grad_output):
+            raise InplaceBackwardError(
+                "inplace_backward=True: a second backward through the same graph with a different grad_output "
+                "(the gradient buffer was handed out and scaled in place by the first one); use "
+                "inplace_backward=False"
+            )
+        return g
+    if ctx.reduction == "none" or grad_output.item() != 1.0:
+        scale = grad_output.unsqueeze(-1) if ctx.reduction == "none" else grad_output
+        # through an alias with its own version counter: scaling must not look like a user write
+        torch.from_numpy(g.numpy()).mul_(scale)
+    ctx.applied = grad_output.clone()
+    return g
+
+
+def _torch_backward(ctx, grad_output: Tensor) -> Tensor:
+    """The gradient as a differentiable function of the logits and ``grad_output``, via PyTorch."""
+    if ctx.inplace:
+        raise InplaceBackwardError(
+            "double backward (create_graph=True) is not supported with inplace_backward=True: "
+            "the logits it needs were overwritten by the gradient"
+        )
+    if ctx.fallback is None:
+        raise RuntimeError(
+            "fastxent.torch.cross_entropy: a create_graph=True backward after a first-order backward of the same "
+            "graph is not supported (the reference to the logits was released); call the create_graph=True "
+            "backward first, or recompute the loss"
+        )
+    input, target, weight, ignore_index, label_smoothing = ctx.fallback
+    if input._version != ctx.input_version:
+        raise RuntimeError(
+            "fastxent.torch.cross_entropy: the logits were modified in place after the forward "
+            f"(version {input._version}, expected {ctx.input_version}); a create_graph=True backward needs them"
+        )
+    loss = F.cross_entropy(
+        input,
+        target,
+        weight,
+        ignore_index=ignore_index,
+        reduction=ctx.reduction,
+        label_smoothing=label_smoothing,
+    )
+    (grad,) = torch.autograd.grad(loss, input, grad_output, create_graph=True)
+    return grad
+
+
+# --- the public functions ------------------------------------------------------------
+
+
+def _loss_only(input, target, weight, ignore_index, reduction, label_smoothing) -> Tensor:
+    dtype = _compute_dtype(input.dtype)
+    x = _kernel_ready(_class_last(input.detach()), dtype)
+    loss = _fx.cross_entropy(
+        x.numpy(),
+        _target_array(target, dtype),
+        weight=_weight_array(weight, dtype),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    return _loss_tensor(loss, input.dtype)
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """``torch.nn.functional.cross_entropy`` computed by fastxent's fused CPU kernel.
+
+    Same signature, conventions and numbers as PyTorch's: ``input`` of shape ``(C,)``,
+    ``(N, C)`` or ``(N, C, d1, ..., dk)`` (class dim 1); ``target`` class indices of shape
+    ``(N, d1, ..., dk)`` or probabilities of ``input``'s shape. Per row, with
+    ``lse = logsumexp(x)``, ``k = [y != ignore_index]`` and ``t' = (1-eps) t + eps/C``:
+
+    - class indices: ``l = k [(1-eps) w[y] (lse - x_y) + eps/C sum_c w_c (lse - x_c)]``;
+      "mean" divides by ``sum k w[y]``;
+    - probabilities: ``l = -sum_c w_c t'_c (x_c - lse)``; "mean" divides by the number of rows.
+
+    Parameters
+    ----------
+    input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+        As in ``torch.nn.functional.cross_entropy`` (``size_average``/``reduce`` are
+        deprecated and mapped to ``reduction`` exactly as torch does).
+    inplace_backward : bool, default False
+        Write the gradient over the logits' storage (no N x C buffer). Refused, with
+        :class:`InplaceBackwardError`, for leaf inputs, views of leaves, float16/bfloat16 and
+        layouts that are not class-last contiguous; see the module docstring for all checks.
+
+    Returns
+    -------
+    Tensor
+        0-d for "mean"/"sum", shape ``(N, d1, ..., dk)`` (or ``()`` unbatched) for "none", in
+        ``input``'s dtype; differentiable with respect to ``input``.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    if _use_torch(input, target, weight, label_smoothing):
+        return F.cross_entropy(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
+    if torch.is_grad_enabled() and input.requires_grad:
+        if inplace_backward:
+            _check_inplace(input)
+        return _FusedCrossEntropy.apply(
+            input, target, weight, ignore_index, reduction, float(label_smoothing), bool(inplace_backward)
+        )
+    return _loss_only(input, target, weight, ignore_index, reduction, label_smoothing)
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` computed by :func:`cross_entropy` (fastxent's fused kernel).
+
+    A subclass of ``torch.nn.CrossEntropyLoss`` with the same constructor (``weight`` is a
+    buffer, ``size_average``/``reduce`` handled by torch's own code) plus the keyword
+    ``inplace_backward`` (see :func:`cross_entropy`).
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average: bool | None = None,
+        ignore_index: int = -100,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        inplace_backward: bool = False,
+    ) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            inplace_backward=self.inplace_backward,
+        )
+
+    def extra_repr(self) -> str:
+        return f"inplace_backward={self.inplace_backward}" if self.inplace_backward else ""
