@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("demo", help="compute a loss and gradient and check them against the reference")
     args = parser.parse_args(argv)
     if args.command == "bench":
+        # OpenMP pools (numba's and torch's own) spin after each parallel call by default,
+        # stealing the core the next contender needs; sleeping is fairer to both. Only if
+        # the user has not chosen; must happen before the first parallel call.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         return _bench.main(args)
     if args.command == "demo":
         return demo()

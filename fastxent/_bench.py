@@ -1,8 +1,9 @@
 """``fastxent bench``: fastxent against its peers and the memory floor, side by side.
 
 Every contender runs on the same logits at the same thread count; after one warm-up
-call each, the repeats are interleaved (one call of every contender per round) so that
-a noisy neighbour slows all of them alike, and the table shows medians.
+call each, the repeats are interleaved (one call of every contender per round, the
+order rotated each round) so that a noisy neighbour slows all of them alike, and the
+table shows medians.
 
 The memory floor is ``np.copyto(out, logits)``: it reads N*C once and writes N*C once,
 the least traffic any loss+gradient can have. "x floor" is a contender's time over it.
@@ -181,7 +182,10 @@ def run(shapes=DEFAULT_SHAPES, dtype="float32", threads=None, repeat=5, seed=0, 
         y = rng.integers(0, n_classes, n).astype(np.int64)
         contenders = _contenders(x, y, threads, notes, n * n_classes <= REFERENCE_MAX_ELEMENTS)
         for round_index in range(repeat + 1):  # round 0 is the warm-up (and JIT compile)
-            for contender in contenders:
+            # each round starts one contender later, so none is always the one that runs
+            # right after PyTorch has returned its big buffers to the OS
+            first = round_index % len(contenders)
+            for contender in contenders[first:] + contenders[:first]:
                 start = time.perf_counter()
                 contender.run()
                 elapsed = time.perf_counter() - start
@@ -204,6 +208,7 @@ def run(shapes=DEFAULT_SHAPES, dtype="float32", threads=None, repeat=5, seed=0, 
         "backends": list(_dispatch.available_backends()),
         "numba_threading_layer": _threading_layer(),
         "torch_allocator": "THP_MEM_ALLOC_ENABLE=" + os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
     }
     return header, rows, sorted(set(notes))
 
@@ -248,7 +253,8 @@ def format_table(header, rows, notes) -> str:
     lines = [
         f"fastxent bench: {header['cpu']}, {header['cores']} cores, {header['threads']} threads, {header['dtype']}, "
         f"median of {header['repeat']} interleaved rounds",
-        f"{versions}; numba threading layer {header['numba_threading_layer']}; torch {header['torch_allocator']}",
+        f"{versions}; numba threading layer {header['numba_threading_layer']}; torch {header['torch_allocator']}; "
+        f"OMP_WAIT_POLICY={header['omp_wait_policy']}",
         "GB/s counts the floor's traffic (read N*C + write N*C); 'vs torch' compares loss+grad rows with "
         "torch fwd+bwd and loss-only rows with torch fwd.",
         "",
