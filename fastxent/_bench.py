@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -303,6 +304,106 @@ def plot(rows, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+_PEAK_SCRIPT = """
+import resource, sys
+import numpy as np
+n, c, which = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+x = np.random.default_rng(0).standard_normal((n, c), dtype=np.float32)
+y = np.random.default_rng(1).integers(0, c, n)
+out = None
+if which.startswith("torch"):
+    import torch, torch.nn.functional as F
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    def call():
+        leaf = xt.detach().requires_grad_(True)
+        F.cross_entropy(leaf, yt).backward()
+        return leaf.grad
+    small = torch.zeros(4, 3, requires_grad=True)
+    F.cross_entropy(small, torch.tensor([0, 1, 2, 0])).backward()
+else:
+    import fastxent as fx
+    out = np.empty_like(x) if which == "out" else None
+    call = {
+        "fresh": lambda: fx.cross_entropy_with_grad(x, y),
+        "out": lambda: fx.cross_entropy_with_grad(x, y, out=out),
+        "in place": lambda: fx.cross_entropy_with_grad(x, y, out=x),
+        "loss only": lambda: fx.cross_entropy(x, y),
+    }[which]
+    fx.cross_entropy_with_grad(np.zeros((4, 3), np.float32), np.array([0, 1, 2, 0]))  # load and compile
+    fx.cross_entropy(np.zeros((4, 3), np.float32), np.array([0, 1, 2, 0]))
+if out is not None:
+    out.fill(0)  # touch the preallocated buffer before measuring
+before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+result = call()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(max(0, peak - before))
+"""
+
+#: what ``--memory`` measures, each in a fresh process: (label, script argument)
+PEAK_CASES = (
+    ("fastxent loss+grad", "fresh"),
+    ("fastxent loss+grad out=", "out"),
+    ("fastxent in place", "in place"),
+    ("fastxent loss only", "loss only"),
+    ("torch fwd+bwd", "torch"),
+)
+
+
+def peak_memory(shape: tuple[int, int]) -> list[tuple[str, float]]:
+    """Extra peak resident memory of one call, in units of the logits' size (N*C*4 bytes),
+    each case in a fresh process: the high-water mark after the call minus the resident
+    size before it (inputs, outputs given with ``out=``, and code already loaded)."""
+    import subprocess
+
+    n, n_classes = shape
+    found = []
+    for label, which in PEAK_CASES:
+        if which == "torch" and importlib.util.find_spec("torch") is None:
+            continue
+        done = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, str(n), str(n_classes), which],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            found.append((label, float("nan")))
+            continue
+        found.append((label, int(done.stdout.strip().splitlines()[-1]) / (n * n_classes * 4)))
+    return found
+
+
+_STARTUP_SCRIPT = """
+import time
+start = time.perf_counter()
+import numpy as np
+import fastxent as fx
+imported = time.perf_counter()
+fx.cross_entropy_with_grad(np.zeros((64, 1000), np.float32), np.zeros(64, np.int64))
+print(imported - start, time.perf_counter() - start)
+"""
+
+
+def startup_times() -> dict[str, float]:
+    """Seconds for a fresh process to ``import fastxent`` and make one loss+grad call:
+    with numba's cache empty (a new NUMBA_CACHE_DIR: every kernel the call needs is
+    compiled) and then warm (the same dir, loaded from the cache)."""
+    import subprocess
+    import tempfile
+
+    found = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for label in ("cache empty", "cache warm"):
+            done = subprocess.run(
+                [sys.executable, "-c", _STARTUP_SCRIPT], capture_output=True, text=True, env=env, check=True
+            )
+            import_s, total_s = (float(v) for v in done.stdout.split())
+            found[f"import ({label})"] = import_s
+            found[f"import + first call ({label})"] = total_s
+    return found
+
+
 def _parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     try:
         shapes = tuple(tuple(int(v) for v in item.lower().split("x")) for item in text.split(","))
@@ -322,6 +423,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds after the warm-up (default: 5)")
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
     parser.add_argument("--plot", metavar="PATH.png", help="draw time per element against C (needs matplotlib)")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure each contender's extra peak memory on the largest shape (fresh processes)",
+    )
+    parser.add_argument(
+        "--startup", action="store_true", help="also time a fresh process's import and first call (cache empty/warm)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -332,7 +441,22 @@ def main(args: argparse.Namespace) -> int:
         except ImportError:
             notes.append("matplotlib not installed: no plot (pip install 'fastxent[bench]')")
     print(format_table(header, rows, notes))
+    memory = []
+    if args.memory:
+        shape = max(args.shapes, key=lambda s: s[0] * s[1])
+        memory = peak_memory(shape)
+        print(f"\nextra peak memory of one float32 call on {shape[0]}x{shape[1]}, in logits' sizes (N*C*4 bytes):")
+        for label, size in memory:
+            print(f"  {label:<28} {size:6.2f}")
+    startup = {}
+    if args.startup:
+        startup = startup_times()
+        print("\nfresh process, seconds:")
+        for label, seconds in startup.items():
+            print(f"  {label:<36} {seconds:6.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "rows": [asdict(r) for r in rows], "notes": notes}, f, indent=1)
+            record = {"header": header, "rows": [asdict(r) for r in rows], "notes": notes, "peak_memory": memory}
+            record["startup_s"] = startup
+            json.dump(record, f, indent=1)
     return 0
