@@ -19,6 +19,7 @@ from ._api import (
     softmax,
 )
 from ._dispatch import available_backends
+from ._info import openmp_enabled, precompile
 from ._threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
@@ -32,6 +33,8 @@ __all__ = [
     "get_num_threads",
     "log_softmax",
     "logsumexp",
+    "openmp_enabled",
+    "precompile",
     "set_num_threads",
     "softmax",
     "__version__",

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="time fastxent against PyTorch, JAX and the memory floor")
     _bench.add_arguments(bench)
     commands.add_parser("demo", help="compute a loss and gradient and check them against the reference")
+    commands.add_parser("precompile", help="compile every kernel into numba's cache (a warm-up for fresh machines)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         # OpenMP pools (numba's and torch's own) spin after each parallel call by default,
@@ -46,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         return _bench.main(args)
     if args.command == "demo":
         return demo()
+    if args.command == "precompile":
+        import fastxent as fx
+
+        fx.precompile()
+        print(f"compiled the kernels of: {', '.join(fx.available_backends())}")
+        return 0
     parser.print_help()
     return 0
 
