@@ -305,7 +305,7 @@ def plot(rows, path: str) -> None:
 
 
 _PEAK_SCRIPT = """
-import resource, sys
+import sys
 import numpy as np
 n, c, which = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 x = np.random.default_rng(0).standard_normal((n, c), dtype=np.float32)
@@ -333,10 +333,14 @@ else:
     fx.cross_entropy(np.zeros((4, 3), np.float32), np.array([0, 1, 2, 0]))
 if out is not None:
     out.fill(0)  # touch the preallocated buffer before measuring
-before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+def status_kib(field):  # VmHWM is this address space's own high-water mark; ru_maxrss is
+    # not: across exec it keeps the maximum of the parent that spawned this process
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+before = status_kib("VmRSS")
 result = call()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(max(0, peak - before))
+print(max(0, status_kib("VmHWM") - before))
 """
 
 #: what ``--memory`` measures, each in a fresh process: (label, script argument)
