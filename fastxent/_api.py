@@ -74,9 +74,12 @@ def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _check_options(reduction: str, label_smoothing: float) -> float:
-    if reduction not in _REDUCTIONS:
+    # isinstance first: ``in`` would compare an array elementwise ("truth value ... ambiguous")
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     try:
+        if isinstance(label_smoothing, str | bytes):  # float("0.1") would accept text
+            raise TypeError
         eps = float(label_smoothing)
     except (TypeError, ValueError):
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from types import ModuleType
 
 import numpy as np
@@ -59,6 +60,78 @@ else:
         KERNELS["cython"] = _cy_xent
 
 
+# --- fork safety -----------------------------------------------------------------------
+# GNU OpenMP (libgomp: numba's "omp" threading layer, and the Cython extension, share the
+# one libgomp) is not fork-safe: a child forked after the parent ran an OpenMP parallel
+# region inherits a thread pool whose threads do not exist in the child. numba's omp layer
+# then terminates the child ("fork() called from a process already using GNU OpenMP"), and
+# the Cython kernels hang in it. So a child forked after the parent used an OpenMP pool
+# runs the "numpy" backend instead of those two (with one RuntimeWarning per process):
+# correct to the usual tolerance, slower, and nothing in the child touches libgomp. numba
+# on the "tbb" or "workqueue" layer is fork-safe and keeps running in the child. The
+# "spawn" and "forkserver" start methods of multiprocessing keep every backend.
+
+#: True in a process forked (at any depth) from one that had used a GNU OpenMP pool
+_FORKED_AFTER_OPENMP = False
+#: set when the Cython backend (built with OpenMP) is handed out in this process
+_cython_openmp_used = False
+_fork_warned = False
+
+
+def _numba_layer() -> str | None:
+    module = KERNELS.get("numba")
+    return module.threading_layer() if module is not None else None
+
+
+def _openmp_started() -> bool:
+    """Whether this process may have started a GNU OpenMP thread pool (conservatively)."""
+    return _cython_openmp_used or _numba_layer() == "omp"
+
+
+def _after_fork_in_child() -> None:
+    global _FORKED_AFTER_OPENMP, _fork_warned
+    if _openmp_started():
+        _FORKED_AFTER_OPENMP = True
+    _fork_warned = False
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _unsafe_after_fork(name: str) -> bool:
+    """Whether backend ``name`` would use a stale OpenMP pool in this forked child."""
+    if not _FORKED_AFTER_OPENMP:
+        return False
+    if name == "cython":
+        return True
+    if name == "numba":  # fine on tbb/workqueue; omp or not launched yet: assume omp
+        return _numba_layer() not in ("tbb", "workqueue")
+    return False
+
+
+def _fork_fallback(name: str) -> ModuleType:
+    global _fork_warned
+    if not _fork_warned:
+        _fork_warned = True
+        warnings.warn(
+            f"fastxent: this process was forked after its parent used GNU OpenMP threads, which do not "
+            f"survive fork(); running the {name!r} backend's calls on the 'numpy' backend in this process "
+            "(use the 'spawn' or 'forkserver' multiprocessing start method to keep the fast kernels)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return KERNELS["numpy"]
+
+
+def _hand_out(name: str) -> ModuleType:
+    global _cython_openmp_used
+    if _unsafe_after_fork(name):
+        return _fork_fallback(name)
+    if name == "cython" and not _cython_openmp_used:
+        _cython_openmp_used = bool(KERNELS["cython"].openmp_enabled())
+    return KERNELS[name]
+
+
 def available_backends() -> tuple[str, ...]:
     """Names of the backends that loaded, fastest first."""
     return tuple(name for name in PREFERENCE if name in KERNELS)
@@ -69,15 +142,15 @@ def kernels_for(backend: str | None) -> ModuleType:
     if backend is None:
         backend = os.environ.get(BACKEND_ENV) or None
         if backend is None:
-            return KERNELS[available_backends()[0]]
+            return _hand_out(available_backends()[0])
         source = f"{BACKEND_ENV}={backend!r}"
     else:
         source = f"backend={backend!r}"
-    if backend not in PREFERENCE:
+    if not isinstance(backend, str) or backend not in PREFERENCE:  # an array would compare elementwise
         raise ValueError(f"unknown backend in {source}: expected one of {', '.join(PREFERENCE)}")
     if backend not in KERNELS:
         raise RuntimeError(f"{source} is not available: {UNAVAILABLE[backend]}")
-    return KERNELS[backend]
+    return _hand_out(backend)
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:

@@ -80,6 +80,21 @@ def two_to_the_rounded(typingctx, v):
     return sig, codegen
 
 
+if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (the coverage run): plain-Python twins
+    _ROUNDING = {
+        np.dtype(np.float32): (np.int32, 0x4B400000, 127, 23),
+        np.dtype(np.float64): (np.int64, 0x4338000000000000, 1023, 52),
+    }
+
+    def two_to_the_rounded(v):  # noqa: F811 - replaces the intrinsic, which Python cannot call
+        """Pure-Python ``two_to_the_rounded``: the same bit operations on a NumPy scalar."""
+        int_type, round_bits, bias, mantissa = _ROUNDING[np.asarray(v).dtype]
+        bits = np.asarray(v).view(int_type)
+        with np.errstate(over="ignore"):
+            exponent = (bits + int_type(bias - round_bits)) << int_type(mantissa)
+        return np.asarray(exponent, int_type).view(np.asarray(v).dtype)[()]
+
+
 #: dtypes that have native kernels; everything else is decided in _dispatch.py
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))

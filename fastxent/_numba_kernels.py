@@ -33,6 +33,8 @@ Where there is no gradient to write (loss only), pass ``write_grad=False`` and a
 from __future__ import annotations
 
 import math
+import os
+import threading
 
 import numba
 import numpy as np
@@ -424,13 +426,64 @@ def _softmax_in_place_kernel(x):
 # core is busy with another process holds everyone up (2 threads slower than 1).
 _CHUNK_ELEMENTS = 1 << 15
 
+# Thread safety. numba picks its threading layer when the first parallel call launches it
+# (tbb > omp > workqueue by default, or $NUMBA_THREADING_LAYER). "tbb" and "omp" may be
+# entered from several Python threads at once; "workqueue" may not (numba terminates the
+# process: "Concurrent access has been detected"). So once the layer is known, calls on
+# "workqueue" (or an unknown layer) take ``_SERIAL_LOCK`` and run one at a time; calls on
+# a thread-safe layer take no lock. ``set_parallel_chunksize`` launches the layer (and is
+# thread-local), so the layer is known before the first kernel runs.
+_THREAD_SAFE_LAYERS = frozenset({"tbb", "omp"})
+_SERIAL_LOCK = threading.Lock()
+_layer_thread_safe: bool | None = None  # None: not launched yet (or NUMBA_DISABLE_JIT)
+
+
+def threading_layer() -> str | None:
+    """numba's threading layer once launched (by the first parallel call), else None."""
+    try:
+        return numba.threading_layer()
+    except ValueError:  # not launched yet
+        return None
+
+
+def _thread_safe() -> bool:
+    global _layer_thread_safe
+    if _layer_thread_safe is None:
+        layer = threading_layer()
+        if layer is not None:
+            _layer_thread_safe = layer in _THREAD_SAFE_LAYERS
+    return bool(_layer_thread_safe)
+
+
+def _reset_lock_in_child() -> None:
+    # a fork made while another thread held the lock would leave it locked forever
+    global _SERIAL_LOCK
+    _SERIAL_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_lock_in_child)
+
+
+def _set_chunksize(n: int) -> int:
+    if numba.config.DISABLE_JIT:  # nothing runs in parallel: leave numba's pool unlaunched
+        return 0
+    return numba.set_parallel_chunksize(n)
+
 
 def _run(kernel_function, n_classes, *args):
-    previous = numba.set_parallel_chunksize(max(1, _CHUNK_ELEMENTS // max(n_classes, 1)))
+    if _thread_safe():
+        _run_chunked(kernel_function, n_classes, args)
+    else:  # workqueue, or not launched yet: the chunk size too is set under the lock
+        with _SERIAL_LOCK:
+            _run_chunked(kernel_function, n_classes, args)
+
+
+def _run_chunked(kernel_function, n_classes, args):
+    previous = _set_chunksize(max(1, _CHUNK_ELEMENTS // max(n_classes, 1)))  # launches the layer
     try:
         kernel_function(*args)
     finally:
-        numba.set_parallel_chunksize(previous)
+        _set_chunksize(previous)
 
 
 def xent_index(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
@@ -509,3 +562,20 @@ def label_stats(y, n_classes, ignore_index, weight):
             return i, total
         total += weight[yi] if has_weight else 1.0
     return -1, total
+
+
+if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (the coverage run): the kernels run as Python
+    # Compiled, ``math.log(0.0)`` is -inf and ``math.exp(1000.0)`` is inf (C semantics);
+    # Python's ``math`` raises instead. The kernels look ``math`` up at call time, so give
+    # them a module with the compiled semantics, from NumPy.
+    import types as _types
+
+    def _ieee_log(v):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.log(np.float64(v)))
+
+    def _ieee_exp(v):
+        with np.errstate(over="ignore"):
+            return float(np.exp(np.float64(v)))
+
+    math = _types.SimpleNamespace(log=_ieee_log, exp=_ieee_exp, isinf=math.isinf, factorial=math.factorial)  # noqa: F811
