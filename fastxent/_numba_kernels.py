@@ -297,14 +297,21 @@ def _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, los
         g[yi] -= g.dtype.type(grad_scale * keep * w_y)
 
 
+# Three kernels per target kind, loss only / loss+grad / in place, each with one prange
+# loop: a call compiles only the one it needs (the first call of a fresh install pays
+# one loop's compile, not three).
+
+
 @kernel
-def _xent_index_kernel(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
-    if write_grad:
-        for i in prange(x.shape[0]):
-            _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, True)
-    else:
-        for i in prange(x.shape[0]):
-            _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, False)
+def _xent_index_loss_kernel(x, y, weight, weight_total, ignore_index, eps, loss, dummy):
+    for i in prange(x.shape[0]):
+        _index_row(i, x, y, weight, weight_total, ignore_index, eps, 1.0, loss, dummy, False)
+
+
+@kernel
+def _xent_index_grad_kernel(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad):
+    for i in prange(x.shape[0]):
+        _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, True)
 
 
 @kernel
@@ -338,13 +345,15 @@ def _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, write_grad):
 
 
 @kernel
-def _xent_probability_kernel(x, t, weight, eps, grad_scale, loss, grad, write_grad):
-    if write_grad:
-        for i in prange(x.shape[0]):
-            _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, True)
-    else:
-        for i in prange(x.shape[0]):
-            _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, False)
+def _xent_probability_loss_kernel(x, t, weight, eps, loss, dummy):
+    for i in prange(x.shape[0]):
+        _probability_row(i, x, t, weight, eps, 1.0, loss, dummy, False)
+
+
+@kernel
+def _xent_probability_grad_kernel(x, t, weight, eps, grad_scale, loss, grad):
+    for i in prange(x.shape[0]):
+        _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, True)
 
 
 @kernel
@@ -495,32 +504,24 @@ def xent_index(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, 
     be x itself (the gradient overwrites the logits).
     """
     n_classes = x.shape[1]
-    if write_grad and grad is x:
+    if not write_grad:  # grad is a (1, C) dummy
+        _run(_xent_index_loss_kernel, n_classes, x, y, weight, weight_total, ignore_index, eps, loss, grad)
+    elif grad is x:
         _run(_xent_index_in_place_kernel, n_classes, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss)
     else:
-        _run(
-            _xent_index_kernel,
-            n_classes,
-            x,
-            y,
-            weight,
-            weight_total,
-            ignore_index,
-            eps,
-            grad_scale,
-            loss,
-            grad,
-            write_grad,
-        )
+        args = (x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad)
+        _run(_xent_index_grad_kernel, n_classes, *args)
 
 
 def xent_probability(x, t, weight, eps, grad_scale, loss, grad, write_grad):
     """Cross-entropy rows for probability targets t (n, C) of x's dtype (see the module
     docstring). weight (C,) or length 0; loss (n,) float64 out; grad (n, C) out or x."""
-    if write_grad and grad is x:
+    if not write_grad:
+        _run(_xent_probability_loss_kernel, x.shape[1], x, t, weight, eps, loss, grad)
+    elif grad is x:
         _run(_xent_probability_in_place_kernel, x.shape[1], x, t, weight, eps, grad_scale, loss)
     else:
-        _run(_xent_probability_kernel, x.shape[1], x, t, weight, eps, grad_scale, loss, grad, write_grad)
+        _run(_xent_probability_grad_kernel, x.shape[1], x, t, weight, eps, grad_scale, loss, grad)
 
 
 def logsumexp_rows(x, out):
