@@ -302,10 +302,17 @@ def plot(rows, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name in dict.fromkeys(r.name for r in rows):
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    names = list(dict.fromkeys(r.name for r in rows))
+    colours = plt.cm.tab20(np.linspace(0, 1, 20))
+    for index, name in enumerate(names):
         mine = sorted((r for r in rows if r.name == name), key=lambda r: r.shape[1])
-        style = {"color": "black", "linestyle": "--"} if mine[0].kind == "floor" else {"marker": "o"}
+        if mine[0].kind == "floor":
+            style = {"color": "black", "linestyle": "--", "linewidth": 2}
+        elif name.startswith(("torch", "jax", "numpy")):  # the peers: squares, thin lines
+            style = {"color": colours[(2 * index + 1) % 20], "marker": "s", "linestyle": ":"}
+        else:
+            style = {"color": colours[(2 * index) % 20], "marker": "o"}
         ax.plot(
             [r.shape[1] for r in mine],
             [1e6 * r.median_ms / (r.shape[0] * r.shape[1]) for r in mine],
@@ -317,10 +324,10 @@ def plot(rows, path: str) -> None:
     ax.set_xlabel("classes C")
     ax.set_ylabel("ns per element (median)")
     ax.set_title("softmax cross-entropy, time per logit")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 _PEAK_SCRIPT = """
