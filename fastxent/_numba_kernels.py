@@ -224,10 +224,11 @@ def row_sum_exp_smooth(row, m, weight, e_out, write_e):
 @helper
 def row_sum_exp_target(row, m, t, weight, eps, e_out, write_e):
     """Step (2) for probability targets: ``s``, ``A = sum_c w_c t'_c`` and
-    ``B = sum_c w_c t'_c (m - row_c)`` with ``t'_c = (1-eps) t_c + eps/C``."""
+    ``B = sum_c w_c t'_c (m - row_c)`` with ``t'_c = (1-eps) t_c + eps/C``. ``t'`` is
+    formed in float64, as in step (4), so that A and the gradient use the same t'."""
     n_classes = row.shape[0]
-    keep = row.dtype.type(1.0 - eps)
-    spread = row.dtype.type(eps / n_classes)
+    keep = 1.0 - eps
+    spread = eps / n_classes
     has_weight = weight.shape[0] != 0
     s = 0.0
     a = 0.0
@@ -238,9 +239,9 @@ def row_sum_exp_target(row, m, t, weight, eps, e_out, write_e):
         if write_e:
             e_out[c] = e
         s += e
-        wt = keep * t[c] + spread
+        wt = keep * np.float64(t[c]) + spread
         if has_weight:
-            wt = weight[c] * wt
+            wt = np.float64(weight[c]) * wt
         a += wt
         b += wt * (m - z)
     return s, a, b
@@ -282,7 +283,10 @@ def _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, los
         row_loss += spread * (sw + weight_total * log_s)
     loss[i] = row_loss
     if write_grad:  # (4)
-        a = g.dtype.type(grad_scale * (keep * w_y + spread * weight_total) / s)
+        # without smoothing W must not enter at all: 0 * W is NaN when a weight of a class
+        # no row uses is inf or NaN (PyTorch never reads such weights either)
+        smoothing = spread * weight_total if eps > 0 else 0.0
+        a = g.dtype.type(grad_scale * (keep * w_y + smoothing) / s)
         if eps > 0:
             b = g.dtype.type(grad_scale * spread)
             if has_weight:
@@ -331,17 +335,17 @@ def _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, write_grad):
     m = row_max(row)  # (1)
     s, a, b = row_sum_exp_target(row, m, ti, weight, eps, g, write_grad)  # (2)
     loss[i] = b + a * math.log(s)  # (3)
-    if write_grad:  # (4)
-        scale_a = g.dtype.type(grad_scale * a / s)
-        scale_b = g.dtype.type(grad_scale)
-        keep = g.dtype.type(1.0 - eps)
-        spread = g.dtype.type(eps / n_classes)
+    if write_grad:  # (4), in float64: unnormalised targets make p_c A and w_c t'_c large
+        # and nearly equal, and their difference would keep only float32's absolute error
+        scale_a = grad_scale * a / s
+        keep = 1.0 - eps
+        spread = eps / n_classes
         if has_weight:
             for c in range(n_classes):
-                g[c] = g[c] * scale_a - scale_b * weight[c] * (keep * ti[c] + spread)
+                g[c] = np.float64(g[c]) * scale_a - grad_scale * (weight[c] * (keep * np.float64(ti[c]) + spread))
         else:
             for c in range(n_classes):
-                g[c] = g[c] * scale_a - scale_b * (keep * ti[c] + spread)
+                g[c] = np.float64(g[c]) * scale_a - grad_scale * (keep * np.float64(ti[c]) + spread)
 
 
 @kernel

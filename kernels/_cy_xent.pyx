@@ -292,13 +292,15 @@ cdef inline double _row_sum_exp_smooth(const floating *row, floating m, const fl
 
 
 cdef inline void _exp_target_lanes(const floating *row, floating m, const floating *t, const floating *weight,
-                                   floating keep, floating spread, floating *e_out, Py_ssize_t count,
+                                   double keep, double spread, floating *e_out, Py_ssize_t count,
                                    bint write_e, double *s_lanes, double *a_lanes,
                                    double *b_lanes) noexcept nogil:
     """``_exp_lanes`` plus ``a_lanes[j] += w_j t'_j``, ``b_lanes[j] += w_j t'_j (m - row_j)``;
-    past ``count`` both terms are an exact 0 (factors selected to 0, see _exp_smooth_lanes)."""
+    past ``count`` both terms are an exact 0 (factors selected to 0, see _exp_smooth_lanes).
+    ``t'`` is formed in float64, as in step (4), so that A and the gradient use the same t'."""
     cdef Py_ssize_t j
-    cdef floating z, e, wt
+    cdef floating z, e
+    cdef double wt
     if weight != NULL:
         for j in range(LANES):
             z = row[j] if j < count else <floating>-INFINITY
@@ -306,7 +308,7 @@ cdef inline void _exp_target_lanes(const floating *row, floating m, const floati
             if write_e and j < count:
                 e_out[j] = e
             s_lanes[j] += e
-            wt = (weight[j] * (keep * t[j] + spread)) if j < count else <floating>0
+            wt = (<double>weight[j] * (keep * <double>t[j] + spread)) if j < count else 0.0
             a_lanes[j] += wt
             b_lanes[j] += wt * ((m - z) if j < count else <floating>0)
     else:
@@ -316,7 +318,7 @@ cdef inline void _exp_target_lanes(const floating *row, floating m, const floati
             if write_e and j < count:
                 e_out[j] = e
             s_lanes[j] += e
-            wt = (keep * t[j] + spread) if j < count else <floating>0
+            wt = (keep * <double>t[j] + spread) if j < count else 0.0
             a_lanes[j] += wt
             b_lanes[j] += wt * ((m - z) if j < count else <floating>0)
 
@@ -330,8 +332,8 @@ cdef inline double _row_sum_exp_target(const floating *row, floating m, const fl
     cdef double s_lanes[LANES]
     cdef double a_lanes[LANES]
     cdef double b_lanes[LANES]
-    cdef floating keep = <floating>(1.0 - eps)
-    cdef floating spread = <floating>(eps / n_classes)
+    cdef double keep = 1.0 - eps
+    cdef double spread = eps / n_classes
     cdef Py_ssize_t c
     cdef Py_ssize_t blocked = n_classes - n_classes % LANES
     cdef const floating *w_tail = weight + blocked if weight != NULL else NULL
@@ -362,7 +364,7 @@ cdef inline void _index_row(Py_ssize_t i, const floating *x, const label_t *y, c
     cdef const floating *row = x + i * n_classes
     cdef floating *g
     cdef floating m, x_y, a, b
-    cdef double w_y, s, sw, log_s, row_loss
+    cdef double w_y, s, sw, log_s, row_loss, smoothing
     cdef Py_ssize_t c
     if yi == ignore_index:  # ignored rows: loss 0, gradient 0, y_i never read
         loss[i] = 0.0
@@ -386,7 +388,10 @@ cdef inline void _index_row(Py_ssize_t i, const floating *x, const label_t *y, c
         row_loss += spread * (sw + weight_total * log_s)
     loss[i] = row_loss
     if write_grad:  # (4)
-        a = <floating>(grad_scale * (keep * w_y + spread * weight_total) / s)
+        # without smoothing W must not enter at all: 0 * W is NaN when a weight of a class
+        # no row uses is inf or NaN (PyTorch never reads such weights either)
+        smoothing = spread * weight_total if eps > 0 else 0.0
+        a = <floating>(grad_scale * (keep * w_y + smoothing) / s)
         if eps > 0:
             b = <floating>(grad_scale * spread)
             if weight != NULL:
@@ -422,23 +427,23 @@ cdef inline void _probability_row(Py_ssize_t i, const floating *x, const floatin
     cdef const floating *row = x + i * n_classes
     cdef const floating *ti = t + i * n_classes
     cdef floating *g = grad + i * n_classes if write_grad else grad
-    cdef floating m, scale_a, scale_b, keep, spread
-    cdef double s, a, b
+    cdef floating m
+    cdef double s, a, b, scale_a, keep, spread
     cdef Py_ssize_t c
     m = _row_max(row, n_classes)  # (1)
     s = _row_sum_exp_target(row, m, ti, weight, eps, g, n_classes, write_grad, &a, &b)  # (2)
     loss[i] = b + a * log(s)  # (3)
-    if write_grad:  # (4)
-        scale_a = <floating>(grad_scale * a / s)
-        scale_b = <floating>grad_scale
-        keep = <floating>(1.0 - eps)
-        spread = <floating>(eps / n_classes)
+    if write_grad:  # (4), in float64: unnormalised targets make p_c A and w_c t'_c large
+        # and nearly equal, and their difference would keep only float32's absolute error
+        scale_a = grad_scale * a / s
+        keep = 1.0 - eps
+        spread = eps / n_classes
         if weight != NULL:
             for c in range(n_classes):
-                g[c] = g[c] * scale_a - scale_b * weight[c] * (keep * ti[c] + spread)
+                g[c] = <floating>(<double>g[c] * scale_a - grad_scale * (<double>weight[c] * (keep * <double>ti[c] + spread)))
         else:
             for c in range(n_classes):
-                g[c] = g[c] * scale_a - scale_b * (keep * ti[c] + spread)
+                g[c] = <floating>(<double>g[c] * scale_a - grad_scale * (keep * <double>ti[c] + spread))
 
 
 cdef fx_hot_void _probability_block(Py_ssize_t start, Py_ssize_t stop, const floating *x, const floating *t,

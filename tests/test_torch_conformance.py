@@ -677,3 +677,20 @@ def test_logsumexp_pos_inf_entry(backend, dtype):
     expected = torch_row_functions(x)["logsumexp"]
     assert expected[0] == np.inf
     assert_close(fx.logsumexp(x, backend=backend), expected, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_finite_weight_of_an_unused_class_stays_out(backend, reduction, dtype):
+    """Without smoothing, PyTorch reads only the target classes' weights: an inf or NaN
+    weight of a class no row uses must not reach the loss or the gradient (0 * W = NaN was
+    a bug: the kernels multiplied eps/C by the weight total even at eps = 0)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 9)).astype(dtype)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    weight = np.array([0.5, 2.0, 1.5, np.inf, np.nan, -np.inf, 3.0, 1.0, 1.0], dtype)
+    loss, grad = fx.cross_entropy_with_grad(x, y, weight=weight, reduction=reduction, backend=backend)
+    ref_loss, ref_grad = torch_xent(x, y, weight=weight, reduction=reduction)
+    assert np.all(np.isfinite(grad)) and np.all(np.isfinite(loss))
+    assert_close(loss, ref_loss, dtype)
+    assert_close(grad, ref_grad, dtype)
