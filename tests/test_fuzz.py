@@ -290,11 +290,35 @@ def _call(spec, backend_override=None):
     return result, None, args, kwargs
 
 
-def _compare(actual, expected, lenient_nonfinite):
+def _finite_max(value) -> float:
+    """max(1, the largest finite magnitude in ``value``) (1 for non-arrays and empty ones)."""
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return 1.0
+    return max(1.0, float(np.max(np.abs(a), initial=0.0, where=np.isfinite(a))))
+
+
+def _term_scale(args, kwargs) -> float:
+    """The size of the terms a cross-entropy result is a sum of, so the scale of its rounding
+    error: per row ``sum_c |w_c t'_c| (|x_c - m| + log s)``, and for the gradient
+    ``|p_c A| + |w_c t'_c|``, bounded by ``C max|w| max|t| (2 max|x| + log C + 1)``. The
+    fuzz draws unnormalised targets and weights of either sign up to 1e4, whose terms cancel:
+    the result can be far smaller than the terms, and both the kernels and the reference
+    then keep only the terms' absolute accuracy."""
+    logits, target = args[0], args[1]
+    n_classes = max(1, np.shape(logits)[-1] if np.ndim(logits) else 1)
+    is_probability = np.asarray(target).dtype.kind == "f"
+    target_max = _finite_max(target) if is_probability else 1.0
+    weight_max = _finite_max(kwargs.get("weight")) if kwargs.get("weight") is not None else 1.0
+    return n_classes * weight_max * target_max * (2 * _finite_max(logits) + np.log(n_classes) + 1)
+
+
+def _compare(actual, expected, lenient_nonfinite, term_scale=1.0):
     """Same shapes and dtypes, values within the tolerance, NaN and inf where the reference
-    has them. ``lenient_nonfinite``: probability targets with inf/NaN entries, where the
-    kernels' ``B + A log s`` may give NaN (inf * 0) where the reference gives +-inf; then any
-    non-finite value matches any other."""
+    has them. ``lenient_nonfinite``: probability targets or class weights with inf/NaN
+    entries, where the kernels' ``B + A log s`` or ``sw + W log s`` may give NaN (inf * 0)
+    where the reference gives +-inf; then any non-finite value matches any other."""
     pairs = zip(
         actual if isinstance(actual, tuple) else (actual,),
         expected if isinstance(expected, tuple) else (expected,),
@@ -308,12 +332,12 @@ def _compare(actual, expected, lenient_nonfinite):
         if lenient_nonfinite:
             both = ~np.isfinite(a64) & ~np.isfinite(e64)
             a64, e64 = np.where(both, 0.0, a64), np.where(both, 0.0, e64)
-        magnitude = max(1.0, float(np.max(np.abs(e64), initial=0.0, where=np.isfinite(e64))))
+        magnitude = max(term_scale, float(np.max(np.abs(e64), initial=0.0, where=np.isfinite(e64))))
         np.testing.assert_allclose(a64, e64, rtol=4 * rtol, atol=4 * atol * magnitude, equal_nan=True)
 
 
 def check(spec):
-    result, error, _, kwargs = _call(spec)
+    result, error, args, kwargs = _call(spec)
     event(f"{spec['function']}: {type(error).__name__ if error else 'result'} {str(error)[:40] if error else ''}")
     backend = kwargs.get("backend", "absent")
     valid_backend = backend == "absent" or backend is None or backend in BACKENDS
@@ -329,12 +353,21 @@ def check(spec):
     assert ref_error is None, f"backend {backend!r} succeeded but the reference raised {ref_error!r}"
     target = spec.get("target")
     lenient = bool(spec.get("probabilities")) and isinstance(target, tuple) and target[2]
-    _compare(result, expected, lenient)
+    # infinite class weights: the kernels sum w_c (lse - x_c) as sum_c w_c (m - x_c) + W log s,
+    # where an infinite w_c at the max class gives inf * 0 = NaN instead of the reference's
+    # +-inf (README: with non-finite weights a non-finite loss may be NaN or +-inf)
+    weight = kwargs.get("weight")
+    if isinstance(weight, np.ndarray) and weight.dtype.kind == "f" and not np.all(np.isfinite(weight)):
+        lenient = True
+    term_scale = _term_scale(args, kwargs) if spec["function"].startswith("cross_entropy") else 1.0
+    _compare(result, expected, lenient, term_scale)
 
 
 API = ["cross_entropy", "cross_entropy_grad", "cross_entropy_with_grad", "log_softmax", "softmax", "logsumexp"]
-_FAST = settings(max_examples=6000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
-_LONG = settings(max_examples=100_000, deadline=None, suppress_health_check=list(HealthCheck))
+# derandomized: CI must be repeatable (a fixed walk through the input space, the same on every
+# run); `pytest --hypothesis-seed=N -p no:randomly` or a profile without it explores further.
+_FAST = settings(max_examples=6000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+_LONG = settings(max_examples=100_000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
 @_FAST
