@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 import fastxent as fx  # noqa: E402
+from fastxent import _reference  # noqa: E402
 
 settings.register_profile("default", max_examples=100, deadline=None)
 settings.register_profile("thorough", max_examples=2000, deadline=None)
@@ -50,6 +51,23 @@ def assert_close(actual, expected, dtype, *, scale: float = 1.0, err_msg: str = 
         equal_nan=True,
         err_msg=err_msg,
     )
+
+
+def reference_nd(x, target, **options):
+    """``fastxent._reference.cross_entropy`` (float64) on (..., C) input: (loss, grad) shaped
+    like the input."""
+    x = np.asarray(x)
+    target = np.asarray(target)
+    n_classes = x.shape[-1]
+    x2 = x.astype(np.float64).reshape(-1, n_classes)
+    if target.dtype.kind == "f":
+        t2 = target.astype(np.float64).reshape(-1, n_classes)
+    else:
+        t2 = target.astype(np.int64).reshape(-1)
+    loss, grad = _reference.cross_entropy(x2, t2, **options)
+    if options.get("reduction", "mean") == "none":
+        loss = np.asarray(loss).reshape(x.shape[:-1])
+    return loss, grad.reshape(x.shape)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import assert_close
+from conftest import reference_nd as reference
 
 import fastxent as fx
 from fastxent import _reference
@@ -16,22 +17,6 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 # --- helpers -------------------------------------------------------------------------
-
-
-def reference(x, target, **options):
-    """The float64 reference on (..., C) input: (loss, grad) shaped like the input."""
-    x = np.asarray(x)
-    target = np.asarray(target)
-    n_classes = x.shape[-1]
-    x2 = x.astype(np.float64).reshape(-1, n_classes)
-    if target.dtype.kind == "f":
-        t2 = target.astype(np.float64).reshape(-1, n_classes)
-    else:
-        t2 = target.astype(np.int64).reshape(-1)
-    loss, grad = _reference.cross_entropy(x2, t2, **options)
-    if options.get("reduction", "mean") == "none":
-        loss = np.asarray(loss).reshape(x.shape[:-1])
-    return loss, grad.reshape(x.shape)
 
 
 def make_inputs(shape, dtype, kind, seed=0):

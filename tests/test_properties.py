@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import scipy.special
 from conftest import TOLERANCE, assert_close
+from conftest import reference_nd as _reference_2d
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fastxent as fx
-from fastxent import _reference
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 INDEX_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
@@ -72,22 +72,6 @@ def weights(n_classes):
     """Class weights in [0.25, 4], some exactly 0 (so D can be 0), or None."""
     element = st.one_of(st.just(0.0), _finite(0.25, 4.0))
     return st.one_of(st.none(), hnp.arrays(np.float64, (n_classes,), elements=element))
-
-
-def _reference_2d(x, target, **options):
-    """The float64 reference on (..., C) input: (loss, grad) reshaped like the input."""
-    x = np.asarray(x)
-    target = np.asarray(target)
-    n_classes = x.shape[-1]
-    x2 = x.astype(np.float64).reshape(-1, n_classes)
-    if target.dtype.kind == "f":
-        t2 = target.astype(np.float64).reshape(-1, n_classes)
-    else:
-        t2 = target.astype(np.int64).reshape(-1)
-    loss, grad = _reference.cross_entropy(x2, t2, **options)
-    if options.get("reduction", "mean") == "none":
-        loss = np.asarray(loss).reshape(x.shape[:-1])
-    return loss, grad.reshape(x.shape)
 
 
 def _shift_exact(x: np.ndarray, dtype: np.dtype, data) -> tuple[np.ndarray, np.ndarray]:
