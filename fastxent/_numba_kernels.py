@@ -32,6 +32,7 @@ Where there is no gradient to write (loss only), pass ``write_grad=False`` and a
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -203,18 +204,17 @@ def row_sum_exp(row, m, e_out, write_e):
 
 
 @helper
-def row_sum_exp_smooth(row, m, weight, e_out, write_e):
+def row_sum_exp_smooth(row, m, weight, weighted, e_out, write_e):
     """Step (2) with label smoothing: ``s`` and ``sw = sum_c w_c (m - row_c)``."""
     s = 0.0
     sw = 0.0
-    has_weight = weight.shape[0] != 0
     for c in range(row.shape[0]):
         z = row[c]
         e = fast_exp(z - m)
         if write_e:
             e_out[c] = e
         s += e
-        if has_weight:
+        if weighted:
             sw += weight[c] * (m - z)
         else:
             sw += m - z
@@ -222,14 +222,13 @@ def row_sum_exp_smooth(row, m, weight, e_out, write_e):
 
 
 @helper
-def row_sum_exp_target(row, m, t, weight, eps, e_out, write_e):
+def row_sum_exp_target(row, m, t, weight, weighted, eps, e_out, write_e):
     """Step (2) for probability targets: ``s``, ``A = sum_c w_c t'_c`` and
     ``B = sum_c w_c t'_c (m - row_c)`` with ``t'_c = (1-eps) t_c + eps/C``. ``t'`` is
     formed in float64, as in step (4), so that A and the gradient use the same t'."""
     n_classes = row.shape[0]
     keep = 1.0 - eps
     spread = eps / n_classes
-    has_weight = weight.shape[0] != 0
     s = 0.0
     a = 0.0
     b = 0.0
@@ -240,7 +239,7 @@ def row_sum_exp_target(row, m, t, weight, eps, e_out, write_e):
             e_out[c] = e
         s += e
         wt = keep * np.float64(t[c]) + spread
-        if has_weight:
+        if weighted:
             wt = np.float64(weight[c]) * wt
         a += wt
         b += wt * (m - z)
@@ -251,13 +250,12 @@ def row_sum_exp_target(row, m, t, weight, eps, e_out, write_e):
 
 
 @helper
-def _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
+def _index_row(i, x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
     """Steps (1)-(4) for row i with a class-index target. The kernels pass ``write_grad``
     as a literal, so after inlining each copy of the loop is free of its branches."""
     n_classes = x.shape[1]
     keep = 1.0 - eps
     spread = eps / n_classes
-    has_weight = weight.shape[0] != 0
     yi = y[i]
     if yi == ignore_index:  # ignored rows: loss 0, gradient 0, y_i never read
         loss[i] = 0.0
@@ -266,11 +264,11 @@ def _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, los
         return
     row = x[i]
     g = grad[i] if write_grad else grad[0]  # loss only: grad is a (1, C) dummy, never written
-    w_y = weight[yi] if has_weight else 1.0
+    w_y = weight[yi] if weighted else 1.0
     m = row_max(row)  # (1)
     x_y = row[yi]  # read before step (2) may overwrite the row (out=x)
     if eps > 0:  # (2)
-        s, sw = row_sum_exp_smooth(row, m, weight, g, write_grad)
+        s, sw = row_sum_exp_smooth(row, m, weight, weighted, g, write_grad)
     else:
         s = row_sum_exp(row, m, g, write_grad)
         sw = 0.0
@@ -289,7 +287,7 @@ def _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, los
         a = g.dtype.type(grad_scale * (keep * w_y + smoothing) / s)
         if eps > 0:
             b = g.dtype.type(grad_scale * spread)
-            if has_weight:
+            if weighted:
                 for c in range(n_classes):
                     g[c] = g[c] * a - b * weight[c]
             else:
@@ -307,40 +305,39 @@ def _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, los
 
 
 @kernel
-def _xent_index_loss_kernel(x, y, weight, weight_total, ignore_index, eps, loss, dummy):
+def _xent_index_loss_kernel(x, y, weight, weighted, weight_total, ignore_index, eps, loss, dummy):
     for i in prange(x.shape[0]):
-        _index_row(i, x, y, weight, weight_total, ignore_index, eps, 1.0, loss, dummy, False)
+        _index_row(i, x, y, weight, weighted, weight_total, ignore_index, eps, 1.0, loss, dummy, False)
 
 
 @kernel
-def _xent_index_grad_kernel(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad):
+def _xent_index_grad_kernel(x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss, grad):
     for i in prange(x.shape[0]):
-        _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, True)
+        _index_row(i, x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss, grad, True)
 
 
 @kernel
-def _xent_index_in_place_kernel(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss):
+def _xent_index_in_place_kernel(x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss):
     for i in prange(x.shape[0]):
-        _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, x, True)
+        _index_row(i, x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss, x, True)
 
 
 @helper
-def _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, write_grad):
+def _probability_row(i, x, t, weight, weighted, eps, grad_scale, loss, grad, write_grad):
     """Steps (1)-(4) for row i with a probability target (``write_grad`` a literal)."""
     n_classes = x.shape[1]
-    has_weight = weight.shape[0] != 0
     row = x[i]
     ti = t[i]
     g = grad[i] if write_grad else grad[0]
     m = row_max(row)  # (1)
-    s, a, b = row_sum_exp_target(row, m, ti, weight, eps, g, write_grad)  # (2)
+    s, a, b = row_sum_exp_target(row, m, ti, weight, weighted, eps, g, write_grad)  # (2)
     loss[i] = b + a * math.log(s)  # (3)
     if write_grad:  # (4), in float64: unnormalised targets make p_c A and w_c t'_c large
         # and nearly equal, and their difference would keep only float32's absolute error
         scale_a = grad_scale * a / s
         keep = 1.0 - eps
         spread = eps / n_classes
-        if has_weight:
+        if weighted:
             for c in range(n_classes):
                 g[c] = np.float64(g[c]) * scale_a - grad_scale * (weight[c] * (keep * np.float64(ti[c]) + spread))
         else:
@@ -349,21 +346,21 @@ def _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, write_grad):
 
 
 @kernel
-def _xent_probability_loss_kernel(x, t, weight, eps, loss, dummy):
+def _xent_probability_loss_kernel(x, t, weight, weighted, eps, loss, dummy):
     for i in prange(x.shape[0]):
-        _probability_row(i, x, t, weight, eps, 1.0, loss, dummy, False)
+        _probability_row(i, x, t, weight, weighted, eps, 1.0, loss, dummy, False)
 
 
 @kernel
-def _xent_probability_grad_kernel(x, t, weight, eps, grad_scale, loss, grad):
+def _xent_probability_grad_kernel(x, t, weight, weighted, eps, grad_scale, loss, grad):
     for i in prange(x.shape[0]):
-        _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, True)
+        _probability_row(i, x, t, weight, weighted, eps, grad_scale, loss, grad, True)
 
 
 @kernel
-def _xent_probability_in_place_kernel(x, t, weight, eps, grad_scale, loss):
+def _xent_probability_in_place_kernel(x, t, weight, weighted, eps, grad_scale, loss):
     for i in prange(x.shape[0]):
-        _probability_row(i, x, t, weight, eps, grad_scale, loss, x, True)
+        _probability_row(i, x, t, weight, weighted, eps, grad_scale, loss, x, True)
 
 
 @kernel
@@ -499,6 +496,28 @@ def _run_chunked(kernel_function, n_classes, args):
         _set_chunksize(previous)
 
 
+# The kernels take ``weight`` as a real (C,) array and ``weighted`` saying whether to use
+# it, never a length-0 stand-in. A loop that writes the gradient row while it reads
+# ``weight[c]`` (in the branch it may take) is vectorised by LLVM behind a runtime check
+# that the arrays do not overlap. For a length-0 array that check depends on where malloc
+# happened to put it: when it failed, the row ran the scalar loop, which sums ``s`` in
+# another order, and the gradient changed in its last bits from call to call (concurrent
+# calls differed from serial ones by up to 178 ulp after cancellation). A real (C,) array
+# never overlaps the gradient, so every row takes the vector loop.
+@functools.lru_cache(maxsize=16)
+def _unit_weight(n_classes: int, dtype: np.dtype) -> np.ndarray:
+    ones = np.ones(n_classes, dtype)
+    ones.flags.writeable = False
+    return ones
+
+
+def _kernel_weight(weight, x):
+    """(weight, weighted): the caller's weight, or for none ones that are never read."""
+    if weight.shape[0] != 0:
+        return weight, True
+    return _unit_weight(x.shape[1], x.dtype), False
+
+
 def xent_index(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
     """Cross-entropy rows for class-index targets (see the module docstring).
 
@@ -508,24 +527,26 @@ def xent_index(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, 
     be x itself (the gradient overwrites the logits).
     """
     n_classes = x.shape[1]
+    weight, weighted = _kernel_weight(weight, x)
+    rows = (x, y, weight, weighted, weight_total, ignore_index, eps)
     if not write_grad:  # grad is a (1, C) dummy
-        _run(_xent_index_loss_kernel, n_classes, x, y, weight, weight_total, ignore_index, eps, loss, grad)
+        _run(_xent_index_loss_kernel, n_classes, *rows, loss, grad)
     elif grad is x:
-        _run(_xent_index_in_place_kernel, n_classes, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss)
+        _run(_xent_index_in_place_kernel, n_classes, *rows, grad_scale, loss)
     else:
-        args = (x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad)
-        _run(_xent_index_grad_kernel, n_classes, *args)
+        _run(_xent_index_grad_kernel, n_classes, *rows, grad_scale, loss, grad)
 
 
 def xent_probability(x, t, weight, eps, grad_scale, loss, grad, write_grad):
     """Cross-entropy rows for probability targets t (n, C) of x's dtype (see the module
     docstring). weight (C,) or length 0; loss (n,) float64 out; grad (n, C) out or x."""
+    weight, weighted = _kernel_weight(weight, x)
     if not write_grad:
-        _run(_xent_probability_loss_kernel, x.shape[1], x, t, weight, eps, loss, grad)
+        _run(_xent_probability_loss_kernel, x.shape[1], x, t, weight, weighted, eps, loss, grad)
     elif grad is x:
-        _run(_xent_probability_in_place_kernel, x.shape[1], x, t, weight, eps, grad_scale, loss)
+        _run(_xent_probability_in_place_kernel, x.shape[1], x, t, weight, weighted, eps, grad_scale, loss)
     else:
-        _run(_xent_probability_grad_kernel, x.shape[1], x, t, weight, eps, grad_scale, loss, grad)
+        _run(_xent_probability_grad_kernel, x.shape[1], x, t, weight, weighted, eps, grad_scale, loss, grad)
 
 
 def logsumexp_rows(x, out):

@@ -107,6 +107,45 @@ def test_threads_match_serial_bitwise(backends):
     _hammer(backends)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("target", ["index+smoothing", "probability"])
+def test_result_does_not_depend_on_where_the_no_weight_array_lies(backend, target):
+    """Regression: the numba kernels once read ``weight[c]`` (in a branch not taken) from a
+    length-0 "no weight" array in the loop that writes the gradient row; LLVM's runtime
+    overlap check then depended on that array's address, and when it failed the row ran
+    the scalar loop, which sums exp in another order. The gradient changed in its last bits
+    with malloc's choice (concurrent calls differed from serial ones). Here the stand-in is
+    a zero-stride length-0 view placed at many addresses around the gradient: every call
+    must give bitwise the same numbers."""
+    from fastxent._dispatch import KERNELS
+
+    kernels = KERNELS[backend]
+    rng = np.random.default_rng(7)
+    n, n_classes = 33, 64
+    x = rng.standard_normal((n, n_classes))
+    x.flags.writeable = False
+    labels = rng.integers(0, n_classes, n)
+    labels.flags.writeable = False
+    probabilities = rng.random((n, n_classes))
+    probabilities.flags.writeable = False
+    arena = np.zeros(4 * n * n_classes)
+
+    def run(weight_offset, grad_offset):
+        grad = arena[grad_offset : grad_offset + n * n_classes].reshape(n, n_classes)
+        no_weight = np.lib.stride_tricks.as_strided(arena[weight_offset:], (0,), (0,), writeable=False)
+        loss = np.empty(n)
+        if target == "probability":
+            kernels.xent_probability(x, probabilities, no_weight, 0.1, 1.0, loss, grad, True)
+        else:
+            kernels.xent_index(x, labels, no_weight, float(n_classes), -100, 0.1, 1.0, loss, grad, True)
+        return loss.tobytes(), grad.tobytes()
+
+    base = 2 * n * n_classes
+    expected = run(0, base)
+    for weight_offset in (base - 34, base - 1, base + 1, base + 70, base + n * n_classes + 2, 1):
+        assert run(weight_offset, base) == expected, f"no-weight array at element {weight_offset - base} of the gradient"
+
+
 def test_threads_on_numba_workqueue_layer():
     """numba's workqueue layer aborts the process on concurrent use: fastxent serialises
     its numba calls there. 8 threads at once must finish with the serial results."""
