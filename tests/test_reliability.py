@@ -143,7 +143,8 @@ def test_result_does_not_depend_on_where_the_no_weight_array_lies(backend, targe
     base = 2 * n * n_classes
     expected = run(0, base)
     for weight_offset in (base - 34, base - 1, base + 1, base + 70, base + n * n_classes + 2, 1):
-        assert run(weight_offset, base) == expected, f"no-weight array at element {weight_offset - base} of the gradient"
+        where = f"no-weight array at element {weight_offset - base} of the gradient"
+        assert run(weight_offset, base) == expected, where
 
 
 def test_threads_on_numba_workqueue_layer():
