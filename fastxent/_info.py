@@ -24,11 +24,13 @@ def precompile(backend: str | None = None) -> None:
     The numba kernels compile lazily, on the first call with a given dtype combination,
     and are cached on disk; a process that must not pay a compile on its first real call
     (a server's warm-up, a container build) calls this once. The specialisations are
-    float32/float64 logits x int32/int64 labels x {loss only, loss+grad, in place}, the
+    float32/float64 logits x int32/int64 labels x {loss only, loss+grad, in place} (numba:
+    for few classes and for many), the
     probability-target kernels, and log_softmax/softmax/logsumexp.
     """
-    for dtype, label_dtype in itertools.product((np.float32, np.float64), (np.int32, np.int64)):
-        x = np.zeros((2, 3), dtype)
+    # 3 and 64 classes: numba's small-C block kernels (C <= 16) and its row kernels
+    for dtype, label_dtype, n_classes in itertools.product((np.float32, np.float64), (np.int32, np.int64), (3, 64)):
+        x = np.zeros((2, n_classes), dtype)
         y = np.zeros(2, label_dtype)
         _api.cross_entropy(x, y, backend=backend)
         _api.cross_entropy_with_grad(x, y, backend=backend)

@@ -48,6 +48,15 @@ def helper(func):
     return numba.njit(cache=True, nogil=True, inline="always", fastmath=set(FASTMATH))(func)
 
 
+def exact_helper(func):
+    """Decorator for scalar per-row arithmetic that must round exactly as written in every
+    kernel that calls it: no fastmath flags, and not inlined by numba (LLVM may still
+    inline it, but keeps each instruction's own flags), so whether an ``a * b + c`` becomes
+    an FMA cannot depend on the code around the call (loss only and loss+grad would
+    otherwise differ in the last bit)."""
+    return numba.njit(cache=True, nogil=True)(func)
+
+
 def exp_helper(func):
     """Decorator for the exponential: no reassociation, so its rounding trick survives."""
     return numba.njit(cache=True, nogil=True, fastmath=set(EXP_FASTMATH))(func)

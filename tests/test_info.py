@@ -24,6 +24,9 @@ def test_precompile_leaves_every_numba_kernel_compiled(backend):
         nb._xent_index_loss_kernel,
         nb._xent_index_grad_kernel,
         nb._xent_index_in_place_kernel,
+        nb._xent_index_small_loss_kernel,
+        nb._xent_index_small_grad_kernel,
+        nb._xent_index_small_in_place_kernel,
         nb._xent_probability_loss_kernel,
         nb._xent_probability_grad_kernel,
         nb._xent_probability_in_place_kernel,
@@ -44,7 +47,11 @@ def test_precompile_leaves_every_numba_kernel_compiled(backend):
         assert (types.Array(dtype, 2, "C", readonly=True), labels) in {
             sig[:2] for sig in nb._xent_index_grad_kernel.signatures
         }
-        assert (types.Array(dtype, 2, "C"), labels) in {sig[:2] for sig in nb._xent_index_in_place_kernel.signatures}
+        for in_place in (nb._xent_index_in_place_kernel, nb._xent_index_small_in_place_kernel):
+            assert (types.Array(dtype, 2, "C"), labels) in {sig[:2] for sig in in_place.signatures}
+        assert (types.Array(dtype, 2, "C", readonly=True), labels) in {
+            sig[:2] for sig in nb._xent_index_small_grad_kernel.signatures
+        }
 
 
 def test_precompile_command_runs():

@@ -232,8 +232,10 @@ def _kind_ignore_cases():
 @pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
 @pytest.mark.parametrize("kind, ignore_case", list(_kind_ignore_cases()))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_option_matrix(backend, rng, reduction, kind, weighted, ignore_case, label_smoothing):
-    shape = (13, 5)
+@pytest.mark.parametrize("n_classes", [5, 37], ids=["C5", "C37"])
+def test_option_matrix(backend, rng, reduction, kind, weighted, ignore_case, label_smoothing, n_classes):
+    # C = 5 and C = 37: numba's small-C block kernels (C <= 16) and its row kernels
+    shape = (13, n_classes)
     x = make_logits(rng, shape)
     target, ignore_index = make_target(rng, shape, kind, ignore_case)
     weight = make_weight(rng, shape[-1]) if weighted else None
@@ -340,6 +342,9 @@ SHAPES = [
     (2, 3, 1),
     (9, 67),  # C >= 64: the blocked row max, with a remainder
     (3, 130),
+    (1000, 10),  # numba's small-C kernels: 409 rows a block, the last one partial
+    (5, 16),  # the largest C of the small-C kernels, and the smallest C of the row kernels
+    (5, 17),
 ]
 
 
