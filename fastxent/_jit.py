@@ -53,8 +53,9 @@ def exact_helper(func):
     kernel that calls it: no fastmath flags, and not inlined by numba (LLVM may still
     inline it, but keeps each instruction's own flags), so whether an ``a * b + c`` becomes
     an FMA cannot depend on the code around the call (loss only and loss+grad would
-    otherwise differ in the last bit)."""
-    return numba.njit(cache=True, nogil=True)(func)
+    otherwise differ in the last bit). ``fastmath=False`` must be explicit: numba gives a
+    callee that does not set it its caller's fastmath flags."""
+    return numba.njit(cache=True, nogil=True, fastmath=False)(func)
 
 
 def exp_helper(func):

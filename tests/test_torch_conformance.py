@@ -420,6 +420,18 @@ def test_wide_rows_with_large_spread(backend, rng, n_classes, kind, dtype):
 # --- degenerate cases of SEMANTICS.md ------------------------------------------------
 
 
+@pytest.mark.parametrize("n_classes", [2, 37], ids=["C2", "C37"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_denormal_smoothing_with_minus_inf_logit(backend, n_classes, dtype):
+    """eps = 5e-324: eps/C underflows to 0, and 0 * (the smoothing sum, +inf because of a
+    -inf logit) is NaN, as in PyTorch. Found by the fuzz: the per-row loss, compiled with
+    the kernel's fastmath flags (numba hands a callee its caller's), was inf."""
+    x = np.zeros((3, n_classes), dtype)
+    x[:, 1] = -np.inf
+    check_vs_torch(x, np.array([0, 1, 2 % n_classes]), backend, label_smoothing=5e-324)
+
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
