@@ -306,6 +306,73 @@ def test_fork_on_workqueue_layer_keeps_numba():
     )
 
 
+# --- 3. a read-only install -------------------------------------------------------------
+
+
+def _make_read_only(path) -> bool:
+    """Make ``path`` (recursively) unwritable, even for root (chattr +i on ext4); False if
+    this machine cannot."""
+    if os.geteuid() != 0:
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                os.chmod(os.path.join(root, name), 0o555)
+        os.chmod(path, 0o555)
+        return True
+    done = subprocess.run(["chattr", "-R", "+i", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+def _make_writable(path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-R", "-i", str(path)], capture_output=True)
+    else:
+        for root, _dirs, _files in os.walk(path):
+            os.chmod(root, 0o755)
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba is not available")
+def test_numba_cache_works_from_a_read_only_install(tmp_path):
+    """numba caches next to the sources (__pycache__) and falls back to the user's cache
+    dir when it cannot write there. A second process must load the kernel it needs from
+    that cache instead of compiling it again."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(os.path.dirname(fx.__file__), site / "fastxent", ignore=shutil.ignore_patterns("__pycache__"))
+    if not _make_read_only(site):
+        pytest.skip("cannot make a directory read-only here (chattr +i failed)")
+    try:
+        # python -S: no site hooks, so an editable install of the checkout cannot take over
+        # "import fastxent" (nor can the working directory); numpy and numba come from
+        # site-packages on PYTHONPATH
+        import site as site_module
+
+        env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+        path = os.pathsep.join([str(site), *site_module.getsitepackages()])
+        env.update(PYTHONPATH=path, XDG_CACHE_HOME=str(tmp_path / "cache"), HOME=str(tmp_path / "home"))
+        code = """
+            import numpy as np, fastxent as fx
+            from fastxent import _numba_kernels as nk
+            assert fx.__file__.startswith(SITE), fx.__file__
+            fx.cross_entropy_with_grad(np.zeros((4, 3), np.float32), np.arange(4) % 3, backend="numba")
+            stats = nk._xent_index_small_grad_kernel.stats
+            print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+        """.replace("SITE", repr(str(site)))
+        results = []
+        for _ in range(2):
+            command = [sys.executable, "-S", "-c", textwrap.dedent(code)]
+            done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+            results.append(tuple(int(v) for v in done.stdout.split()[-2:]))
+        assert not list((site / "fastxent").glob("__pycache__/*.nbi")), "wrote into the read-only install"
+        cached = list((tmp_path / "cache").rglob("*.nbi"))
+        assert cached, "no numba cache index in the user's cache dir"
+        assert results[0] == (0, 1), f"first process: (cache hits, misses) {results[0]}"
+        assert results[1] == (1, 0), f"second process: (cache hits, misses) {results[1]}: it compiled again"
+    finally:
+        _make_writable(site)
+
+
 # --- 5. long runs ----------------------------------------------------------------------
 
 
