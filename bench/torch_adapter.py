@@ -6,7 +6,10 @@ pytest). For each shape (float32 logits, int64 class indices), one round times, 
 
 - torch:   ``F.cross_entropy(x, y).backward()`` on a leaf ``x``;
 - adapter: ``fastxent.torch.cross_entropy(x, y).backward()`` on the same tensors;
-- raw:     ``fastxent.cross_entropy_with_grad(x.numpy(), y.numpy())`` on the same memory.
+- raw:     ``fastxent.cross_entropy_with_grad(x.numpy(), y.numpy())`` on the same memory;
+- minimal: the smallest possible ``torch.autograd.Function`` around the raw call (forward
+  calls it and keeps the gradient, backward returns it): PyTorch's own cost of an autograd
+  op, the floor of any adapter's overhead.
 
 Each contender allocates its gradient inside the timed region and frees the previous one
 outside it (``x.grad = None``). Both torch and fastxent use ``--threads`` threads. Prints min
@@ -49,9 +52,25 @@ def main() -> None:
         print(
             f"{'':>14} adapter/raw - 1: {100 * (best['adapter'] / best['raw'] - 1):+.1f}% (min), "
             f"{100 * (med['adapter'] / med['raw'] - 1):+.1f}% (median); "
+            f"minimal autograd.Function/raw - 1: {100 * (med['minimal'] / med['raw'] - 1):+.1f}% (median); "
             f"speed-up vs torch: {best['torch'] / best['adapter']:.2f}x (min), "
             f"{med['torch'] / med['adapter']:.2f}x (median)"
         )
+
+
+class _Minimal(torch.autograd.Function):
+    """The least an autograd op around the raw kernel can do."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        loss, grad = fx.cross_entropy_with_grad(x.detach().numpy(), y)
+        ctx.grad = torch.from_numpy(grad)
+        return torch.tensor(loss)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, ctx.grad = ctx.grad, None
+        return grad, None
 
 
 def measure(n: int, c: int, rounds: int) -> dict[str, list[float]]:
@@ -70,7 +89,10 @@ def measure(n: int, c: int, rounds: int) -> dict[str, list[float]]:
     def run_raw():
         return fx.cross_entropy_with_grad(x_np, y_np)
 
-    contenders = {"torch": run_torch, "adapter": run_adapter, "raw": run_raw}
+    def run_minimal():
+        _Minimal.apply(x, y_np).backward()
+
+    contenders = {"torch": run_torch, "adapter": run_adapter, "raw": run_raw, "minimal": run_minimal}
     times = {name: [] for name in contenders}
     for f in contenders.values():  # warm up (JIT cache, allocator)
         f()
