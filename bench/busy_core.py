@@ -57,7 +57,7 @@ def _time_shape(n: int, n_classes: int, repeat: int, rng: np.random.Generator) -
         for b in fx.available_backends()
         if b != "numpy"
     }
-    if "numba" in contenders:
+    if "numba" in fx.available_backends():
         contenders["numba static schedule"] = functools.partial(_static_schedule, x, y, out)
     times = {(name, t): [] for name in contenders for t in (1, 2)}
     for run in contenders.values():  # warm-up (and compile)
