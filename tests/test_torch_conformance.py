@@ -431,7 +431,6 @@ def test_denormal_smoothing_with_minus_inf_logit(backend, n_classes, dtype):
     check_vs_torch(x, np.array([0, 1, 2 % n_classes]), backend, label_smoothing=5e-324)
 
 
-
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
