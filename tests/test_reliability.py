@@ -350,6 +350,7 @@ def test_numba_cache_works_from_a_read_only_install(tmp_path):
         env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
         path = os.pathsep.join([str(site), *site_module.getsitepackages()])
         env.update(PYTHONPATH=path, XDG_CACHE_HOME=str(tmp_path / "cache"), HOME=str(tmp_path / "home"))
+        env["NUMBA_DISABLE_JIT"] = "0"  # compiled kernels even in the coverage run
         code = """
             import numpy as np, fastxent as fx
             from fastxent import _numba_kernels as nk
