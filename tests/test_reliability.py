@@ -81,19 +81,29 @@ def _hammer(backends, n_threads=8, calls_per_thread=200):
     jobs = [(name, args, {**kwargs, "backend": b}) for b in backends for name, args, kwargs in cases]
     expected = [getattr(fx, name)(*args, **kwargs) for name, args, kwargs in jobs]
     barrier = threading.Barrier(n_threads)
-    errors = []
 
     def worker(k):
+        barrier.wait()
+        for j in range(calls_per_thread):
+            index = (k * 37 + j * 11) % len(jobs)
+            name, args, kwargs = jobs[index]
+            _assert_bitwise(getattr(fx, name)(*args, **kwargs), expected[index], f"{name} {kwargs}")
+
+    _run_in_threads(worker, range(n_threads))
+
+
+def _run_in_threads(worker, arguments):
+    """``worker(a)`` for each ``a`` in a thread of its own, all at once; re-raises the first
+    error any of them raised (an assertion in a thread would otherwise only be printed)."""
+    errors = []
+
+    def guarded(argument):
         try:
-            barrier.wait()
-            for j in range(calls_per_thread):
-                index = (k * 37 + j * 11) % len(jobs)
-                name, args, kwargs = jobs[index]
-                _assert_bitwise(getattr(fx, name)(*args, **kwargs), expected[index], f"{name} {kwargs}")
+            worker(argument)
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_threads)]
+    threads = [threading.Thread(target=guarded, args=(a,)) for a in arguments]
     for t in threads:
         t.start()
     for t in threads:
@@ -169,23 +179,13 @@ def test_thread_count_is_per_thread_and_does_not_change_results():
     x = rng.standard_normal((513, 200)).astype(np.float32)
     y = rng.integers(0, 200, 513)
     expected = fx.cross_entropy_with_grad(x, y)
-    errors = []
 
     def worker(n):
-        try:
-            for _ in range(20):
-                fx.set_num_threads(n)
-                _assert_bitwise(fx.cross_entropy_with_grad(x, y), expected, f"{n} threads")
-        except BaseException as error:  # noqa: BLE001
-            errors.append(error)
+        for _ in range(20):
+            fx.set_num_threads(n)
+            _assert_bitwise(fx.cross_entropy_with_grad(x, y), expected, f"{n} threads")
 
-    threads = [threading.Thread(target=worker, args=(1 + k % fx.get_num_threads(),)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    _run_in_threads(worker, [1 + k % fx.get_num_threads() for k in range(4)])
 
 
 # --- 2. fork ---------------------------------------------------------------------------
