@@ -48,10 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return demo()
     if args.command == "precompile":
-        import fastxent as fx
+        import time
 
-        fx.precompile()
-        print(f"compiled the kernels of: {', '.join(fx.available_backends())}")
+        import fastxent as fx
+        from fastxent._info import _print_progress
+
+        start = time.perf_counter()
+        count = fx.precompile(progress=_print_progress)
+        print(
+            f"{count} numba kernel specialisations compiled or loaded from the cache in "
+            f"{time.perf_counter() - start:.1f} s (backends: {', '.join(fx.available_backends())})"
+        )
         return 0
     parser.print_help()
     return 0

@@ -8,16 +8,14 @@ written out in the README and in ``_reference.py``.
 from __future__ import annotations
 
 import math
-import operator
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _dispatch
+from ._spec import LossSpec, Reduction, TargetKind, check_ignore_index, check_label_smoothing, check_reduction
 
-Reduction = Literal["mean", "sum", "none"]
-_REDUCTIONS = ("mean", "sum", "none")
 _INT64 = np.iinfo(np.int64)
 
 
@@ -73,21 +71,6 @@ def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
-def _check_options(reduction: str, label_smoothing: float) -> float:
-    # isinstance first: ``in`` would compare an array elementwise ("truth value ... ambiguous")
-    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    try:
-        if isinstance(label_smoothing, str | bytes):  # float("0.1") would accept text
-            raise TypeError
-        eps = float(label_smoothing)
-    except (TypeError, ValueError):
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}") from None
-    if not 0.0 <= eps <= 1.0:  # also rejects NaN; PyTorch silently treats eps < 0 as 0
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    return eps
-
-
 def _check_weight(weight: ArrayLike | None, n_classes: int, dtype: np.dtype) -> tuple[np.ndarray, float]:
     """The class weights as a contiguous array of ``dtype`` (length 0 for none) and their sum."""
     if weight is None:
@@ -101,32 +84,20 @@ def _check_weight(weight: ArrayLike | None, n_classes: int, dtype: np.dtype) -> 
     return w, float(np.sum(w, dtype=np.float64))
 
 
-def _check_ignore_index(ignore_index: Any) -> int:
-    try:
-        value = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
-    if not _INT64.min <= value <= _INT64.max:
-        raise ValueError(f"ignore_index must fit in int64, got {value}")
-    return value
-
-
 def _index_labels(target: np.ndarray, batch_shape: tuple[int, ...], ignore_index: int) -> np.ndarray:
-    """Class-index targets as a contiguous 1-D int32/int64 array (other integer dtypes cast)."""
+    """Class-index targets as a contiguous 1-D int64 array: the one label dtype the kernels
+    are compiled for (an int32 target costs a copy of N labels, not a second kernel)."""
     if target.shape != batch_shape:
         raise ValueError(
             f"class-index target must have shape {batch_shape} (the logits' shape without the class axis), "
             f"got {target.shape}"
         )
-    native = np.dtype(target.dtype.type)
-    if native not in (np.dtype(np.int32), np.dtype(np.int64)):
-        if native == np.dtype(np.uint64) and target.size and target.max() > _INT64.max:
-            # would wrap to a negative int64 (possibly ignore_index): report it here
-            _raise_out_of_range(
-                target.reshape(-1), int(np.argmax(target.reshape(-1) > _INT64.max)), batch_shape, -1, ignore_index
-            )
-        native = np.dtype(np.int64)
-    return np.ascontiguousarray(target.reshape(-1), dtype=native)
+    if np.dtype(target.dtype.type) == np.dtype(np.uint64) and target.size and target.max() > _INT64.max:
+        # would wrap to a negative int64 (possibly ignore_index): report it here
+        _raise_out_of_range(
+            target.reshape(-1), int(np.argmax(target.reshape(-1) > _INT64.max)), batch_shape, -1, ignore_index
+        )
+    return np.ascontiguousarray(target.reshape(-1), dtype=np.int64)
 
 
 def _raise_out_of_range(labels, row: int, batch_shape, n_classes: int, ignore_index: int):
@@ -165,8 +136,18 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     x = _as_logits(logits)
     dtype = _dispatch.compute_dtype(x.dtype)
     kernels = _dispatch.kernels_for(backend)
-    eps = _check_options(reduction, label_smoothing)
-    ignore_index = _check_ignore_index(ignore_index)
+    # the options first, in this order, whatever the target (the errors a user sees first)
+    check_reduction(reduction)
+    check_label_smoothing(label_smoothing)
+    check_ignore_index(ignore_index)
+    t = np.asarray(target)
+    if t.dtype.kind not in "iuf":
+        raise TypeError(
+            "target must be an integer array of class indices or a floating array of probabilities, "
+            f"got dtype {t.dtype}"
+        )
+    kind: TargetKind = "probability" if t.dtype.kind == "f" else "index"
+    spec = LossSpec.create(kind, reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index)
     batch_shape, n_classes = x.shape[:-1], x.shape[-1]
     if n_classes == 0:
         raise ValueError(f"logits must have at least one class (last axis), got shape {x.shape}")
@@ -175,19 +156,17 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     if want_grad and out is not None:
         _check_out(out, x)
 
-    t = np.asarray(target)
-    if t.dtype.kind in "iu":  # class indices
+    if kind == "index":
         if t.shape == x.shape:
             raise TypeError(
                 f"target has the logits' shape {x.shape}, so it would be probabilities, but its dtype is {t.dtype}: "
                 "probability targets must be floating (class indices have shape logits.shape[:-1])"
             )
-        labels = _index_labels(t, batch_shape, ignore_index)
-        labels = _read_only(labels)
-        first_bad, denominator = kernels.label_stats(labels, n_classes, ignore_index, w)
+        labels = _read_only(_index_labels(t, batch_shape, spec.ignore_index))
+        first_bad, denominator = kernels.label_stats(labels, n_classes, spec.ignore_index, w)
         if first_bad >= 0:
-            _raise_out_of_range(labels, first_bad, batch_shape, n_classes, ignore_index)
-    elif t.dtype.kind == "f":  # probabilities
+            _raise_out_of_range(labels, first_bad, batch_shape, n_classes, spec.ignore_index)
+    else:
         if t.shape != x.shape:
             raise ValueError(
                 f"probability target must have the logits' shape {x.shape}, got {t.shape}; "
@@ -195,46 +174,40 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
             )
         labels = None
         denominator = float(math.prod(batch_shape))
-    else:
-        raise TypeError(
-            "target must be an integer array of class indices or a floating array of probabilities, "
-            f"got dtype {t.dtype}"
-        )
     if want_grad and out is not None and (np.may_share_memory(out, t) or np.may_share_memory(out, w)):
         raise ValueError("out must not share memory with the target or the weight")
 
     x2 = _rows(x, dtype)
     n = x2.shape[0]
-    grad2 = None
-    if want_grad:
-        grad2 = _gradient_rows(x, x2, out)
+    grad2 = _gradient_rows(x, x2, out) if want_grad else None
 
     row_loss = np.empty(n, np.float64)
-    reduce_mean = reduction == "mean"
+    reduce_mean = spec.reduction == "mean"
     if reduce_mean and denominator == 0:  # all rows ignored, N = 0, or zero weights
         loss_value = math.nan
-        if want_grad:
+        if grad2 is not None:
             grad2.fill(0)
     else:
-        grad_scale = 1.0 / denominator if reduce_mean else 1.0
-        grad_arg = grad2 if want_grad else np.empty((1, n_classes), dtype)  # untouched when loss only
-        x_in = x2 if grad_arg is x2 else _read_only(x2)  # in place needs the writable array itself
+        params = spec.params(
+            n_classes=n_classes,
+            weight_total=weight_total,
+            grad_scale=1.0 / denominator if reduce_mean else 1.0,
+            weighted=w.shape[0] != 0,
+        )
+        x_in = x2 if grad2 is x2 else _read_only(x2)  # in place: the kernel writes over x2
         if labels is not None:
-            kernels.xent_index(
-                x_in, labels, w, weight_total, ignore_index, eps, grad_scale, row_loss, grad_arg, want_grad
-            )
+            kernels.xent_index(x_in, labels, w, params, row_loss, grad2)
         else:
-            t2 = _read_only(_rows(t, dtype))
-            kernels.xent_probability(x_in, t2, w, eps, grad_scale, row_loss, grad_arg, want_grad)
+            kernels.xent_probability(x_in, _read_only(_rows(t, dtype)), w, params, row_loss, grad2)
         loss_value = float(np.sum(row_loss))  # pairwise in float64: the same for any thread count
         if reduce_mean:
             loss_value /= denominator
 
-    if reduction == "none":
+    if spec.reduction == "none":
         loss = row_loss.astype(x.dtype).reshape(batch_shape)
     else:
         loss = x.dtype.type(loss_value)
-    if not want_grad:
+    if grad2 is None:
         return loss, None
     grad = out if out is not None else None
     if grad is None:

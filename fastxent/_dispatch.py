@@ -3,7 +3,8 @@
 ``KERNELS`` maps a backend name to the module that holds its kernels; every such module
 has the same functions (``xent_index``, ``xent_probability``, ``logsumexp_rows``,
 ``log_softmax_rows``, ``softmax_rows``, ``label_stats``), each specialised on dtype by
-the backend itself. ``COMPUTE_DTYPE`` says in which dtype each input dtype is computed.
+the backend itself, taking the options as one ``_spec.Params`` record. The numba module
+also has the class-shard phases (``row_stats``, ``finish``, ``shard_grad``). ``COMPUTE_DTYPE`` says in which dtype each input dtype is computed.
 All decisions are made here, in Python, before any kernel runs.
 """
 
@@ -29,6 +30,12 @@ COMPUTE_DTYPE: dict[np.dtype, np.dtype] = {
     np.dtype(np.longdouble): np.dtype(np.float64),  # no long double kernels: float64
 }
 
+#: the dtypes with native kernels (every other floating dtype computes in one of them)
+NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: the backend functions the API calls, each compiled once per native dtype: the list
+#: precompile() walks (a backend that compiles lazily has ``warm_up(function, dtype)``)
+FUNCTIONS = ("xent_index", "xent_probability", "logsumexp_rows", "log_softmax_rows", "softmax_rows")
+
 #: the environment variable that sets the default backend
 BACKEND_ENV = "FASTXENT_BACKEND"
 
@@ -50,14 +57,14 @@ if os.environ.get(DISABLE_CYTHON_ENV, "").strip() not in ("", "0"):
     UNAVAILABLE["cython"] = f"disabled by {DISABLE_CYTHON_ENV}={os.environ[DISABLE_CYTHON_ENV]}"
 else:
     try:
-        from . import _cy_xent
+        from . import _cy_backend
     except ImportError as error:  # not built (FASTXENT_BUILD_EXT=0, no compiler) or broken
         why = str(error)
         if importlib.util.find_spec(f"{__package__}._cy_xent") is None:  # Python's message says "circular import"
             why = "it is not built: installing needs Cython and a C compiler, see setup.py"
         UNAVAILABLE["cython"] = f"the compiled extension fastxent._cy_xent could not be imported ({why})"
     else:
-        KERNELS["cython"] = _cy_xent
+        KERNELS["cython"] = _cy_backend
 
 
 # --- fork safety -----------------------------------------------------------------------
@@ -151,6 +158,15 @@ def kernels_for(backend: str | None) -> ModuleType:
     if backend not in KERNELS:
         raise RuntimeError(f"{source} is not available: {UNAVAILABLE[backend]}")
     return _hand_out(backend)
+
+
+def precompile_plan(backend: str) -> list[tuple[str, np.dtype]]:
+    """What ``precompile`` compiles for ``backend``: (function, dtype) pairs from the table
+    above; empty for a backend that is compiled ahead of time (cython) or not at all."""
+    module = KERNELS.get(backend)
+    if module is None or not hasattr(module, "warm_up"):
+        return []
+    return [(function, dtype) for function in FUNCTIONS for dtype in NATIVE_DTYPES]
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:

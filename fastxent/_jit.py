@@ -21,6 +21,10 @@ compiles every supported signature ahead of time.
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+from typing import Any
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -59,7 +63,8 @@ def exact_helper(func):
 
 
 def exp_helper(func):
-    """Decorator for the exponential: no reassociation, so its rounding trick survives."""
+    """Decorator for the elementary functions (``fast_log``): contraction into FMA only, no
+    reassociation, so they round the same in every kernel that inlines them."""
     return numba.njit(cache=True, nogil=True, fastmath=set(EXP_FASTMATH))(func)
 
 
@@ -90,11 +95,47 @@ def two_to_the_rounded(typingctx, v):
     return sig, codegen
 
 
-if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (the coverage run): plain-Python twins
+@intrinsic
+def float_as_int(typingctx, v):
+    """The bits of a float as the signed integer of its width (a bit cast, no conversion)."""
+    widths = {types.float32: (types.int32, ir.IntType(32)), types.float64: (types.int64, ir.IntType(64))}
+    if v not in widths:
+        return None
+    result_type, llvm_type = widths[v]
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_type)
+
+    return result_type(v), codegen
+
+
+@intrinsic
+def int_as_float(typingctx, i):
+    """The float whose bits are the signed integer ``i`` (int32 -> float32, int64 -> float64)."""
+    widths = {types.int32: (types.float32, ir.FloatType()), types.int64: (types.float64, ir.DoubleType())}
+    if i not in widths:
+        return None
+    result_type, llvm_type = widths[i]
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_type)
+
+    return result_type(i), codegen
+
+
+# The kernels call ``math.log``/``math.exp``/``math.isinf`` through ``kernel_math``: the math
+# module itself when compiled. Under NUMBA_DISABLE_JIT=1 (the coverage run) the kernels run
+# as Python, where ``math.log(0.0)`` and ``math.exp(1000.0)`` raise instead of returning
+# -inf and inf (C semantics), so there ``kernel_math`` has the compiled semantics, from NumPy.
+kernel_math: Any = math
+
+if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (the coverage run): plain-Python twins, all here
     _ROUNDING = {
         np.dtype(np.float32): (np.int32, 0x4B400000, 127, 23),
         np.dtype(np.float64): (np.int64, 0x4338000000000000, 1023, 52),
     }
+    _BITS = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
+    _FLOATS = {np.dtype(np.int32): np.float32, np.dtype(np.int64): np.float64}
 
     def two_to_the_rounded(v):  # noqa: F811 - replaces the intrinsic, which Python cannot call
         """Pure-Python ``two_to_the_rounded``: the same bit operations on a NumPy scalar."""
@@ -104,7 +145,24 @@ if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (the coverage run): plain-Py
             exponent = (bits + int_type(bias - round_bits)) << int_type(mantissa)
         return np.asarray(exponent, int_type).view(np.asarray(v).dtype)[()]
 
+    def float_as_int(v):  # noqa: F811
+        value = np.asarray(v)
+        if value.dtype not in _BITS:  # a Python float is a float64
+            value = value.astype(np.float64)
+        return value.view(_BITS[value.dtype])[()]
 
-#: dtypes that have native kernels; everything else is decided in _dispatch.py
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+    def int_as_float(i):  # noqa: F811
+        value = np.asarray(i)
+        if value.dtype not in _FLOATS:
+            value = value.astype(np.int64)
+        return value.view(_FLOATS[value.dtype])[()]
+
+    def _ieee_log(v):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.log(np.float64(v)))
+
+    def _ieee_exp(v):
+        with np.errstate(over="ignore"):
+            return float(np.exp(np.float64(v)))
+
+    kernel_math = SimpleNamespace(log=_ieee_log, exp=_ieee_exp, isinf=math.isinf, factorial=math.factorial)

@@ -1,36 +1,51 @@
 """The hot row-parallel fused kernels (Numba). The same steps, in the same words, as
 ``_reference.py`` and ``kernels/_cy_xent.pyx``.
 
-Every kernel takes a C-contiguous 2-D ``x`` of shape ``(n, C)`` and runs one ``prange``
-iteration per row. Each row is read from memory once: a row of up to ~128k float32 fits
-in L2, so the later steps re-read it from cache. Per row:
+Row statistics are the primitive. Per row, in three phases:
 
-  (1) ``m = max_c x_c``                                 (16 independent lanes, vectorised)
-  (2) ``e_c = exp(x_c - m)`` written into the gradient row as scratch, ``s = sum_c e_c``;
-      the smoothing sum ``sw = sum_c w_c (m - x_c)`` (index targets) or the target sums
-      ``A = sum_c w_c t'_c``, ``B = sum_c w_c t'_c (m - x_c)`` (probability targets) in
-      the same loop
-  (3) ``lse = m + log(s)``; index targets: ``loss = (1-eps) w_y (lse - x_y)
-      + eps/C (sw + W log s)``; probability targets: ``loss = B + A log s``
-  (4) ``grad_c = e_c / s * a - b_c``, scaled by ``grad_scale`` (1/D for "mean"):
-      index targets ``a = (1-eps) w_y + eps W / C``, ``b_c = eps/C w_c``, then
-      ``grad_y -= (1-eps) w_y``; probability targets ``a = A``, ``b_c = w_c t'_c``.
+  stats   (1) ``m = max_c x_c``                          (vectorised across classes or rows)
+          (2) ``e_c = exp(x_c - m)`` into scratch, ``s = sum_c e_c``; the target logit
+              ``x_y``; the smoothing sum ``sw = sum_c w_c (m - x_c)`` (index targets) or
+              the target sums ``A = sum_c w_c t'_c``, ``B = sum_c w_c t'_c (m - x_c)``
+              (probability targets)
+  finish  (3) ``lse = m + log s``; index targets ``loss = (1-eps) w_y ((m - x_y) + log s)
+              + eps/C (sw + W log s)``; probability targets ``loss = B + A log s``; the
+              gradient coefficients ``a`` (index: ``(1-eps) w_y + eps W / C``; probability:
+              ``A``), scaled by ``grad_scale / s``
+  grad    (4) ``g_c = e_c a - b_c`` (index: ``b_c = grad_scale eps/C w_c``, then
+              ``g_y -= grad_scale (1-eps) w_y``; probability: ``b_c = grad_scale w_c t'_c``)
 
-For few classes (C <= SMALL_C) the class-index kernels run the same steps on blocks of
-rows, with one flat exp loop per block (``_index_block``).
+One kernel per target kind (and storage dtype) runs them; the MODE, a run-time argument,
+says which phases run and what is written:
 
-``sum_c w_c (lse - x_c)`` is written ``sw + W log s`` so that it is a sum of
-non-negative terms, without the cancellation of ``W lse - sum_c w_c x_c``.
+- ``LOSS``: (1)-(3), per-row loss; nothing N x C is written;
+- ``GRAD``: (1)-(4), per-row loss and the gradient into ``grad``: step (2) writes the
+  exponentials into the gradient row itself, which step (4) rescales;
+- ``IN_PLACE``: the same with ``grad`` the logits themselves: step (2) writes into the
+  thread's scratch row and step (4) from it into the row, so no loop reads one name of
+  the array while it writes another (LLVM's run-time overlap check fails for two names of
+  one array, and sends the loop to its scalar copy, 4x slower);
+- ``STATS``: (1)-(2) on a class shard (columns ``class_start..`` of the full class axis),
+  the statistics into ``rowdata`` (columns ``STAT_*``), which merge exactly across shards
+  (``_shards.merge_row_stats``);
+- ``SHARD_GRAD``: (4) on a class shard, from the merged ``m`` and the coefficients that
+  ``finish`` computed from the merged statistics (``rowdata`` columns ``COEF_*``).
+
+The LAYOUT is chosen per call as well: for few classes (``C <= SMALL_C``, modes LOSS and
+GRAD) 16 rows are transposed into scratch so that the SIMD lanes run over ROWS: max, exp,
+sums, log, the loss and the gradient of 16 rows are then each one vector loop over the
+classes, with no per-row scalar work but the target's gather. Otherwise one row at a time,
+the lanes over the classes.
 
 Accumulators (``s``, ``sw``, ``A``, ``B``) and the per-row loss are float64 for both
-dtypes, as in scikit-learn's ``_loss``; the exponentials and the gradient are computed
-in the input dtype. Kernels never allocate (beyond numba's parallel scheduling) and never
-validate: ``_api.py`` checks the inputs, casts them, allocates every output, and hands
-the kernel plain arrays. Labels are checked by ``label_stats`` before any kernel writes,
-so a bad label never leaves ``out=`` half written.
+dtypes, as in scikit-learn's ``_loss``; the exponentials and the gradient are computed in
+the input dtype. ``sum_c w_c (lse - x_c)`` is written ``sw + W log s`` so that it is a sum
+of non-negative terms, without the cancellation of ``W lse - sum_c w_c x_c``.
 
-Where there is no gradient to write (loss only), pass ``write_grad=False`` and a
-``(1, C)`` array of the right dtype as ``grad`` (it is not touched).
+Kernels never allocate and never validate: ``_api.py`` checks the inputs, casts them,
+allocates every output (and the per-thread scratch), and hands the kernel plain arrays.
+Labels are checked by ``label_stats`` before any kernel writes, so a bad label never leaves
+``out=`` half written.
 """
 
 from __future__ import annotations
@@ -45,7 +60,45 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from ._jit import EXP_FASTMATH, FASTMATH, exact_helper, helper, kernel, two_to_the_rounded
+from ._jit import (
+    EXP_FASTMATH,
+    FASTMATH,
+    exact_helper,
+    exp_helper,
+    float_as_int,
+    helper,
+    int_as_float,
+    kernel,
+    kernel_math,
+    two_to_the_rounded,
+)
+
+math = kernel_math  # noqa: F811 - the math module itself when compiled (see _jit.kernel_math)
+
+# --- modes, layouts and the row-data columns (shared with _shards.py and the backends) ---
+LOSS, GRAD, IN_PLACE, STATS, SHARD_GRAD = 0, 1, 2, 3, 4
+#: STATS writes, per row: the max m, s = sum exp(x - m), the target logit (0 when the
+#: target is not in this shard), and A, B (see the module docstring; for index targets A is
+#: left 0 for the caller to fill with the shard's weight sum, B is sw)
+STAT_M, STAT_S, STAT_TARGET, STAT_A, STAT_B = 0, 1, 2, 3, 4
+N_STATS = 5
+#: SHARD_GRAD reads, per row: the merged max, the gradient coefficient a * grad_scale / s,
+#: and (index targets) the target term grad_scale (1-eps) w_y
+COEF_M, COEF_A, COEF_Y = 0, 1, 2
+
+#: SIMD lanes of the small-C layout: 16 rows at a time (one AVX-512 float32 vector)
+LANES = 16
+#: classes up to which LOSS and GRAD run 16 rows across the lanes (read at call time)
+SMALL_C = 32
+#: logits per prange iteration (a block of whole rows); blocks go to the threads dynamically
+BLOCK_ELEMENTS = 1 << 15
+
+
+def rows_per_block(n_classes: int) -> int:
+    """Whole rows per prange iteration: about BLOCK_ELEMENTS logits, a multiple of LANES."""
+    rows = max(1, BLOCK_ELEMENTS // max(n_classes, 1))
+    return rows - rows % LANES if rows >= LANES else rows
+
 
 # --- the vectorisable exponential ---------------------------------------------------
 # exp(t) for t <= 0 (and -inf, NaN), as 2**k * exp(r): k = rint(t / ln 2), r = t - k ln 2
@@ -134,6 +187,53 @@ def exp_array(t, out):
         out[j] = fast_exp(t[j])
 
 
+# --- the vectorisable logarithm ------------------------------------------------------
+# log(s) for the row sums s >= 1 (float64), as k ln2 + log f with s = 2**k f and f in
+# [sqrt(2)/2, sqrt(2)) (musl's split: the exponent and mantissa come from the bits, so the
+# whole function is integer and float arithmetic that vectorises); log f = 2 atanh(u),
+# u = (f - 1)/(f + 1), |u| <= 0.172, by its series to u**21 (truncation < 1e-17
+# relative); ln2 in two parts. Measured < 1 ulp against mpmath on 20,000 points in
+# [1, 2e5] (tests/test_exp.py). NaN in, NaN out. The libm call it replaces is a scalar
+# call per row: the bulk of the per-row cost for few classes.
+_LOG_LN2_HI = 6.93147180369123816490e-01
+_LOG_LN2_LO = 1.90821492927058770002e-10
+_LOG_SQRT_HALF_BITS = 0x3FE6A09E667F3BCD  # sqrt(2)/2
+_LOG_ONE_BITS = 0x3FF0000000000000
+_LOG_MANTISSA = 0x000FFFFFFFFFFFFF
+_LOG_SERIES = tuple(1.0 / (2 * j + 1) for j in range(10, 0, -1))  # 1/21, 1/19, ..., 1/3
+
+
+@exp_helper
+def fast_log(s):
+    """``log(s)`` for float64 ``s > 0`` (normal), vectorisable; NaN propagates."""
+    c21, c19, c17, c15, c13, c11, c9, c7, c5, c3 = _LOG_SERIES
+    bits = float_as_int(s) + np.int64(_LOG_ONE_BITS - _LOG_SQRT_HALF_BITS)
+    k = np.float64((bits >> np.int64(52)) - np.int64(1023))
+    f = int_as_float((bits & np.int64(_LOG_MANTISSA)) + np.int64(_LOG_SQRT_HALF_BITS))
+    u = (f - 1.0) / (f + 1.0)
+    z = u * u
+    p = c21
+    p = p * z + c19
+    p = p * z + c17
+    p = p * z + c15
+    p = p * z + c13
+    p = p * z + c11
+    p = p * z + c9
+    p = p * z + c7
+    p = p * z + c5
+    p = p * z + c3
+    two_u = u + u
+    result = k * _LOG_LN2_HI + (k * _LOG_LN2_LO + (two_u + two_u * z * p))
+    return result if s == s else s
+
+
+@numba.njit(cache=True)
+def log_array(s, out):
+    """``out[j] = fast_log(s[j])``: the logarithm alone, for its accuracy test."""
+    for j in range(s.shape[0]):
+        out[j] = fast_log(s[j])
+
+
 # --- per-row steps -------------------------------------------------------------------
 
 
@@ -197,295 +297,435 @@ def _row_max_16_lanes(row):
 
 
 @helper
-def row_sum_exp(row, m, e_out, write_e):
-    """Step (2): ``s = sum_c exp(row_c - m)``; the terms go to ``e_out`` when ``write_e``."""
+def row_sum_exp(row, m, e_out):
+    """Step (2): ``e_c = exp(row_c - m)`` into ``e_out`` (scratch), ``s = sum_c e_c``."""
     s = 0.0
-    if write_e:
-        for c in range(row.shape[0]):
-            e = fast_exp(row[c] - m)
-            e_out[c] = e
-            s += e
-    else:
-        for c in range(row.shape[0]):
-            s += fast_exp(row[c] - m)
+    for c in range(row.shape[0]):
+        e = fast_exp(row[c] - m)
+        e_out[c] = e
+        s += e
     return s
 
 
 @helper
-def row_sum_exp_smooth(row, m, weight, weighted, e_out, write_e):
-    """Step (2) with label smoothing: ``s`` and ``sw = sum_c w_c (m - row_c)``."""
+def row_sum_exp_only(row, m):
+    """Step (2) without the terms: ``s = sum_c exp(row_c - m)`` (logsumexp, log_softmax)."""
     s = 0.0
-    sw = 0.0
     for c in range(row.shape[0]):
-        z = row[c]
-        e = fast_exp(z - m)
-        if write_e:
-            e_out[c] = e
-        s += e
-        if weighted:
-            sw += weight[c] * (m - z)
-        else:
-            sw += m - z
-    return s, sw
+        s += fast_exp(row[c] - m)
+    return s
 
 
 @helper
-def row_sum_exp_target(row, m, t, weight, weighted, eps, e_out, write_e):
-    """Step (2) for probability targets: ``s``, ``A = sum_c w_c t'_c`` and
-    ``B = sum_c w_c t'_c (m - row_c)`` with ``t'_c = (1-eps) t_c + eps/C``. ``t'`` is
-    formed in float64, as in step (4), so that A and the gradient use the same t'."""
-    n_classes = row.shape[0]
-    keep = 1.0 - eps
-    spread = eps / n_classes
-    s = 0.0
+def row_smoothing_sum(row, m, weight, weighted):
+    """Step (2), label smoothing: ``sw = sum_c w_c (m - row_c)``. A loop of its own, without
+    a store, so that it sums in the same order in every mode."""
+    sw = 0.0
+    if weighted:
+        for c in range(row.shape[0]):
+            sw += weight[c] * (m - row[c])
+    else:
+        for c in range(row.shape[0]):
+            sw += m - row[c]
+    return sw
+
+
+@helper
+def row_target_sums(row, m, t, weight, p):
+    """Step (2), probability targets: ``A = sum_c w_c t'_c``, ``B = sum_c w_c t'_c (m - row_c)``
+    with ``t'_c = (1-eps) t_c + eps/C``, formed in float64 as in step (4), so that A and the
+    gradient use the same t'."""
     a = 0.0
     b = 0.0
-    for c in range(n_classes):
-        z = row[c]
-        e = fast_exp(z - m)
-        if write_e:
-            e_out[c] = e
-        s += e
-        wt = keep * np.float64(t[c]) + spread
-        if weighted:
+    for c in range(row.shape[0]):
+        wt = p.keep * np.float64(t[c]) + p.spread
+        if p.weighted:
             wt = np.float64(weight[c]) * wt
         a += wt
-        b += wt * (m - z)
-    return s, a, b
-
-
-# --- the kernels ---------------------------------------------------------------------
-
-
-@helper
-def _index_row(i, x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
-    """Steps (1)-(4) for row i with a class-index target. The kernels pass ``write_grad``
-    as a literal, so after inlining each copy of the loop is free of its branches."""
-    yi = y[i]
-    if yi == ignore_index:  # ignored rows: loss 0, gradient 0, y_i never read
-        loss[i] = 0.0
-        if write_grad:
-            grad[i, :] = 0
-        return
-    row = x[i]
-    g = grad[i] if write_grad else grad[0]  # loss only: grad is a (1, C) dummy, never written
-    m = row_max(row)  # (1)
-    # m - x_y is exact in float64; read x_y before step (2) may overwrite the row (out=x).
-    # np.float64, not float(): numba's float() of a float32 stays float32.
-    m_minus_x_y = np.float64(m) - np.float64(row[yi])
-    if eps > 0:  # (2)
-        s, sw = row_sum_exp_smooth(row, m, weight, weighted, g, write_grad)
-    else:
-        s = row_sum_exp(row, m, g, write_grad)
-        sw = 0.0
-    _index_loss_and_grad(
-        i, yi, m_minus_x_y, s, sw, g, weight, weighted, weight_total, eps, grad_scale, loss, write_grad
-    )
+        b += wt * (m - row[c])
+    return a, b
 
 
 @exact_helper
-def _index_row_loss(m_minus_x_y, log_s, sw, w_y, eps, n_classes, weight_total):
-    """Step (3): ``(1-eps) w_y (lse - x_y) + eps/C (sw + W log s)``, rounded as written."""
-    # lse - x_y summed as (m - x_y) + log s: no rounding of m + log s (which would cost the
-    # small losses of confident rows their digits)
-    row_loss = (1.0 - eps) * w_y * (m_minus_x_y + log_s)
-    if eps > 0:
-        row_loss += eps / n_classes * (sw + weight_total * log_s)
+def index_row_loss(m_minus_x_y, log_s, sw, w_y, keep, spread, smoothing, weight_total):
+    """Step (3): ``(1-eps) w_y (lse - x_y) + eps/C (sw + W log s)``, rounded as written in every
+    kernel and layout. ``lse - x_y`` is summed as ``(m - x_y) + log s``: no rounding of
+    ``m + log s`` (which would cost the small losses of confident rows their digits)."""
+    row_loss = keep * w_y * (m_minus_x_y + log_s)
+    if smoothing:
+        row_loss += spread * (sw + weight_total * log_s)
     return row_loss
 
 
 @helper
-def _index_loss_and_grad(
-    i, yi, m_minus_x_y, s, sw, g, weight, weighted, weight_total, eps, grad_scale, loss, write_grad
-):
-    """Steps (3)-(4) for row i, whose ``g`` holds ``e_c = exp(x_c - m)`` (when write_grad)."""
+def index_finish(m_minus_x_y, s, sw, w_y, p):
+    """Step (3), class-index targets: ``(loss, a, y_term)`` with the gradient coefficient
+    ``a = grad_scale ((1-eps) w_y + eps W / C) / s`` and the target's term
+    ``y_term = grad_scale (1-eps) w_y``. Without smoothing W must not enter at all: 0 * W is
+    NaN when a weight of a class no row uses is inf or NaN (PyTorch never reads it)."""
+    row_loss = index_row_loss(m_minus_x_y, fast_log(s), sw, w_y, p.keep, p.spread, p.smoothing, p.weight_total)
+    smoothing = p.spread * p.weight_total if p.smoothing else 0.0
+    a = p.grad_scale * (p.keep * w_y + smoothing) / s
+    return row_loss, a, p.grad_scale * p.keep * w_y
+
+
+@helper
+def probability_finish(s, a_sum, b_sum, p):
+    """Step (3), probability targets: ``(loss, a)``: ``B + A log s`` and ``grad_scale A / s``."""
+    return b_sum + a_sum * fast_log(s), p.grad_scale * a_sum / s
+
+
+@helper
+def index_grad_row(g, e, y_local, a, y_term, weight, p):
+    """Step (4), class-index targets: ``g_c = e_c a - b w_c``, then ``g_y -= y_term`` when the
+    target is in this row's columns (``y_local >= 0``)."""
     n_classes = g.shape[0]
-    keep = 1.0 - eps
-    spread = eps / n_classes
-    w_y = weight[yi] if weighted else 1.0
-    log_s = math.log(s)  # (3)
-    loss[i] = _index_row_loss(m_minus_x_y, log_s, sw, np.float64(w_y), eps, n_classes, weight_total)
-    if write_grad:  # (4)
-        # without smoothing W must not enter at all: 0 * W is NaN when a weight of a class
-        # no row uses is inf or NaN (PyTorch never reads such weights either)
-        smoothing = spread * weight_total if eps > 0 else 0.0
-        a = g.dtype.type(grad_scale * (keep * w_y + smoothing) / s)
-        if eps > 0:
-            b = g.dtype.type(grad_scale * spread)
-            if weighted:
-                for c in range(n_classes):
-                    g[c] = g[c] * a - b * weight[c]
-            else:
-                for c in range(n_classes):
-                    g[c] = g[c] * a - b
+    a_t = g.dtype.type(a)
+    if p.smoothing:
+        b = g.dtype.type(p.grad_scale * p.spread)
+        if p.weighted:
+            for c in range(n_classes):
+                g[c] = e[c] * a_t - b * weight[c]
         else:
             for c in range(n_classes):
-                g[c] = g[c] * a
-        g[yi] -= g.dtype.type(grad_scale * keep * w_y)
-
-
-# Few classes (C <= SMALL_C): a row's loop of C exps is too short to fill a vector, and
-# per-row costs dominate. The kernels then take BLOCK_ELEMENTS // C rows at a time:
-# (1) per row, m = max_c x_c and the shifted logits x_c - m, written to the block's
-# scratch (the gradient rows, or a small buffer for loss only); (2) ONE flat loop of exp
-# over the whole block, which vectorises; (3)-(4) per row, as in the row kernel. Every
-# term is rounded as in the row kernel: the gradient is bitwise the same, measured 1.4-1.9x
-# faster at C = 10 (float32 and float64, 2 threads).
-SMALL_C = 16
-BLOCK_ELEMENTS = 4096
-
-
-def rows_per_block(n_classes: int) -> int:
-    return max(1, BLOCK_ELEMENTS // max(n_classes, 1))
+                g[c] = e[c] * a_t - b
+    else:
+        for c in range(n_classes):
+            g[c] = e[c] * a_t
+    if y_local >= 0:
+        g[y_local] -= g.dtype.type(y_term)
 
 
 @helper
-def _index_block(r0, r1, x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss, block, write_grad):
-    """Steps (1)-(4) for rows r0..r1-1 with class-index targets; ``block`` is their
-    (r1 - r0) * C flat scratch: the gradient rows themselves when ``write_grad``."""
-    n_classes = x.shape[1]
-    rows = r1 - r0
-    sw_rows = np.zeros(rows)  # the smoothing sums, from step (1) to step (3)
-    for k in range(rows):  # (1), and the shift of step (2)
-        i = r0 + k
-        yi = y[i]
-        e = block[k * n_classes : (k + 1) * n_classes]
-        if yi == ignore_index:
-            e[:] = -np.inf  # exp gives the ignored row's gradient: 0
-            continue
-        row = x[i]
-        # not row_max: the mere presence of its (untaken) call to the 16-lane version made
-        # this loop over the block's rows 1.7x slower (measured at C = 10)
-        m = _row_max_short(row)
-        loss[i] = np.float64(m) - np.float64(row[yi])  # m - x_y until step (3)
-        if eps > 0:
-            # a loop of its own, without a store: the same summation order in all three
-            # modes (next to a store into the row itself, in place, LLVM picks another)
-            sw = 0.0
-            for c in range(n_classes):
-                if weighted:
-                    sw += weight[c] * (m - row[c])
-                else:
-                    sw += m - row[c]
-            sw_rows[k] = sw
-        for c in range(n_classes):
-            e[c] = row[c] - m
-    flat = block[: rows * n_classes]
-    for j in range(flat.shape[0]):  # (2): e = exp(x - m), the block at once
-        flat[j] = fast_exp(flat[j])
-    for k in range(rows):  # (3)-(4)
-        i = r0 + k
-        yi = y[i]
-        if yi == ignore_index:
-            loss[i] = 0.0
-            continue
-        e = block[k * n_classes : (k + 1) * n_classes]
-        s = 0.0
-        for c in range(n_classes):
-            s += e[c]
-        _index_loss_and_grad(
-            i, yi, loss[i], s, sw_rows[k], e, weight, weighted, weight_total, eps, grad_scale, loss, write_grad
-        )
+def probability_grad_row(g, e, t, a, weight, p):
+    """Step (4), probability targets, in float64: unnormalised targets make ``p_c A`` and
+    ``w_c t'_c`` large and nearly equal, and their difference would keep only float32's
+    absolute error."""
+    if p.weighted:
+        for c in range(g.shape[0]):
+            g[c] = np.float64(e[c]) * a - p.grad_scale * (weight[c] * (p.keep * np.float64(t[c]) + p.spread))
+    else:
+        for c in range(g.shape[0]):
+            g[c] = np.float64(e[c]) * a - p.grad_scale * (p.keep * np.float64(t[c]) + p.spread)
 
 
-# Three kernels per target kind, loss only / loss+grad / in place, each with one prange
-# loop: a call compiles only the one it needs (the first call of a fresh install pays
-# one loop's compile, not three).
-
-
-@kernel
-def _xent_index_loss_kernel(x, y, weight, weighted, weight_total, ignore_index, eps, loss, dummy):
-    for i in prange(x.shape[0]):
-        _index_row(i, x, y, weight, weighted, weight_total, ignore_index, eps, 1.0, loss, dummy, False)
-
-
-@kernel
-def _xent_index_grad_kernel(x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss, grad):
-    for i in prange(x.shape[0]):
-        _index_row(i, x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss, grad, True)
-
-
-@kernel
-def _xent_index_in_place_kernel(x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss):
-    for i in prange(x.shape[0]):
-        _index_row(i, x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss, x, True)
-
-
-@kernel
-def _xent_index_small_loss_kernel(x, y, weight, weighted, weight_total, ignore_index, eps, loss, block_rows):
-    n, n_classes = x.shape
-    for b in prange((n + block_rows - 1) // block_rows):
-        r0 = b * block_rows
-        scratch = np.empty(block_rows * n_classes, x.dtype)
-        r1 = min(n, r0 + block_rows)
-        _index_block(r0, r1, x, y, weight, weighted, weight_total, ignore_index, eps, 1.0, loss, scratch, False)
-
-
-@kernel
-def _xent_index_small_grad_kernel(
-    x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss, grad, block_rows
-):
-    n, n_classes = x.shape
-    flat = grad.reshape(n * n_classes)
-    for b in prange((n + block_rows - 1) // block_rows):
-        r0 = b * block_rows
-        r1 = min(n, r0 + block_rows)
-        block = flat[r0 * n_classes : r1 * n_classes]
-        _index_block(r0, r1, x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss, block, True)
-
-
-@kernel
-def _xent_index_small_in_place_kernel(
-    x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss, block_rows
-):
-    n, n_classes = x.shape
-    flat = x.reshape(n * n_classes)
-    for b in prange((n + block_rows - 1) // block_rows):
-        r0 = b * block_rows
-        r1 = min(n, r0 + block_rows)
-        block = flat[r0 * n_classes : r1 * n_classes]
-        _index_block(r0, r1, x, y, weight, weighted, weight_total, ignore_index, eps, grad_scale, loss, block, True)
+# --- one row at a time (lanes across the classes) ------------------------------------
 
 
 @helper
-def _probability_row(i, x, t, weight, weighted, eps, grad_scale, loss, grad, write_grad):
-    """Steps (1)-(4) for row i with a probability target (``write_grad`` a literal)."""
-    n_classes = x.shape[1]
+def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e):
+    """Steps (1)-(4) for row i with a class-index target; ``e`` is the thread's scratch row."""
+    row = x[i]
+    n_classes = row.shape[0]
+    label = y[i]
+    ignored = label == p.ignore_index
+    if ignored and mode != STATS:  # ignored rows: loss 0, gradient 0, y_i never read
+        loss[i] = 0.0
+        if mode != LOSS:
+            grad[i, :] = 0
+        return
+    if mode == GRAD:  # the exponentials go straight into the gradient row (see the docstring)
+        e = grad[i]
+    y_local = label - p.class_start
+    if ignored or y_local < 0 or y_local >= n_classes:
+        y_local = -1  # the target is not among these columns (a class shard)
+    if mode == SHARD_GRAD:  # (4) from the merged statistics
+        m = x.dtype.type(rowdata[i, COEF_M])
+        row_sum_exp(row, m, e)
+        index_grad_row(grad[i], e, y_local, rowdata[i, COEF_A], rowdata[i, COEF_Y], weight, p)
+        return
+    m = row_max(row)  # (1)
+    x_y = np.float64(row[y_local]) if y_local >= 0 else 0.0
+    s = row_sum_exp(row, m, e)  # (2)
+    sw = row_smoothing_sum(row, m, weight, p.weighted) if p.smoothing else 0.0
+    if mode == STATS:
+        rowdata[i, STAT_M] = m
+        rowdata[i, STAT_S] = s
+        rowdata[i, STAT_TARGET] = x_y
+        rowdata[i, STAT_A] = 0.0
+        rowdata[i, STAT_B] = sw
+        return
+    # m - x_y is exact in float64 (np.float64, not float(): numba's float() of a float32
+    # stays float32)
+    w_y = np.float64(weight[y_local]) if p.weighted else 1.0
+    row_loss, a, y_term = index_finish(np.float64(m) - x_y, s, sw, w_y, p)  # (3)
+    loss[i] = row_loss
+    if mode == GRAD:  # (4), one name of the row: e is grad[i]
+        g = grad[i]
+        index_grad_row(g, g, y_local, a, y_term, weight, p)
+    elif mode == IN_PLACE:
+        index_grad_row(grad[i], e, y_local, a, y_term, weight, p)
+
+
+@helper
+def _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, e):
+    """Steps (1)-(4) for row i with a probability target."""
     row = x[i]
     ti = t[i]
-    g = grad[i] if write_grad else grad[0]
+    if mode == GRAD:  # the exponentials go straight into the gradient row
+        e = grad[i]
+    if mode == SHARD_GRAD:
+        m = x.dtype.type(rowdata[i, COEF_M])
+        row_sum_exp(row, m, e)
+        probability_grad_row(grad[i], e, ti, rowdata[i, COEF_A], weight, p)
+        return
     m = row_max(row)  # (1)
-    s, a, b = row_sum_exp_target(row, m, ti, weight, weighted, eps, g, write_grad)  # (2)
-    loss[i] = b + a * math.log(s)  # (3)
-    if write_grad:  # (4), in float64: unnormalised targets make p_c A and w_c t'_c large
-        # and nearly equal, and their difference would keep only float32's absolute error
-        scale_a = grad_scale * a / s
-        keep = 1.0 - eps
-        spread = eps / n_classes
-        if weighted:
+    s = row_sum_exp(row, m, e)  # (2)
+    a_sum, b_sum = row_target_sums(row, m, ti, weight, p)
+    if mode == STATS:
+        rowdata[i, STAT_M] = m
+        rowdata[i, STAT_S] = s
+        rowdata[i, STAT_TARGET] = 0.0
+        rowdata[i, STAT_A] = a_sum
+        rowdata[i, STAT_B] = b_sum
+        return
+    row_loss, a = probability_finish(s, a_sum, b_sum, p)  # (3)
+    loss[i] = row_loss
+    if mode == GRAD:  # (4), one name of the row: e is grad[i]
+        g = grad[i]
+        probability_grad_row(g, g, ti, a, weight, p)
+    elif mode == IN_PLACE:
+        probability_grad_row(grad[i], e, ti, a, weight, p)
+
+
+# --- few classes: 16 rows across the SIMD lanes ---------------------------------------
+# For C <= SMALL_C a row's loop over its classes is too short to fill a vector, and the
+# per-row steps (the max's dependency chain, a log, a divide, the loss) would each cost a
+# scalar operation per row: ~15 ns a row, 9-11x the memory floor at C = 10. So 16 rows are
+# transposed into the thread's scratch (``buf[c * LANES + r] = x[r0 + r, c]``) and every
+# step becomes a loop over the classes of a 16-wide loop over the rows, which LLVM turns
+# into whole vectors: the max, exp, the float64 sums, log, the loss, the coefficients and
+# the gradient. Only the transposes and the target's gather remain per row. The lane state
+# lives in ``lanes`` (rows LANE_*, each LANES wide, float64).
+LANE_M, LANE_S, LANE_SW, LANE_MXY, LANE_WY, LANE_A, LANE_LOSS = 0, 1, 2, 3, 4, 5, 6
+N_LANE_ROWS = 8
+
+
+@helper
+def _transpose_in(x, r0, k, buf):
+    """Rows r0..r0+k-1 of x into ``buf[c * LANES + r]``; the lanes past k hold 0."""
+    n_classes = x.shape[1]
+    for r in range(LANES):
+        if r < k:
+            row = x[r0 + r]
             for c in range(n_classes):
-                g[c] = np.float64(g[c]) * scale_a - grad_scale * (weight[c] * (keep * np.float64(ti[c]) + spread))
+                buf[c * LANES + r] = row[c]
         else:
             for c in range(n_classes):
-                g[c] = np.float64(g[c]) * scale_a - grad_scale * (keep * np.float64(ti[c]) + spread)
+                buf[c * LANES + r] = 0
+
+
+@helper
+def _lanes_max(buf, n_classes, lanes):
+    """Step (1) on 16 rows: ``m = max_c buf[c, r]`` into LANE_M (exact, so any order)."""
+    m = lanes[LANE_M]
+    for r in range(LANES):
+        m[r] = buf[r]
+    for c in range(1, n_classes):
+        for r in range(LANES):
+            m[r] = _greater(m[r], buf[c * LANES + r])
+    return m
+
+
+@helper
+def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, buf, lanes):
+    """Steps (1)-(4) for rows r0..r0+k-1 (k <= LANES) with class-index targets."""
+    n_classes = x.shape[1]
+    dt = x.dtype.type
+    _transpose_in(x, r0, k, buf)
+    # the smoothing sums need x, before step (2) overwrites buf
+    m = _lanes_max(buf, n_classes, lanes)  # (1)
+    sw = lanes[LANE_SW]
+    for r in range(LANES):
+        sw[r] = 0.0
+    if p.smoothing:
+        for c in range(n_classes):
+            w = weight[c] if p.weighted else dt(1.0)
+            for r in range(LANES):
+                if p.weighted:
+                    sw[r] += w * (dt(m[r]) - buf[c * LANES + r])
+                else:
+                    sw[r] += dt(m[r]) - buf[c * LANES + r]
+    # the target's logit and weight, per row (pad and ignored lanes: 0, never stored)
+    m_minus_x_y = lanes[LANE_MXY]
+    w_y = lanes[LANE_WY]
+    for r in range(LANES):
+        m_minus_x_y[r] = 0.0
+        w_y[r] = 0.0
+        if r < k:
+            label = y[r0 + r]
+            if label != p.ignore_index:
+                m_minus_x_y[r] = m[r] - np.float64(x[r0 + r, label])
+                w_y[r] = np.float64(weight[label]) if p.weighted else 1.0
+    _lanes_exp(buf, n_classes, lanes)  # (2)
+    s = lanes[LANE_S]
+    a = lanes[LANE_A]
+    row_loss = lanes[LANE_LOSS]
+    smoothing = p.spread * p.weight_total if p.smoothing else 0.0
+    for r in range(LANES):  # (3), the same arithmetic as index_finish, 16 rows at once
+        row_loss[r] = index_row_loss(
+            m_minus_x_y[r], fast_log(s[r]), sw[r], w_y[r], p.keep, p.spread, p.smoothing, p.weight_total
+        )
+        a[r] = p.grad_scale * (p.keep * w_y[r] + smoothing) / s[r]
+    for r in range(k):
+        ignored = y[r0 + r] == p.ignore_index
+        loss[r0 + r] = 0.0 if ignored else row_loss[r]
+    if mode == LOSS:
+        return
+    b = dt(p.grad_scale * p.spread)
+    for c in range(n_classes):  # (4): g = e a - b w_c
+        if p.smoothing:
+            b_c = b * weight[c] if p.weighted else b
+        else:
+            b_c = dt(0.0)
+        for r in range(LANES):
+            buf[c * LANES + r] = buf[c * LANES + r] * dt(a[r]) - b_c
+    for r in range(k):  # transposed out, and the target's term
+        g = grad[r0 + r]
+        label = y[r0 + r]
+        if label == p.ignore_index:
+            g[:] = 0
+            continue
+        for c in range(n_classes):
+            g[c] = buf[c * LANES + r]
+        g[label] -= dt(p.grad_scale * p.keep * w_y[r])
+
+
+@helper
+def _lanes_exp(buf, n_classes, lanes):
+    """Step (2) on 16 rows whose max is in LANE_M: ``buf <- exp(buf - m)``, ``s`` into LANE_S."""
+    m = lanes[LANE_M]
+    s = lanes[LANE_S]
+    for r in range(LANES):
+        s[r] = 0.0
+    for c in range(n_classes):
+        for r in range(LANES):
+            e = fast_exp(buf[c * LANES + r] - buf.dtype.type(m[r]))
+            buf[c * LANES + r] = e
+            s[r] += e
+
+
+@helper
+def _probability_lanes(r0, k, x, t, weight, p, mode, loss, grad, buf, tbuf, lanes):
+    """Steps (1)-(4) for rows r0..r0+k-1 (k <= LANES) with probability targets."""
+    n_classes = x.shape[1]
+    _transpose_in(x, r0, k, buf)
+    _transpose_in(t, r0, k, tbuf)
+    m = _lanes_max(buf, n_classes, lanes)  # (1)
+    a_sum = lanes[LANE_SW]
+    b_sum = lanes[LANE_MXY]
+    for r in range(LANES):
+        a_sum[r] = 0.0
+        b_sum[r] = 0.0
+    for c in range(n_classes):  # (2) the target sums, in float64 (see row_target_sums)
+        w = np.float64(weight[c]) if p.weighted else 1.0
+        for r in range(LANES):
+            wt = p.keep * np.float64(tbuf[c * LANES + r]) + p.spread
+            if p.weighted:
+                wt = w * wt
+            a_sum[r] += wt
+            b_sum[r] += wt * (buf.dtype.type(m[r]) - buf[c * LANES + r])
+    _lanes_exp(buf, n_classes, lanes)  # (2)
+    s = lanes[LANE_S]
+    a = lanes[LANE_A]
+    row_loss = lanes[LANE_LOSS]
+    for r in range(LANES):  # (3)
+        row_loss[r] = b_sum[r] + a_sum[r] * fast_log(s[r])
+        a[r] = p.grad_scale * a_sum[r] / s[r]
+    for r in range(k):
+        loss[r0 + r] = row_loss[r]
+    if mode == LOSS:
+        return
+    for c in range(n_classes):  # (4) in float64, as probability_grad_row
+        w = np.float64(weight[c]) if p.weighted else 1.0
+        for r in range(LANES):
+            tc = p.keep * np.float64(tbuf[c * LANES + r]) + p.spread
+            if p.weighted:
+                tc = w * tc
+            buf[c * LANES + r] = np.float64(buf[c * LANES + r]) * a[r] - p.grad_scale * tc
+    for r in range(k):
+        g = grad[r0 + r]
+        for c in range(n_classes):
+            g[c] = buf[c * LANES + r]
+
+
+# --- the kernels: one per target kind (and dtype), every mode and layout -------------
 
 
 @kernel
-def _xent_probability_loss_kernel(x, t, weight, weighted, eps, loss, dummy):
-    for i in prange(x.shape[0]):
-        _probability_row(i, x, t, weight, weighted, eps, 1.0, loss, dummy, False)
+def _xent_index_kernel(x, y, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes):
+    n = x.shape[0]
+    for b in prange((n + block_rows - 1) // block_rows):
+        thread = numba.get_thread_id()
+        buf = scratch[thread]
+        r0 = b * block_rows
+        r1 = min(n, r0 + block_rows)
+        if small:
+            for g0 in range(r0, r1, LANES):
+                _index_lanes(g0, min(LANES, r1 - g0), x, y, weight, p, mode, loss, grad, buf, lanes[thread])
+        else:
+            for i in range(r0, r1):
+                _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, buf)
 
 
 @kernel
-def _xent_probability_grad_kernel(x, t, weight, weighted, eps, grad_scale, loss, grad):
-    for i in prange(x.shape[0]):
-        _probability_row(i, x, t, weight, weighted, eps, grad_scale, loss, grad, True)
+def _xent_probability_kernel(x, t, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes):
+    n, n_classes = x.shape
+    for b in prange((n + block_rows - 1) // block_rows):
+        thread = numba.get_thread_id()
+        buf = scratch[thread]
+        r0 = b * block_rows
+        r1 = min(n, r0 + block_rows)
+        if small:
+            width = LANES * n_classes
+            for g0 in range(r0, r1, LANES):
+                _probability_lanes(
+                    g0,
+                    min(LANES, r1 - g0),
+                    x,
+                    t,
+                    weight,
+                    p,
+                    mode,
+                    loss,
+                    grad,
+                    buf[:width],
+                    buf[width : 2 * width],
+                    lanes[thread],
+                )
+        else:
+            for i in range(r0, r1):
+                _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, buf)
 
 
-@kernel
-def _xent_probability_in_place_kernel(x, t, weight, weighted, eps, grad_scale, loss):
-    for i in prange(x.shape[0]):
-        _probability_row(i, x, t, weight, weighted, eps, grad_scale, loss, x, True)
+@kernel(parallel=False)
+def _finish_index_kernel(stats, y, weight, p, loss, coef):
+    """Step (3) from merged row statistics (class shards): loss and the coefficients of (4)."""
+    for i in range(stats.shape[0]):
+        label = y[i]
+        if label == p.ignore_index:
+            loss[i] = 0.0
+            coef[i, COEF_M] = stats[i, STAT_M]
+            coef[i, COEF_A] = 0.0
+            coef[i, COEF_Y] = 0.0
+            continue
+        w_y = np.float64(weight[label]) if p.weighted else 1.0
+        m = stats[i, STAT_M]
+        row_loss, a, y_term = index_finish(m - stats[i, STAT_TARGET], stats[i, STAT_S], stats[i, STAT_B], w_y, p)
+        loss[i] = row_loss
+        coef[i, COEF_M] = m
+        coef[i, COEF_A] = a
+        coef[i, COEF_Y] = y_term
+
+
+@kernel(parallel=False)
+def _finish_probability_kernel(stats, p, loss, coef):
+    for i in range(stats.shape[0]):
+        row_loss, a = probability_finish(stats[i, STAT_S], stats[i, STAT_A], stats[i, STAT_B], p)
+        loss[i] = row_loss
+        coef[i, COEF_M] = stats[i, STAT_M]
+        coef[i, COEF_A] = a
+        coef[i, COEF_Y] = 0.0
 
 
 @kernel
@@ -497,7 +737,7 @@ def _logsumexp_kernel(x, out):
         if math.isinf(m):  # as torch: all -inf -> log 0 = -inf; a +inf -> +inf (not inf - inf)
             out[i] = math.log(_sum_exp_unshifted(row))
         else:
-            out[i] = m + math.log(row_sum_exp(row, m, row, False))
+            out[i] = m + math.log(row_sum_exp_only(row, m))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -513,7 +753,7 @@ def _sum_exp_unshifted(row):
 def _log_softmax_row(row, o):
     """``o_c = (row_c - m) - log(s)``: steps (1)-(3), then one write per element."""
     m = row_max(row)
-    log_s = o.dtype.type(math.log(row_sum_exp(row, m, row, False)))
+    log_s = o.dtype.type(math.log(row_sum_exp_only(row, m)))
     for c in range(row.shape[0]):
         o[c] = (row[c] - m) - log_s
 
@@ -522,12 +762,14 @@ def _log_softmax_row(row, o):
 def _softmax_row(row, o):
     """``o_c = exp(row_c - m) / s``: steps (1)-(2) write e into o, then scale by 1/s."""
     m = row_max(row)
-    s = row_sum_exp(row, m, o, True)
+    s = row_sum_exp(row, m, o)
     inv_s = o.dtype.type(1.0 / s)
     for c in range(row.shape[0]):
         o[c] = o[c] * inv_s
 
 
+# Each in place variant takes ONE array: given two names for it, LLVM's run-time overlap
+# check fails and every row runs the scalar loop (4x slower).
 @kernel
 def _log_softmax_kernel(x, out):
     for i in prange(x.shape[0]):
@@ -552,14 +794,30 @@ def _softmax_in_place_kernel(x):
         _softmax_row(x[i], x[i])
 
 
-# --- the backend interface (see _numpy_backend.py) -----------------------------------
-# In place (``grad is x``), the kernel must see ONE array: given two arguments that alias,
-# LLVM's runtime overlap check fails and every row runs the scalar loop (4x slower).
-#
-# Rows are handed to the threads in chunks of about _CHUNK_ELEMENTS logits, dynamically:
+@helper
+def label_stats(y, n_classes, ignore_index, weight):
+    """Checks labels before any kernel runs and sums the "mean" denominator.
+
+    Returns ``(first_bad, total)``: the first row whose label is neither ignore_index nor
+    in [0, n_classes) (-1 if none), and ``D = sum_i [y_i != ignore_index] w[y_i]`` in
+    float64 (the count of kept rows when weight has length 0), summed in row order.
+    """
+    has_weight = weight.shape[0] != 0
+    total = 0.0
+    for i in range(y.shape[0]):
+        yi = y[i]
+        if yi == ignore_index:
+            continue
+        if yi < 0 or yi >= n_classes:
+            return i, total
+        total += weight[yi] if has_weight else 1.0
+    return -1, total
+
+
+# --- the backend interface (the same in _numpy_backend.py and _cy_backend.py) ---------
+# Rows are handed to the threads one block (BLOCK_ELEMENTS logits) at a time, dynamically:
 # numba's default splits the rows into one static block per thread, so a thread whose
-# core is busy with another process holds everyone up (2 threads slower than 1).
-_CHUNK_ELEMENTS = 1 << 15
+# core is busy with another process would hold everyone up (2 threads slower than 1).
 
 # Thread safety. numba picks its threading layer when the first parallel call launches it
 # (tbb > omp > workqueue by default, or $NUMBA_THREADING_LAYER). "tbb" and "omp" may be
@@ -607,7 +865,7 @@ def _set_chunksize(n: int) -> int:
 
 def _run(kernel_function, elements_per_iteration, *args):
     """Run a kernel whose prange iterations each cover ``elements_per_iteration`` logits
-    (C for the row kernels), in chunks of about _CHUNK_ELEMENTS logits."""
+    (C for the row kernels), in chunks of about BLOCK_ELEMENTS logits."""
     if _thread_safe():
         _run_chunked(kernel_function, elements_per_iteration, args)
     else:  # workqueue, or not launched yet: the chunk size too is set under the lock
@@ -616,7 +874,7 @@ def _run(kernel_function, elements_per_iteration, *args):
 
 
 def _run_chunked(kernel_function, elements_per_iteration, args):
-    previous = _set_chunksize(max(1, _CHUNK_ELEMENTS // max(elements_per_iteration, 1)))  # launches the layer
+    previous = _set_chunksize(max(1, BLOCK_ELEMENTS // max(elements_per_iteration, 1)))  # launches the layer
     try:
         kernel_function(*args)
     finally:
@@ -627,9 +885,8 @@ def _run_chunked(kernel_function, elements_per_iteration, args):
 # it, never a length-0 stand-in. A loop that writes the gradient row while it reads
 # ``weight[c]`` (in the branch it may take) is vectorised by LLVM behind a runtime check
 # that the arrays do not overlap. For a length-0 array that check depends on where malloc
-# happened to put it: when it failed, the row ran the scalar loop, which sums ``s`` in
-# another order, and the gradient changed in its last bits from call to call (concurrent
-# calls differed from serial ones by up to 178 ulp after cancellation). A real (C,) array
+# happened to put it: when it failed, the row ran the scalar loop, which sums in another
+# order, and the gradient changed in its last bits from call to call. A real (C,) array
 # never overlaps the gradient, so every row takes the vector loop.
 @functools.lru_cache(maxsize=16)
 def _unit_weight(n_classes: int, dtype: np.dtype) -> np.ndarray:
@@ -639,50 +896,113 @@ def _unit_weight(n_classes: int, dtype: np.dtype) -> np.ndarray:
 
 
 def _kernel_weight(weight, x):
-    """(weight, weighted): the caller's weight, or for none ones that are never read."""
-    if weight.shape[0] != 0:
-        return weight, True
-    return _unit_weight(x.shape[1], x.dtype), False
+    """The caller's weight, or for none ones that are never read (see above)."""
+    return weight if weight.shape[0] != 0 else _unit_weight(x.shape[1], x.dtype)
 
 
-def xent_index(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
-    """Cross-entropy rows for class-index targets (see the module docstring).
+# Per-thread scratch: a row (or 16 transposed rows) of the compute dtype per kernel thread,
+# and the lane state of the small-C layout. Kept per Python thread and reused, so a call
+# neither allocates nor page-faults it anew; two Python threads never share one.
+_SCRATCH = threading.local()
 
-    x (n, C) float; y (n,) int, every non-ignored value in [0, C) (checked by the caller);
-    weight (C,) of x's dtype or length 0 for none; weight_total = sum(weight) (C without);
-    loss (n,) float64 out: per-row losses; grad (n, C) out, scaled by grad_scale; grad may
-    be x itself (the gradient overwrites the logits).
-    """
+
+def _scratch(dtype: np.dtype, width: int) -> tuple[np.ndarray, np.ndarray]:
+    threads = max(1, int(numba.config.NUMBA_NUM_THREADS))
+    cache = _SCRATCH.__dict__.setdefault("by_dtype", {})
+    flat = cache.get(dtype)
+    if flat is None or flat.shape[0] < threads * width:
+        flat = np.empty(max(threads * width, 1 << 12), dtype)
+        cache[dtype] = flat
+    lanes = _SCRATCH.__dict__.get("lanes")
+    if lanes is None or lanes.shape[0] < threads:
+        lanes = np.empty((threads, N_LANE_ROWS, LANES), np.float64)
+        _SCRATCH.lanes = lanes
+    return flat[: threads * width].reshape(threads, width), lanes
+
+
+_NO_ROWDATA = np.empty((1, N_STATS), np.float64)
+
+
+def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
     n_classes = x.shape[1]
-    weight, weighted = _kernel_weight(weight, x)
-    rows = (x, y, weight, weighted, weight_total, ignore_index, eps)
-    if n_classes <= SMALL_C:  # blocks of rows (see _index_block)
-        block_rows = rows_per_block(n_classes)
-        elements = block_rows * n_classes  # per prange iteration
-        if not write_grad:
-            _run(_xent_index_small_loss_kernel, elements, *rows, loss, block_rows)
-        elif grad is x:
-            _run(_xent_index_small_in_place_kernel, elements, *rows, grad_scale, loss, block_rows)
-        else:
-            _run(_xent_index_small_grad_kernel, elements, *rows, grad_scale, loss, grad, block_rows)
-    elif not write_grad:  # grad is a (1, C) dummy
-        _run(_xent_index_loss_kernel, n_classes, *rows, loss, grad)
-    elif grad is x:
-        _run(_xent_index_in_place_kernel, n_classes, *rows, grad_scale, loss)
-    else:
-        _run(_xent_index_grad_kernel, n_classes, *rows, grad_scale, loss, grad)
+    if x.shape[0] == 0:
+        return
+    small = small_ok and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
+    block_rows = rows_per_block(n_classes)
+    width = (2 * LANES if small else 1) * n_classes
+    scratch, lanes = _scratch(x.dtype, width)
+    if grad is None:
+        grad = np.empty((1, n_classes), x.dtype)  # never written
+    if grad is x:  # in place: the kernel reads a read-only view and writes the array itself
+        x = _frozen(x)
+        if mode == GRAD:
+            mode = IN_PLACE
+    if rowdata is None:
+        rowdata = _NO_ROWDATA
+    _run(
+        kernel_function,
+        block_rows * n_classes,
+        x,
+        target,
+        _kernel_weight(weight, x),
+        params,
+        np.int64(mode),
+        small,
+        np.int64(block_rows),
+        loss,
+        grad,
+        rowdata,
+        scratch,
+        lanes,
+    )
 
 
-def xent_probability(x, t, weight, eps, grad_scale, loss, grad, write_grad):
-    """Cross-entropy rows for probability targets t (n, C) of x's dtype (see the module
-    docstring). weight (C,) or length 0; loss (n,) float64 out; grad (n, C) out or x."""
-    weight, weighted = _kernel_weight(weight, x)
-    if not write_grad:
-        _run(_xent_probability_loss_kernel, x.shape[1], x, t, weight, weighted, eps, loss, grad)
-    elif grad is x:
-        _run(_xent_probability_in_place_kernel, x.shape[1], x, t, weight, weighted, eps, grad_scale, loss)
+def xent_index(x, y, weight, params, loss, grad=None):
+    """Cross-entropy rows for class-index targets: per-row losses into ``loss`` (n,)
+    float64, and the gradient (scaled by ``params.grad_scale``) into ``grad`` unless it is
+    None. ``grad`` may be ``x`` itself (in place). x (n, C) float; y (n,) int64, every
+    non-ignored value in [0, C) (checked by the caller); weight (C,) or length 0."""
+    _xent(_xent_index_kernel, x, y, weight, params, GRAD if grad is not None else LOSS, loss, grad, None, True)
+
+
+def xent_probability(x, t, weight, params, loss, grad=None):
+    """Cross-entropy rows for probability targets t (n, C) of x's dtype; as xent_index."""
+    mode = GRAD if grad is not None else LOSS
+    _xent(_xent_probability_kernel, x, t, weight, params, mode, loss, grad, None, True)
+
+
+def row_stats(kind, x, target, weight, params, stats):
+    """Steps (1)-(2) of a class shard (columns ``params.class_start..``): the statistics
+    ``stats`` (n, N_STATS) float64. ``weight`` is the shard's slice; for index targets
+    column STAT_A is left 0 (the caller knows the shard's weight sum)."""
+    kernel_function = _xent_index_kernel if kind == "index" else _xent_probability_kernel
+    _xent(kernel_function, x, target, weight, params, STATS, np.empty(0), None, stats, False)
+
+
+def finish(kind, stats, target, weight, params, loss, coef):
+    """Step (3) from (merged) statistics: per-row ``loss`` and the coefficients ``coef``
+    (n, 3) that ``shard_grad`` reads. ``weight``: the FULL class weights (or length 0)."""
+    stats = _frozen(np.ascontiguousarray(stats, np.float64))
+    if kind == "index":
+        full_weight = weight if weight.shape[0] != 0 else np.ones(1)
+        full_weight = _frozen(np.ascontiguousarray(full_weight, np.float64))
+        _finish_index_kernel(stats, _frozen(target), full_weight, params, loss, coef)
     else:
-        _run(_xent_probability_grad_kernel, x.shape[1], x, t, weight, weighted, eps, grad_scale, loss, grad)
+        _finish_probability_kernel(stats, params, loss, coef)
+
+
+def _frozen(a):
+    """A read-only view: inputs are always passed read-only, one specialisation per dtype."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+def shard_grad(kind, x, target, weight, params, coef, grad):
+    """Step (4) of a class shard from the coefficients of ``finish``: ``grad`` (n, C_shard),
+    which may be ``x`` itself."""
+    kernel_function = _xent_index_kernel if kind == "index" else _xent_probability_kernel
+    _xent(kernel_function, x, target, weight, params, SHARD_GRAD, np.empty(x.shape[0]), grad, coef, False)
 
 
 def logsumexp_rows(x, out):
@@ -706,38 +1026,48 @@ def softmax_rows(x, out):
         _run(_softmax_kernel, x.shape[1], x, out)
 
 
-@helper
-def label_stats(y, n_classes, ignore_index, weight):
-    """Checks labels before any kernel runs and sums the "mean" denominator.
-
-    Returns ``(first_bad, total)``: the first row whose label is neither ignore_index nor
-    in [0, n_classes) (-1 if none), and ``D = sum_i [y_i != ignore_index] w[y_i]`` in
-    float64 (the count of kept rows when weight has length 0), summed in row order.
-    """
-    has_weight = weight.shape[0] != 0
-    total = 0.0
-    for i in range(y.shape[0]):
-        yi = y[i]
-        if yi == ignore_index:
-            continue
-        if yi < 0 or yi >= n_classes:
-            return i, total
-        total += weight[yi] if has_weight else 1.0
-    return -1, total
+# --- what precompile() compiles: the dispatch table of this backend ------------------
+#: backend function -> the numba dispatchers it runs (each compiled once per dtype: every
+#: array is passed C-contiguous and read-only but the outputs, labels always int64)
+COMPILED = {
+    "xent_index": (_xent_index_kernel, label_stats, _finish_index_kernel),
+    "xent_probability": (_xent_probability_kernel, _finish_probability_kernel),
+    "logsumexp_rows": (_logsumexp_kernel,),
+    "log_softmax_rows": (_log_softmax_kernel, _log_softmax_in_place_kernel),
+    "softmax_rows": (_softmax_kernel, _softmax_in_place_kernel),
+}
 
 
-if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (the coverage run): the kernels run as Python
-    # Compiled, ``math.log(0.0)`` is -inf and ``math.exp(1000.0)`` is inf (C semantics);
-    # Python's ``math`` raises instead. The kernels look ``math`` up at call time, so give
-    # them a module with the compiled semantics, from NumPy.
-    import types as _types
+def warm_up(function: str, dtype: np.dtype) -> None:
+    """Compile (or load from the cache) every kernel that ``function`` runs for ``dtype``."""
+    from ._spec import LossSpec
 
-    def _ieee_log(v):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return float(np.log(np.float64(v)))
+    x = np.zeros((2, 3), dtype)
+    x.flags.writeable = False
+    loss = np.empty(2)
+    if function in ("xent_index", "xent_probability"):
+        kind = "index" if function == "xent_index" else "probability"
+        params = LossSpec.create(kind).params(n_classes=3, weight_total=3.0, grad_scale=1.0, weighted=False)
+        weight = np.empty(0, dtype)
+        weight.flags.writeable = False
+        target = np.zeros(2, np.int64) if kind == "index" else np.full((2, 3), 1 / 3, dtype)
+        target.flags.writeable = False
+        if kind == "index":
+            label_stats(target, 3, -100, weight)
+        run = xent_index if kind == "index" else xent_probability
+        run(x, target, weight, params, loss, np.empty((2, 3), dtype))
+        stats = np.zeros((2, N_STATS))
+        row_stats(kind, x, target, weight, params, stats)
+        finish(kind, stats, target, weight, params, loss, np.zeros((2, 3)))
+    elif function == "logsumexp_rows":
+        logsumexp_rows(x, np.empty(2, dtype))
+    else:
+        run = log_softmax_rows if function == "log_softmax_rows" else softmax_rows
+        run(x, np.empty((2, 3), dtype))
+        in_place = np.zeros((2, 3), dtype)
+        run(in_place, in_place)
 
-    def _ieee_exp(v):
-        with np.errstate(over="ignore"):
-            return float(np.exp(np.float64(v)))
 
-    math = _types.SimpleNamespace(log=_ieee_log, exp=_ieee_exp, isinf=math.isinf, factorial=math.factorial)  # noqa: F811
+def compiled_count() -> int:
+    """How many kernel specialisations numba holds (compiled or loaded) in this process."""
+    return sum(len(d.signatures) for kernels in COMPILED.values() for d in kernels)

@@ -16,18 +16,18 @@ def _weight_or_none(weight):
     return weight if weight.shape[0] != 0 else None
 
 
-def xent_index(x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
-    row_loss, row_grad = _reference.index_rows(x, y, _weight_or_none(weight), ignore_index, eps)
+def xent_index(x, y, weight, params, loss, grad=None):
+    row_loss, row_grad = _reference.index_rows(x, y, _weight_or_none(weight), params.ignore_index, params.eps)
     loss[:] = row_loss
-    if write_grad:
-        grad[...] = row_grad * grad_scale
+    if grad is not None:
+        grad[...] = row_grad * params.grad_scale
 
 
-def xent_probability(x, t, weight, eps, grad_scale, loss, grad, write_grad):
-    row_loss, row_grad = _reference.probability_rows(x, t, _weight_or_none(weight), eps)
+def xent_probability(x, t, weight, params, loss, grad=None):
+    row_loss, row_grad = _reference.probability_rows(x, t, _weight_or_none(weight), params.eps)
     loss[:] = row_loss
-    if write_grad:
-        grad[...] = row_grad * grad_scale
+    if grad is not None:
+        grad[...] = row_grad * params.grad_scale
 
 
 def logsumexp_rows(x, out):

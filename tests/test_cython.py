@@ -32,9 +32,41 @@ import pytest
 
 import fastxent as fx
 from fastxent import _dispatch
+from fastxent._spec import LossSpec
 
-cy = _dispatch.KERNELS.get("cython")
-nb = _dispatch.KERNELS.get("numba")
+
+class _PositionalNumba:
+    """The numba backend behind the extension's positional interface (scalars, not the
+    ``Params`` record), so that both are called alike below."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    @staticmethod
+    def _params(kind, n_classes, weight, weight_total, ignore_index, eps, grad_scale):
+        spec = LossSpec(kind, "sum", eps, ignore_index)  # the kernels' record, unvalidated as the extension's
+        return spec.params(
+            n_classes=n_classes, weight_total=weight_total, grad_scale=grad_scale, weighted=weight.shape[0] != 0
+        )
+
+    def xent_index(self, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
+        params = self._params("index", x.shape[1], weight, weight_total, ignore_index, eps, grad_scale)
+        y = _read_only(np.ascontiguousarray(y, np.int64))
+        self.module.xent_index(_read_only(x), y, _read_only(weight), params, loss, grad if write_grad else None)
+
+    def xent_probability(self, x, t, weight, eps, grad_scale, loss, grad, write_grad):
+        params = self._params("probability", x.shape[1], weight, float(x.shape[1]), -100, eps, grad_scale)
+        self.module.xent_probability(
+            _read_only(x), _read_only(t), _read_only(weight), params, loss, grad if write_grad else None
+        )
+
+
+#: the compiled extension itself (its positional interface), and numba behind the same one
+cy = _dispatch.KERNELS["cython"].extension if "cython" in _dispatch.KERNELS else None
+nb = _PositionalNumba(_dispatch.KERNELS["numba"]) if "numba" in _dispatch.KERNELS else None
 
 needs_cython = pytest.mark.skipif(cy is None, reason=f"Cython backend not built: {_dispatch.UNAVAILABLE.get('cython')}")
 needs_both = pytest.mark.skipif(

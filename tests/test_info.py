@@ -15,46 +15,59 @@ def test_openmp_enabled_follows_the_extension():
 
 
 def test_precompile_leaves_every_numba_kernel_compiled(backend):
-    fx.precompile(backend=backend)
+    count = fx.precompile(backend=backend)
     if backend != "numba":
+        assert count == 0
+        return
+    from numba import types
+
+    from fastxent import _numba_kernels as nb
+
+    plan = _dispatch.precompile_plan("numba")
+    assert {function for function, _ in plan} == set(nb.COMPILED) == set(_dispatch.FUNCTIONS)
+    for kernels in nb.COMPILED.values():
+        for kernel in kernels:
+            assert kernel.signatures, f"{kernel.py_func.__name__} was not compiled"
+    assert count == nb.compiled_count() >= 2 * len(nb.COMPILED)
+    # one specialisation per dtype: the fused kernels see read-only C-contiguous logits
+    for dtype in (types.float32, types.float64):
+        logits = types.Array(dtype, 2, "C", readonly=True)
+        assert logits in {sig[0] for sig in nb._xent_index_kernel.signatures}
+        assert logits in {sig[0] for sig in nb._xent_probability_kernel.signatures}
+
+
+def test_the_api_compiles_nothing_that_precompile_did_not(rng):
+    """Every call of the API (int32 and int64 labels, few and many classes, loss only,
+    out=, in place, probabilities, the softmax family) runs one of the specialisations
+    that precompile() compiled: none is added after it."""
+    import numpy as np
+
+    if "numba" not in fx.available_backends():
         return
     from fastxent import _numba_kernels as nb
 
-    kernels = [
-        nb._xent_index_loss_kernel,
-        nb._xent_index_grad_kernel,
-        nb._xent_index_in_place_kernel,
-        nb._xent_index_small_loss_kernel,
-        nb._xent_index_small_grad_kernel,
-        nb._xent_index_small_in_place_kernel,
-        nb._xent_probability_loss_kernel,
-        nb._xent_probability_grad_kernel,
-        nb._xent_probability_in_place_kernel,
-        nb._logsumexp_kernel,
-        nb._log_softmax_kernel,
-        nb._log_softmax_in_place_kernel,
-        nb._softmax_kernel,
-        nb._softmax_in_place_kernel,
-    ]
-    for kernel in kernels:
-        assert kernel.signatures, f"{kernel.py_func.__name__} was not compiled"
-    # float32/float64 logits x int32/int64 labels: the specialisations the API calls (inputs
-    # read-only, except the logits of the in-place kernel, which it overwrites)
-    from numba import types
-
-    for dtype, label in [(f, i) for f in (types.float32, types.float64) for i in (types.int32, types.int64)]:
-        labels = types.Array(label, 1, "C", readonly=True)
-        assert (types.Array(dtype, 2, "C", readonly=True), labels) in {
-            sig[:2] for sig in nb._xent_index_grad_kernel.signatures
-        }
-        for in_place in (nb._xent_index_in_place_kernel, nb._xent_index_small_in_place_kernel):
-            assert (types.Array(dtype, 2, "C"), labels) in {sig[:2] for sig in in_place.signatures}
-        assert (types.Array(dtype, 2, "C", readonly=True), labels) in {
-            sig[:2] for sig in nb._xent_index_small_grad_kernel.signatures
-        }
+    fx.precompile(backend="numba")
+    before = nb.compiled_count()
+    for dtype in (np.float32, np.float64, np.float16):
+        for n_classes in (3, 40):
+            x = rng.standard_normal((5, n_classes)).astype(dtype)
+            for labels in (rng.integers(0, n_classes, 5).astype(np.int32), rng.integers(0, n_classes, 5)):
+                fx.cross_entropy(x, labels, backend="numba")
+                fx.cross_entropy_with_grad(x, labels, weight=np.ones(n_classes), label_smoothing=0.1, backend="numba")
+                fx.cross_entropy_grad(x, labels, out=np.empty_like(x), backend="numba")
+                in_place = x.copy()
+                fx.cross_entropy_with_grad(in_place, labels, out=in_place, backend="numba")
+            probabilities = np.full(x.shape, 1 / n_classes, dtype)
+            fx.cross_entropy_with_grad(x, probabilities, backend="numba")
+            fx.logsumexp(x, backend="numba")
+            fx.softmax(x, backend="numba")
+            fx.log_softmax(x.copy(), out=None, backend="numba")
+    assert nb.compiled_count() == before
 
 
 def test_precompile_command_runs():
     done = subprocess.run([sys.executable, "-m", "fastxent", "precompile"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "numba" in done.stdout
+    assert "kernel specialisations" in done.stdout
+    assert "[1/" in done.stderr  # progress on stderr

@@ -140,14 +140,19 @@ def test_result_does_not_depend_on_where_the_no_weight_array_lies(backend, targe
     probabilities.flags.writeable = False
     arena = np.zeros(4 * n * n_classes)
 
+    from fastxent._spec import LossSpec
+
+    spec = LossSpec.create(target, label_smoothing=0.1)
+    params = spec.params(n_classes=n_classes, weight_total=float(n_classes), grad_scale=1.0, weighted=False)
+
     def run(weight_offset, grad_offset):
         grad = arena[grad_offset : grad_offset + n * n_classes].reshape(n, n_classes)
         no_weight = np.lib.stride_tricks.as_strided(arena[weight_offset:], (0,), (0,), writeable=False)
         loss = np.empty(n)
         if target == "probability":
-            kernels.xent_probability(x, probabilities, no_weight, 0.1, 1.0, loss, grad, True)
+            kernels.xent_probability(x, probabilities, no_weight, params, loss, grad)
         else:
-            kernels.xent_index(x, labels, no_weight, float(n_classes), -100, 0.1, 1.0, loss, grad, True)
+            kernels.xent_index(x, labels, no_weight, params, loss, grad)
         return loss.tobytes(), grad.tobytes()
 
     base = 2 * n * n_classes
@@ -356,7 +361,7 @@ def test_numba_cache_works_from_a_read_only_install(tmp_path):
             from fastxent import _numba_kernels as nk
             assert fx.__file__.startswith(SITE), fx.__file__
             fx.cross_entropy_with_grad(np.zeros((4, 3), np.float32), np.arange(4) % 3, backend="numba")
-            stats = nk._xent_index_small_grad_kernel.stats
+            stats = nk._xent_index_kernel.stats
             print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
         """.replace("SITE", repr(str(site)))
         results = []

@@ -75,9 +75,9 @@ def _torch_xent(x, target, weight, ignore_index, reduction, label_smoothing):
     t = np.asarray(target)
     if t.dtype.kind == "f":
         tt = torch.tensor(np.array(t, dtype=np.float64).reshape(-1, n_classes))
-        # torch 2.13 raises "ignore_index is not supported for floating point target" for
-        # any ignore_index != -100; SEMANTICS.md: it simply does not apply. So: the default.
-        ignore_index = -100
+        # torch raises "ignore_index is not supported for floating point target" for any
+        # ignore_index >= 0, and so does fastxent (a ValueError): only negative ones come here
+        assert ignore_index < 0
     else:  # torch takes only int64 (or uint8) class indices: widen, values unchanged
         tt = torch.tensor(np.array(t, dtype=np.int64).reshape(-1))
     wt = None if weight is None else torch.tensor(np.array(weight, dtype=np.float64))
@@ -175,8 +175,9 @@ def make_target(rng, shape, kind, ignore_case="none_ignored", float_dtype=np.flo
     """``(target, ignore_index)`` of ``kind`` for logits of ``shape``."""
     if kind == "index":
         return make_index_target(rng, shape[:-1], shape[-1], ignore_case)
-    _, ignore_index = make_index_target(rng, (), shape[-1], ignore_case)
-    return make_probability_target(rng, shape, kind, float_dtype), ignore_index
+    # ignore_index does not apply to probabilities and, as in torch, one >= 0 is an error
+    # with them (test_ignore_index_with_probabilities_is_an_error)
+    return make_probability_target(rng, shape, kind, float_dtype), -100
 
 
 def make_weight(rng, n_classes):
@@ -222,9 +223,8 @@ def with_layout(a, layout, tmp_path=None, name="a"):
 
 def _kind_ignore_cases():
     for kind in TARGET_KINDS:
-        # ignore_index does not apply to probabilities: "default, some rows ignored" would be
-        # the same case as "none ignored"; a class index as ignore_index still must not matter
-        for ignore_case in IGNORE_CASES if kind == "index" else ("class_2_ignored", "none_ignored"):
+        # ignore_index does not apply to probabilities (one >= 0 is an error, as in torch)
+        for ignore_case in IGNORE_CASES if kind == "index" else ("none_ignored",):
             yield pytest.param(kind, ignore_case, id=f"{kind}-{ignore_case}")
 
 
@@ -248,6 +248,22 @@ def test_option_matrix(backend, rng, reduction, kind, weighted, ignore_case, lab
         reduction=reduction,
         label_smoothing=label_smoothing,
     )
+
+
+@pytest.mark.parametrize("ignore_index", [2, 0, 1000])
+def test_ignore_index_with_probabilities_is_an_error(backend, ignore_index):
+    """torch raises for an ignore_index >= 0 with probability targets (a negative one names
+    no class and is accepted); fastxent raises a ValueError (its error for a bad option)
+    in the same cases."""
+    x = np.zeros((3, 4))
+    t = np.full((3, 4), 0.25)
+    with pytest.raises(RuntimeError, match="ignore_index is not supported for floating point target"):
+        F.cross_entropy(torch.tensor(x), torch.tensor(t), ignore_index=ignore_index)
+    with pytest.raises(ValueError, match="ignore_index=.* is not supported for probability"):
+        fx.cross_entropy(x, t, ignore_index=ignore_index, backend=backend)
+    for negative in (-100, -1):  # the default, and any other negative value, are fine
+        expected = F.cross_entropy(torch.tensor(x), torch.tensor(t), ignore_index=negative)
+        assert fx.cross_entropy(x, t, ignore_index=negative, backend=backend) == pytest.approx(float(expected))
 
 
 # --- dtype, label dtype, layout, shape: each varied around the core ------------------

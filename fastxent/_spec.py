@@ -1,0 +1,145 @@
+"""Options as data: one validated, frozen spec per call, and the record the kernels read.
+
+A call's options are checked ONCE, here, into a :class:`LossSpec`. The kernels never see
+the spec; they get a :class:`Params` record of the per-call scalars (``spec.params(...)``)
+and a few arguments that change the loop itself (the target kind picks the kernel, the
+mode and the layout are run-time branches taken once per block of rows). Adding an option
+means a field here, a field in ``Params`` when the kernels need it, and the lines that
+read it: no positional lists to thread through every backend.
+
+What is decided at compile time and what at run time (see docs/DESIGN.md for the numbers):
+
+- compile time, one kernel each: the target kind (class indices / probabilities) and the
+  storage dtype (float32 / float64);
+- run time, per block of rows: the mode (loss only, loss and gradient, in place, the row
+  statistics of a class shard, the gradient of a class shard) and the layout (rows one at
+  a time, or for few classes 16 rows across the SIMD lanes);
+- run time, per call: every scalar in ``Params``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+Reduction = Literal["mean", "sum", "none"]
+TargetKind = Literal["index", "probability"]
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+DEFAULT_IGNORE_INDEX = -100
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class Params(NamedTuple):
+    """The per-call scalars of a cross-entropy kernel: one typed record.
+
+    numba types a NamedTuple by its field types, which are fixed here (int64, float64,
+    bool), so every call shares one compiled kernel whatever the values. The Cython
+    backend receives the same fields as a C struct.
+    """
+
+    #: rows whose class index equals it are skipped (class-index targets only)
+    ignore_index: int
+    #: column of this array's first class in the full class axis: 0, except for a class shard
+    class_start: int
+    #: ``eps``, the label smoothing itself (the reference backend's formulas take it)
+    eps: float
+    #: ``1 - eps``: the weight of the target class
+    keep: float
+    #: ``eps / C`` with C the FULL class count (a shard's width does not change it)
+    spread: float
+    #: whether the smoothing terms are computed at all (``eps > 0``; eps/C may underflow to 0
+    #: and must still turn a -inf logit into a NaN term, as PyTorch does)
+    smoothing: bool
+    #: ``W = sum_c w_c`` over every class (C without weights)
+    weight_total: float
+    #: the gradient's factor: ``1/D`` for "mean", 1 otherwise
+    grad_scale: float
+    #: whether ``weight`` holds class weights (else it is ones that are never read)
+    weighted: bool
+
+
+def check_reduction(reduction: Any) -> Reduction:
+    # isinstance first: ``in`` would compare an array elementwise ("truth value ... ambiguous")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction  # type: ignore[return-value]
+
+
+def check_label_smoothing(label_smoothing: Any) -> float:
+    try:
+        if isinstance(label_smoothing, str | bytes):  # float("0.1") would accept text
+            raise TypeError
+        eps = float(label_smoothing)
+    except (TypeError, ValueError):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}") from None
+    if not 0.0 <= eps <= 1.0:  # also rejects NaN; PyTorch silently treats eps < 0 as 0
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    return eps
+
+
+def check_ignore_index(ignore_index: Any) -> int:
+    try:
+        value = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The validated options of one cross-entropy call (not the arrays).
+
+    Build it with :meth:`create`, which checks every field; a ``LossSpec`` that exists is
+    valid. ``params`` turns it, with the facts of the arrays, into the kernels' record.
+    """
+
+    target_kind: TargetKind
+    reduction: Reduction = "mean"
+    label_smoothing: float = 0.0
+    ignore_index: int = DEFAULT_IGNORE_INDEX
+
+    @classmethod
+    def create(
+        cls,
+        target_kind: TargetKind,
+        *,
+        reduction: Any = "mean",
+        label_smoothing: Any = 0.0,
+        ignore_index: Any = DEFAULT_IGNORE_INDEX,
+    ) -> LossSpec:
+        reduction = check_reduction(reduction)
+        eps = check_label_smoothing(label_smoothing)
+        ignore_index = check_ignore_index(ignore_index)
+        if target_kind == "probability" and ignore_index >= 0:
+            # as torch, which raises "ignore_index is not supported for floating point target"
+            # for any ignore_index >= 0 (a negative one can name no class, and is accepted)
+            raise ValueError(
+                f"ignore_index={ignore_index} is not supported for probability (floating) targets: "
+                "it applies to class indices only (leave it at its default, -100)"
+            )
+        return cls(target_kind, reduction, eps, ignore_index)
+
+    def params(
+        self, *, n_classes: int, weight_total: float, grad_scale: float, weighted: bool, class_start: int = 0
+    ) -> Params:
+        """The kernels' record for ``n_classes`` classes in all (the full class axis)."""
+        eps = self.label_smoothing
+        return Params(
+            ignore_index=int(self.ignore_index),
+            class_start=int(class_start),
+            eps=float(eps),
+            keep=float(1.0 - eps),
+            spread=float(eps / n_classes) if n_classes else 0.0,
+            smoothing=bool(eps > 0),
+            weight_total=float(weight_total),
+            grad_scale=float(grad_scale),
+            weighted=bool(weighted),
+        )
+
+    def denominator_is_rows(self) -> bool:
+        """Whether "mean" divides by the row count N (probability targets) rather than by
+        ``D = sum_i k_i w[y_i]`` (class indices)."""
+        return self.target_kind == "probability"
