@@ -4,7 +4,8 @@
 has the same functions (``xent_index``, ``xent_probability``, ``logsumexp_rows``,
 ``log_softmax_rows``, ``softmax_rows``, ``label_stats``), each specialised on dtype by
 the backend itself, taking the options as one ``_spec.Params`` record. The numba module
-also has the class-shard phases (``row_stats``, ``finish``, ``shard_grad``). ``COMPUTE_DTYPE`` says in which dtype each input dtype is computed.
+also has the class-shard phases (``row_stats``, ``finish``, ``shard_grad``).
+``COMPUTE_DTYPE`` says in which dtype each input dtype is computed.
 All decisions are made here, in Python, before any kernel runs.
 """
 

@@ -67,7 +67,7 @@ def test_any_split_gives_the_unsplit_answer(n_classes, options, reduction, kind)
         target = rng.random((n, n_classes))
     opts = _options(options, n_classes, rng)
     expected_loss, expected_grad = fx.cross_entropy_with_grad(x, target, reduction=reduction, **opts)
-    for trial in range(4):
+    for _trial in range(4):
         k = int(rng.integers(1, min(n_classes, 5) + 1))
         cuts = [0, *sorted(rng.choice(np.arange(1, n_classes), k - 1, replace=False).tolist()), n_classes]
         order = rng.permutation(k)
