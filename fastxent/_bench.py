@@ -8,6 +8,11 @@ table shows medians.
 The memory floor is a copy of the logits into a preallocated array with the same threads:
 it reads N*C once and writes N*C once, the least traffic any loss+gradient can have.
 "x floor" is a contender's time over it.
+
+The peers are eager PyTorch, ``torch.compile`` of the same calls (Inductor, compiled once
+per shape before the warm-up round, outside the timing; ``--no-compile`` leaves it out)
+and JAX when it is installed. "vs torch" and "vs compile" are that peer's time over a
+contender's, of the same kind: loss+grad against fwd+bwd, loss only against fwd.
 """
 
 from __future__ import annotations
@@ -36,9 +41,16 @@ REFERENCE_MAX_ELEMENTS = 1 << 23
 @dataclass
 class Contender:
     name: str
-    kind: str  # "fwd+bwd", "fwd" or "floor": which PyTorch row it is compared with
+    # "fwd+bwd", "fwd" or "floor", or a peer's own kind: "torch fwd+bwd", "torch fwd" (eager),
+    # "compile fwd+bwd", "compile fwd" (torch.compile); the ratios compare rows of one base kind
+    kind: str
     run: Callable[[], object]
     times: list[float] = field(default_factory=list)
+    #: True for torch.compile rows: their first call compiles (seconds), run apart from the
+    #: rounds, and if it raises the contender is left out instead of stopping the bench
+    compiles: bool = False
+    #: seconds of the first (untimed) call: JIT compile or cache load, Inductor's compile
+    warmup_s: float | None = None
 
 
 @dataclass
@@ -50,8 +62,10 @@ class Row:
     spread_pct: float
     gbps: float
     vs_torch: float | None
+    vs_compile: float | None
     x_floor: float | None
     times_ms: list[float]
+    warmup_s: float | None
 
 
 def _versions() -> dict[str, str]:
@@ -75,8 +89,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _contenders(x: np.ndarray, y: np.ndarray, threads: int, notes: list[str], with_reference: bool):
-    """The callables to time on logits ``x`` and labels ``y``."""
+def _contenders(
+    x: np.ndarray, y: np.ndarray, threads: int, notes: list[str], with_reference: bool, torch_compile: bool = True
+):
+    """The callables to time on logits ``x`` and labels ``y``; ``torch_compile``: also
+    torch.compile's (compiled by their first call, see :func:`_warm_up_compiled`)."""
     grad_out = np.empty_like(x)
     in_place = x.copy()
     floor_out = np.empty_like(x)
@@ -138,6 +155,10 @@ def _contenders(x: np.ndarray, y: np.ndarray, threads: int, notes: list[str], wi
             Contender("torch fwd+bwd", "torch fwd+bwd", torch_fwd_bwd),
             Contender("torch fwd", "torch fwd", torch_fwd),
         ]
+        if torch_compile:
+            found += _compiled_torch(torch, F, xt, yt, x.shape, notes)
+        else:
+            notes.append("torch.compile not timed (--no-compile)")
     try:
         import jax
         import jax.numpy as jnp
@@ -157,6 +178,80 @@ def _contenders(x: np.ndarray, y: np.ndarray, threads: int, notes: list[str], wi
     copy = _parallel_copy()
     found.append(Contender("memory floor (copy)", "floor", lambda: copy(x, floor_out)))
     return found
+
+
+def _compiled_torch(torch, F, xt, yt, shape, notes: list[str]) -> list[Contender]:
+    """torch.compile (Inductor, static shapes, one whole graph) of the eager rows' calls.
+
+    Nothing is compiled here: the first call of each compiles (:func:`_warm_up_compiled`).
+    Inductor's kernels run on torch's OpenMP pool, sized by the ``torch.set_num_threads``
+    the eager rows already made. If ``torch.compile`` itself raises, both are left out.
+    """
+    try:
+        import torch._dynamo
+
+        # forget the previous shape's graphs: each shape compiles afresh, and the code
+        # objects below never reach dynamo's recompile limit, past which it runs them eagerly
+        torch._dynamo.reset()
+
+        # two functions, two code objects: the no-grad graph is not a recompile of the other
+        def loss_for_backward(logits, target):
+            return F.cross_entropy(logits, target)
+
+        def loss_no_grad(logits, target):
+            return F.cross_entropy(logits, target)
+
+        compiled_loss = torch.compile(loss_for_backward, dynamic=False, fullgraph=True)
+        compiled_loss_no_grad = torch.compile(loss_no_grad, dynamic=False, fullgraph=True)
+    except Exception as error:  # noqa: BLE001 - any failure only means "no torch.compile rows"
+        _skip_note("torch.compile", shape, error, notes)
+        return []
+
+    def compile_fwd_bwd():
+        leaf = xt.detach().requires_grad_(True)
+        compiled_loss(leaf, yt).backward()
+        return leaf.grad
+
+    def compile_fwd():
+        with torch.no_grad():
+            return compiled_loss_no_grad(xt, yt)
+
+    return [
+        Contender("torch.compile fwd+bwd", "compile fwd+bwd", compile_fwd_bwd, compiles=True),
+        Contender("torch.compile fwd", "compile fwd", compile_fwd, compiles=True),
+    ]
+
+
+def _skip_note(name: str, shape, error: BaseException, notes: list[str]) -> None:
+    """One line on stderr (and in the table's notes): ``name`` left out on ``shape``, and why."""
+    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+    if len(reason) > 160:
+        reason = reason[:157] + "..."
+    message = f"{name} skipped on {shape[0]}x{shape[1]} ({reason})"
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")  # below the progress bar, not over it
+    print(f"note: {message}", file=sys.stderr, flush=True)
+    notes.append(message)
+
+
+def _warm_up_compiled(contenders: list[Contender], shape, notes: list[str], progress: Callable[[str], None]) -> None:
+    """Call each torch.compile contender once, which compiles it, outside the timed rounds;
+    keep the seconds as its ``warmup_s`` and leave out (from ``contenders``) any that raise."""
+    compiled = []
+    for contender in [c for c in contenders if c.compiles]:
+        progress(contender.name)
+        start = time.perf_counter()
+        try:
+            contender.run()
+        except Exception as error:  # noqa: BLE001 - no compiler, an Inductor error: skip, never crash
+            contenders.remove(contender)
+            _skip_note(contender.name, shape, error, notes)
+        else:
+            contender.warmup_s = time.perf_counter() - start
+            compiled.append(f"{contender.name.removeprefix('torch.compile ')} {contender.warmup_s:.1f} s")
+    if compiled:
+        notes.append(f"torch.compile's compile (first call, untimed) on {shape[0]}x{shape[1]}: {', '.join(compiled)}")
 
 
 def _parallel_copy():
@@ -202,8 +297,11 @@ def _logits(rng: np.random.Generator, n: int, n_classes: int, dtype) -> np.ndarr
     return x
 
 
-def run(shapes=DEFAULT_SHAPES, dtype="float32", threads=None, repeat=5, seed=0, progress=True):
-    """Time every contender on every shape; returns ``(header, rows, notes)``."""
+def run(shapes=DEFAULT_SHAPES, dtype="float32", threads=None, repeat=5, seed=0, progress=True, torch_compile=True):
+    """Time every contender on every shape; returns ``(header, rows, notes)``.
+
+    ``torch_compile``: also time torch.compile's rows (when torch is installed); each
+    shape compiles them first, untimed (seconds to tens of seconds a shape)."""
     if threads is None:
         threads = get_num_threads()
     set_num_threads(threads)
@@ -215,7 +313,13 @@ def run(shapes=DEFAULT_SHAPES, dtype="float32", threads=None, repeat=5, seed=0, 
     for n, n_classes in shapes:
         x = _logits(rng, n, n_classes, dtype)
         y = rng.integers(0, n_classes, n).astype(np.int64)
-        contenders = _contenders(x, y, threads, notes, n * n_classes <= REFERENCE_MAX_ELEMENTS)
+        contenders = _contenders(x, y, threads, notes, n * n_classes <= REFERENCE_MAX_ELEMENTS, torch_compile)
+
+        def compiling(name: str, label=f"{n}x{n_classes}", done=step) -> None:
+            if progress:
+                _progress(done, total, f"{label} {name}...")
+
+        _warm_up_compiled(contenders, (n, n_classes), notes, compiling)
         for round_index in range(repeat + 1):  # round 0 is the warm-up (and JIT compile)
             # each round starts one contender later, so none is always the one that runs
             # right after PyTorch has returned its big buffers to the OS
@@ -226,6 +330,8 @@ def run(shapes=DEFAULT_SHAPES, dtype="float32", threads=None, repeat=5, seed=0, 
                 elapsed = time.perf_counter() - start
                 if round_index:
                     contender.times.append(elapsed)
+                elif contender.warmup_s is None:
+                    contender.warmup_s = elapsed
             step += 1
             if progress:
                 _progress(step, total, f"{n}x{n_classes}")
@@ -244,8 +350,9 @@ def run(shapes=DEFAULT_SHAPES, dtype="float32", threads=None, repeat=5, seed=0, 
         "numba_threading_layer": _threading_layer(),
         "torch_allocator": "THP_MEM_ALLOC_ENABLE=" + os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        "torch_compile": torch_compile,  # asked for; a failed compile is in the notes, its rows absent
     }
-    return header, rows, sorted(set(notes))
+    return header, rows, list(dict.fromkeys(notes))  # once each, in the order they came
 
 
 def _threading_layer() -> str:
@@ -257,6 +364,15 @@ def _threading_layer() -> str:
         return "n/a"
 
 
+def _peer_time(by_kind: dict[str, float], peer: str, kind: str) -> float | None:
+    """The median of ``peer``'s row ("torch" or "compile") of the same base kind as
+    ``kind`` ("fwd+bwd" or "fwd"), or None: no such row, or ``kind`` is that row."""
+    base = kind.removeprefix("torch ").removeprefix("compile ")
+    if base == "floor" or kind == f"{peer} {base}":
+        return None
+    return by_kind.get(f"{peer} {base}")
+
+
 def _summarise(shape, itemsize, contenders) -> list[Row]:
     medians = {c.name: float(np.median(c.times)) for c in contenders}
     by_kind = {c.kind: medians[c.name] for c in contenders}
@@ -266,7 +382,8 @@ def _summarise(shape, itemsize, contenders) -> list[Row]:
     for c in contenders:
         t = medians[c.name]
         q25, q75 = np.percentile(c.times, [25, 75])
-        torch_time = by_kind.get("torch " + c.kind)
+        torch_time = _peer_time(by_kind, "torch", c.kind)
+        compile_time = _peer_time(by_kind, "compile", c.kind)
         rows.append(
             Row(
                 shape=shape,
@@ -276,8 +393,10 @@ def _summarise(shape, itemsize, contenders) -> list[Row]:
                 spread_pct=100 * (q75 - q25) / t,
                 gbps=bytes_moved / t / 1e9,
                 vs_torch=torch_time / t if torch_time else None,
+                vs_compile=compile_time / t if compile_time else None,
                 x_floor=t / floor if floor else None,
                 times_ms=[1e3 * v for v in c.times],
+                warmup_s=c.warmup_s,
             )
         )
     return rows
@@ -290,10 +409,11 @@ def format_table(header, rows, notes) -> str:
         f"median of {header['repeat']} interleaved rounds",
         f"{versions}; numba threading layer {header['numba_threading_layer']}; torch {header['torch_allocator']}; "
         f"OMP_WAIT_POLICY={header['omp_wait_policy']}",
-        "GB/s counts the floor's traffic (read N*C + write N*C); 'vs torch' compares loss+grad rows with "
-        "torch fwd+bwd and loss-only rows with torch fwd.",
+        "GB/s counts the floor's traffic (read N*C + write N*C); 'vs torch' and 'vs compile' are eager torch's "
+        "and torch.compile's time over the row's: loss+grad rows against fwd+bwd, loss-only rows against fwd.",
         "",
-        f"{'shape':>14}  {'contender':<36} {'median ms':>10} {'spread':>7} {'GB/s':>7} {'vs torch':>9} {'x floor':>8}",
+        f"{'shape':>14}  {'contender':<36} {'median ms':>10} {'spread':>7} {'GB/s':>7} {'vs torch':>9} "
+        f"{'vs compile':>10} {'x floor':>8}",
     ]
     last_shape = None
     for row in rows:
@@ -302,9 +422,10 @@ def format_table(header, rows, notes) -> str:
             lines.append("")
         last_shape = row.shape
         vs = f"{row.vs_torch:8.1f}x" if row.vs_torch else f"{'':>9}"
+        vc = f"{row.vs_compile:9.1f}x" if row.vs_compile else f"{'':>10}"
         fl = f"{row.x_floor:7.2f}x" if row.x_floor else f"{'':>8}"
         lines.append(
-            f"{shape:>14}  {row.name:<36} {row.median_ms:10.2f} {row.spread_pct:6.1f}% {row.gbps:7.1f} {vs} {fl}"
+            f"{shape:>14}  {row.name:<36} {row.median_ms:10.2f} {row.spread_pct:6.1f}% {row.gbps:7.1f} {vs} {vc} {fl}"
         )
     lines += [f"note: {note}" for note in notes]
     return "\n".join(lines)
@@ -476,10 +597,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--startup", action="store_true", help="also time a fresh process's import and first call (cache empty/warm)"
     )
+    parser.add_argument(
+        "--no-compile",
+        dest="torch_compile",
+        action="store_false",
+        help="leave out the torch.compile rows (each shape otherwise compiles them first: seconds to tens of seconds)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    header, rows, notes = run(args.shapes, args.dtype, args.threads, max(1, args.repeat))
+    header, rows, notes = run(
+        args.shapes, args.dtype, args.threads, max(1, args.repeat), torch_compile=args.torch_compile
+    )
     if args.plot:
         try:
             plot(rows, args.plot)
