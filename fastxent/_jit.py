@@ -35,13 +35,17 @@ from numba.extending import intrinsic
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 #: flags for the exponential: contraction into FMA only, no reassociation (see above).
 EXP_FASTMATH = frozenset({"contract"})
+#: IEEE division everywhere: numba's default ("python") checks every float division for a
+#: zero divisor to raise ZeroDivisionError, and that branch keeps LLVM from vectorising any
+#: loop that divides (the per-lane log and the gradient coefficients of the small-C layout)
+ERROR_MODEL = "numpy"
 
 
 def kernel(func=None, *, parallel: bool = True):
     """Decorator for a hot row kernel: parallel, cached, GIL-free, shared fastmath flags."""
 
     def wrap(f):
-        return numba.njit(parallel=parallel, cache=True, nogil=True, fastmath=set(FASTMATH))(f)
+        return numba.njit(parallel=parallel, cache=True, nogil=True, fastmath=set(FASTMATH), error_model=ERROR_MODEL)(f)
 
     return wrap(func) if func is not None else wrap
 
@@ -49,7 +53,13 @@ def kernel(func=None, *, parallel: bool = True):
 def helper(func):
     """Decorator for a per-row helper: inlined into the kernel by numba (so it takes the
     kernel's flags), which saves a call per row, the bulk of the time when C is small."""
-    return numba.njit(cache=True, nogil=True, inline="always", fastmath=set(FASTMATH))(func)
+    return numba.njit(cache=True, nogil=True, inline="always", fastmath=set(FASTMATH), error_model=ERROR_MODEL)(func)
+
+
+def outlined_helper(func):
+    """Decorator for a large per-row helper that numba must not inline (LLVM still may):
+    the kernels' flags, compiled once instead of into every kernel."""
+    return numba.njit(cache=True, nogil=True, fastmath=set(FASTMATH), error_model=ERROR_MODEL)(func)
 
 
 def exact_helper(func):
@@ -59,13 +69,13 @@ def exact_helper(func):
     an FMA cannot depend on the code around the call (loss only and loss+grad would
     otherwise differ in the last bit). ``fastmath=False`` must be explicit: numba gives a
     callee that does not set it its caller's fastmath flags."""
-    return numba.njit(cache=True, nogil=True, fastmath=False)(func)
+    return numba.njit(cache=True, nogil=True, fastmath=False, error_model=ERROR_MODEL)(func)
 
 
 def exp_helper(func):
     """Decorator for the elementary functions (``fast_log``): contraction into FMA only, no
     reassociation, so they round the same in every kernel that inlines them."""
-    return numba.njit(cache=True, nogil=True, fastmath=set(EXP_FASTMATH))(func)
+    return numba.njit(cache=True, nogil=True, fastmath=set(EXP_FASTMATH), error_model=ERROR_MODEL)(func)
 
 
 @intrinsic

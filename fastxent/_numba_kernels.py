@@ -61,8 +61,8 @@ from numba import prange, types
 from numba.extending import overload
 
 from ._jit import (
+    ERROR_MODEL,
     EXP_FASTMATH,
-    FASTMATH,
     exact_helper,
     exp_helper,
     float_as_int,
@@ -70,6 +70,7 @@ from ._jit import (
     int_as_float,
     kernel,
     kernel_math,
+    outlined_helper,
     two_to_the_rounded,
 )
 
@@ -86,8 +87,9 @@ N_STATS = 5
 #: and (index targets) the target term grad_scale (1-eps) w_y
 COEF_M, COEF_A, COEF_Y = 0, 1, 2
 
-#: SIMD lanes of the small-C layout: 16 rows at a time (one AVX-512 float32 vector)
-LANES = 16
+#: rows at a time in the small-C layout, one per SIMD lane (the loops over them are vectors;
+#: the kernels read the count from the lanes array, so LLVM does not unroll them away)
+LANES = 64
 #: classes up to which LOSS and GRAD run 16 rows across the lanes (read at call time)
 SMALL_C = 32
 #: logits per prange iteration (a block of whole rows); blocks go to the threads dynamically
@@ -129,7 +131,7 @@ def fast_exp(t):
     return math.exp(t)
 
 
-@overload(fast_exp, jit_options={"fastmath": set(EXP_FASTMATH)})
+@overload(fast_exp, jit_options={"fastmath": set(EXP_FASTMATH), "error_model": ERROR_MODEL})
 def _fast_exp_overload(t):
     if t == types.float32:
         c7, c6, c5, c4, c3, c2, c1, c0 = _EXP32_TAYLOR
@@ -180,7 +182,7 @@ def _fast_exp_overload(t):
     return None
 
 
-@numba.njit(cache=True)
+@kernel(parallel=False)
 def exp_array(t, out):
     """``out[j] = fast_exp(t[j])``: the exponential alone, for its accuracy test."""
     for j in range(t.shape[0]):
@@ -227,7 +229,7 @@ def fast_log(s):
     return result if s == s else s
 
 
-@numba.njit(cache=True)
+@kernel(parallel=False)
 def log_array(s, out):
     """``out[j] = fast_log(s[j])``: the logarithm alone, for its accuracy test."""
     for j in range(s.shape[0]):
@@ -260,7 +262,7 @@ def _row_max_short(row):
     return m
 
 
-@numba.njit(cache=True, nogil=True, fastmath=set(FASTMATH))
+@outlined_helper
 def _row_max_16_lanes(row):
     """``max_c row_c`` for long rows. A plain ``if v > m`` loop is a serial dependency
     chain that LLVM will not vectorise without ``nnan``; 16 independent lanes, combined at
@@ -436,7 +438,7 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e):
         return
     m = row_max(row)  # (1)
     x_y = np.float64(row[y_local]) if y_local >= 0 else 0.0
-    s = row_sum_exp(row, m, e)  # (2)
+    s = row_sum_exp(row, m, e) if mode != LOSS else row_sum_exp_only(row, m)  # (2)
     sw = row_smoothing_sum(row, m, weight, p.weighted) if p.smoothing else 0.0
     if mode == STATS:
         rowdata[i, STAT_M] = m
@@ -470,7 +472,7 @@ def _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, e):
         probability_grad_row(grad[i], e, ti, rowdata[i, COEF_A], weight, p)
         return
     m = row_max(row)  # (1)
-    s = row_sum_exp(row, m, e)  # (2)
+    s = row_sum_exp(row, m, e) if mode != LOSS else row_sum_exp_only(row, m)  # (2)
     a_sum, b_sum = row_target_sums(row, m, ti, weight, p)
     if mode == STATS:
         rowdata[i, STAT_M] = m
@@ -492,38 +494,39 @@ def _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, e):
 # For C <= SMALL_C a row's loop over its classes is too short to fill a vector, and the
 # per-row steps (the max's dependency chain, a log, a divide, the loss) would each cost a
 # scalar operation per row: ~15 ns a row, 9-11x the memory floor at C = 10. So 16 rows are
-# transposed into the thread's scratch (``buf[c * LANES + r] = x[r0 + r, c]``) and every
+# transposed into the thread's scratch (``buf[c * n_lanes + r] = x[r0 + r, c]``) and every
 # step becomes a loop over the classes of a 16-wide loop over the rows, which LLVM turns
 # into whole vectors: the max, exp, the float64 sums, log, the loss, the coefficients and
 # the gradient. Only the transposes and the target's gather remain per row. The lane state
 # lives in ``lanes`` (rows LANE_*, each LANES wide, float64).
-LANE_M, LANE_S, LANE_SW, LANE_MXY, LANE_WY, LANE_A, LANE_LOSS = 0, 1, 2, 3, 4, 5, 6
-N_LANE_ROWS = 8
+LANE_S, LANE_SW, LANE_MXY, LANE_WY, LANE_A, LANE_LOSS = 0, 1, 2, 3, 4, 5
+N_LANE_ROWS = 6
 
 
 @helper
-def _transpose_in(x, r0, k, buf):
-    """Rows r0..r0+k-1 of x into ``buf[c * LANES + r]``; the lanes past k hold 0."""
+def _transpose_in(x, r0, k, buf, n_lanes):
+    """Rows r0..r0+k-1 of x into ``buf[c * n_lanes + r]``; the lanes past k hold 0."""
     n_classes = x.shape[1]
-    for r in range(LANES):
+    for r in range(n_lanes):
         if r < k:
             row = x[r0 + r]
             for c in range(n_classes):
-                buf[c * LANES + r] = row[c]
+                buf[c * n_lanes + r] = row[c]
         else:
             for c in range(n_classes):
-                buf[c * LANES + r] = 0
+                buf[c * n_lanes + r] = 0
 
 
 @helper
-def _lanes_max(buf, n_classes, lanes):
-    """Step (1) on 16 rows: ``m = max_c buf[c, r]`` into LANE_M (exact, so any order)."""
-    m = lanes[LANE_M]
-    for r in range(LANES):
+def _lanes_max(buf, n_classes, n_lanes):
+    """Step (1) on the lanes' rows: ``m = max_c buf[c, r]``, in the logits' dtype, into the
+    slot after the classes, ``buf[C * n_lanes + r]`` (exact: any order)."""
+    m = buf[n_classes * n_lanes : (n_classes + 1) * n_lanes]
+    for r in range(n_lanes):
         m[r] = buf[r]
     for c in range(1, n_classes):
-        for r in range(LANES):
-            m[r] = _greater(m[r], buf[c * LANES + r])
+        for r in range(n_lanes):
+            m[r] = _greater(m[r], buf[c * n_lanes + r])
     return m
 
 
@@ -531,38 +534,39 @@ def _lanes_max(buf, n_classes, lanes):
 def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, buf, lanes):
     """Steps (1)-(4) for rows r0..r0+k-1 (k <= LANES) with class-index targets."""
     n_classes = x.shape[1]
-    dt = x.dtype.type
-    _transpose_in(x, r0, k, buf)
+    n_lanes = lanes.shape[1]
+    _transpose_in(x, r0, k, buf, n_lanes)
     # the smoothing sums need x, before step (2) overwrites buf
-    m = _lanes_max(buf, n_classes, lanes)  # (1)
+    m = _lanes_max(buf, n_classes, n_lanes)  # (1)
     sw = lanes[LANE_SW]
-    for r in range(LANES):
+    for r in range(n_lanes):
         sw[r] = 0.0
     if p.smoothing:
         for c in range(n_classes):
-            w = weight[c] if p.weighted else dt(1.0)
-            for r in range(LANES):
-                if p.weighted:
-                    sw[r] += w * (dt(m[r]) - buf[c * LANES + r])
-                else:
-                    sw[r] += dt(m[r]) - buf[c * LANES + r]
+            if p.weighted:
+                w = weight[c]
+                for r in range(n_lanes):
+                    sw[r] += w * (m[r] - buf[c * n_lanes + r])
+            else:
+                for r in range(n_lanes):
+                    sw[r] += m[r] - buf[c * n_lanes + r]
     # the target's logit and weight, per row (pad and ignored lanes: 0, never stored)
     m_minus_x_y = lanes[LANE_MXY]
     w_y = lanes[LANE_WY]
-    for r in range(LANES):
+    for r in range(n_lanes):
         m_minus_x_y[r] = 0.0
         w_y[r] = 0.0
         if r < k:
             label = y[r0 + r]
             if label != p.ignore_index:
-                m_minus_x_y[r] = m[r] - np.float64(x[r0 + r, label])
+                m_minus_x_y[r] = np.float64(m[r]) - np.float64(x[r0 + r, label])
                 w_y[r] = np.float64(weight[label]) if p.weighted else 1.0
     _lanes_exp(buf, n_classes, lanes)  # (2)
     s = lanes[LANE_S]
     a = lanes[LANE_A]
     row_loss = lanes[LANE_LOSS]
     smoothing = p.spread * p.weight_total if p.smoothing else 0.0
-    for r in range(LANES):  # (3), the same arithmetic as index_finish, 16 rows at once
+    for r in range(n_lanes):  # (3), the same arithmetic as index_finish, 16 rows at once
         row_loss[r] = index_row_loss(
             m_minus_x_y[r], fast_log(s[r]), sw[r], w_y[r], p.keep, p.spread, p.smoothing, p.weight_total
         )
@@ -572,81 +576,67 @@ def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, buf, lanes):
         loss[r0 + r] = 0.0 if ignored else row_loss[r]
     if mode == LOSS:
         return
-    b = dt(p.grad_scale * p.spread)
-    for c in range(n_classes):  # (4): g = e a - b w_c
-        if p.smoothing:
-            b_c = b * weight[c] if p.weighted else b
-        else:
-            b_c = dt(0.0)
-        for r in range(LANES):
-            buf[c * LANES + r] = buf[c * LANES + r] * dt(a[r]) - b_c
-    for r in range(k):  # transposed out, and the target's term
-        g = grad[r0 + r]
+    for r in range(k):  # (4), each row from its lane: the row layout's step, e strided
         label = y[r0 + r]
         if label == p.ignore_index:
-            g[:] = 0
+            grad[r0 + r, :] = 0
             continue
-        for c in range(n_classes):
-            g[c] = buf[c * LANES + r]
-        g[label] -= dt(p.grad_scale * p.keep * w_y[r])
+        e = buf[r : n_classes * n_lanes : n_lanes]
+        index_grad_row(grad[r0 + r], e, label, a[r], p.grad_scale * p.keep * w_y[r], weight, p)
 
 
 @helper
 def _lanes_exp(buf, n_classes, lanes):
-    """Step (2) on 16 rows whose max is in LANE_M: ``buf <- exp(buf - m)``, ``s`` into LANE_S."""
-    m = lanes[LANE_M]
+    """Step (2) on the lanes' rows, whose max follows the classes in buf: ``buf <- exp(buf - m)``, then
+    ``s`` into LANE_S. Two loops: with the float64 sum in the exp loop LLVM vectorises
+    neither well."""
+    n_lanes = lanes.shape[1]
+    m = buf[n_classes * n_lanes : (n_classes + 1) * n_lanes]
     s = lanes[LANE_S]
-    for r in range(LANES):
+    for r in range(n_lanes):
         s[r] = 0.0
     for c in range(n_classes):
-        for r in range(LANES):
-            e = fast_exp(buf[c * LANES + r] - buf.dtype.type(m[r]))
-            buf[c * LANES + r] = e
-            s[r] += e
+        for r in range(n_lanes):
+            buf[c * n_lanes + r] = fast_exp(buf[c * n_lanes + r] - m[r])
+        for r in range(n_lanes):
+            s[r] += buf[c * n_lanes + r]
 
 
 @helper
 def _probability_lanes(r0, k, x, t, weight, p, mode, loss, grad, buf, tbuf, lanes):
     """Steps (1)-(4) for rows r0..r0+k-1 (k <= LANES) with probability targets."""
     n_classes = x.shape[1]
-    _transpose_in(x, r0, k, buf)
-    _transpose_in(t, r0, k, tbuf)
-    m = _lanes_max(buf, n_classes, lanes)  # (1)
+    n_lanes = lanes.shape[1]
+    _transpose_in(x, r0, k, buf, n_lanes)
+    _transpose_in(t, r0, k, tbuf, n_lanes)
+    m = _lanes_max(buf, n_classes, n_lanes)  # (1)
     a_sum = lanes[LANE_SW]
     b_sum = lanes[LANE_MXY]
-    for r in range(LANES):
+    for r in range(n_lanes):
         a_sum[r] = 0.0
         b_sum[r] = 0.0
     for c in range(n_classes):  # (2) the target sums, in float64 (see row_target_sums)
         w = np.float64(weight[c]) if p.weighted else 1.0
-        for r in range(LANES):
-            wt = p.keep * np.float64(tbuf[c * LANES + r]) + p.spread
+        for r in range(n_lanes):
+            wt = p.keep * np.float64(tbuf[c * n_lanes + r]) + p.spread
             if p.weighted:
                 wt = w * wt
             a_sum[r] += wt
-            b_sum[r] += wt * (buf.dtype.type(m[r]) - buf[c * LANES + r])
+            b_sum[r] += wt * (m[r] - buf[c * n_lanes + r])
     _lanes_exp(buf, n_classes, lanes)  # (2)
     s = lanes[LANE_S]
     a = lanes[LANE_A]
     row_loss = lanes[LANE_LOSS]
-    for r in range(LANES):  # (3)
+    for r in range(n_lanes):  # (3)
         row_loss[r] = b_sum[r] + a_sum[r] * fast_log(s[r])
         a[r] = p.grad_scale * a_sum[r] / s[r]
     for r in range(k):
         loss[r0 + r] = row_loss[r]
     if mode == LOSS:
         return
-    for c in range(n_classes):  # (4) in float64, as probability_grad_row
-        w = np.float64(weight[c]) if p.weighted else 1.0
-        for r in range(LANES):
-            tc = p.keep * np.float64(tbuf[c * LANES + r]) + p.spread
-            if p.weighted:
-                tc = w * tc
-            buf[c * LANES + r] = np.float64(buf[c * LANES + r]) * a[r] - p.grad_scale * tc
-    for r in range(k):
-        g = grad[r0 + r]
-        for c in range(n_classes):
-            g[c] = buf[c * LANES + r]
+    for r in range(k):  # (4), each row from its lane: the row layout's step, e strided
+        e = buf[r : n_classes * n_lanes : n_lanes]
+        probability_grad_row(grad[r0 + r], e, t[r0 + r], a[r], weight, p)
 
 
 # --- the kernels: one per target kind (and dtype), every mode and layout -------------
@@ -677,7 +667,7 @@ def _xent_probability_kernel(x, t, weight, p, mode, small, block_rows, loss, gra
         r0 = b * block_rows
         r1 = min(n, r0 + block_rows)
         if small:
-            width = LANES * n_classes
+            width = LANES * (n_classes + 1)
             for g0 in range(r0, r1, LANES):
                 _probability_lanes(
                     g0,
@@ -690,7 +680,7 @@ def _xent_probability_kernel(x, t, weight, p, mode, small, block_rows, loss, gra
                     loss,
                     grad,
                     buf[:width],
-                    buf[width : 2 * width],
+                    buf[width:],
                     lanes[thread],
                 )
         else:
@@ -740,9 +730,9 @@ def _logsumexp_kernel(x, out):
             out[i] = m + math.log(row_sum_exp_only(row, m))
 
 
-@numba.njit(cache=True, nogil=True)
+@exact_helper
 def _sum_exp_unshifted(row):
-    """``sum_c exp(row_c)`` with libm's exp: the rare rows whose max is infinite."""
+    """``sum_c exp(row_c)`` with libm's exp, in order: the rare rows whose max is infinite."""
     s = 0.0
     for c in range(row.shape[0]):
         s += math.exp(row[c])
@@ -929,7 +919,8 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
         return
     small = small_ok and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
     block_rows = rows_per_block(n_classes)
-    width = (2 * LANES if small else 1) * n_classes
+    # a row; or the lanes' rows transposed and their max (probability targets: twice)
+    width = (2 if kernel_function is _xent_probability_kernel else 1) * LANES * (n_classes + 1) if small else n_classes
     scratch, lanes = _scratch(x.dtype, width)
     if grad is None:
         grad = np.empty((1, n_classes), x.dtype)  # never written
