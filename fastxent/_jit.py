@@ -133,6 +133,44 @@ def int_as_float(typingctx, i):
     return result_type(i), codegen
 
 
+@intrinsic
+def prefetch_for_write(typingctx, array, index):
+    """A hint that ``array.flat[index]`` (C-contiguous) is about to be written: LLVM's
+    ``llvm.prefetch`` with rw=1. Takes the write-allocate miss of the line off the path of
+    the stores that follow (scalar stores of a fresh output row otherwise each wait for it)."""
+    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        data = context.make_array(array_type)(context, builder, args[0]).data
+        pointer = builder.gep(data, [args[1]])
+        void_pointer = builder.bitcast(pointer, ir.IntType(8).as_pointer())
+        module = builder.module
+        function_type = ir.FunctionType(
+            ir.VoidType(), [void_pointer.type, ir.IntType(32), ir.IntType(32), ir.IntType(32)]
+        )
+        prefetch = cgutils_get_or_insert_function(module, function_type, "llvm.prefetch.p0i8")
+        builder.call(
+            prefetch,
+            [
+                void_pointer,
+                ir.Constant(ir.IntType(32), 1),
+                ir.Constant(ir.IntType(32), 3),
+                ir.Constant(ir.IntType(32), 1),
+            ],
+        )
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
+def cgutils_get_or_insert_function(module, function_type, name):
+    from numba.core import cgutils
+
+    return cgutils.get_or_insert_function(module, function_type, name)
+
+
 # The kernels call ``math.log``/``math.exp``/``math.isinf`` through ``kernel_math``: the math
 # module itself when compiled. Under NUMBA_DISABLE_JIT=1 (the coverage run) the kernels run
 # as Python, where ``math.log(0.0)`` and ``math.exp(1000.0)`` raise instead of returning
@@ -160,6 +198,9 @@ if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (the coverage run): plain-Py
         if value.dtype not in _BITS:  # a Python float is a float64
             value = value.astype(np.float64)
         return value.view(_BITS[value.dtype])[()]
+
+    def prefetch_for_write(array, index):  # noqa: F811 - a hint only
+        return None
 
     def int_as_float(i):  # noqa: F811
         value = np.asarray(i)
