@@ -1,6 +1,6 @@
 """The plain NumPy reference: the oracle every kernel is tested against, and the last fallback.
 
-Everything here is computed in float64 straight from the formulas of SEMANTICS.md, with no
+Everything here is computed in float64 straight from the formulas of docs/SEMANTICS.md, with no
 attempt at speed. Shapes are 2-D: logits ``x`` is ``(n, C)``; index targets ``y`` are ``(n,)``;
 probability targets ``t`` are ``(n, C)``.
 

@@ -156,9 +156,19 @@ def _use_torch(input, target, weight, label_smoothing) -> bool:
         return True
     if not 0.0 <= label_smoothing <= 1.0:  # also NaN
         return True
-    if torch.compiler.is_compiling() or _is_functorch_wrapped(input):
+    if _is_compiling() or _is_functorch_wrapped(input):
         return True
     return torch.autograd.forward_ad.unpack_dual(input).tangent is not None
+
+
+def _is_compiling() -> bool:
+    """``torch.compiler.is_compiling()`` (torch >= 2.3), else ``torch._dynamo.is_compiling()``."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    if check is not None:
+        return bool(check())
+    from torch._dynamo import is_compiling  # torch 2.1, 2.2
+
+    return bool(is_compiling())
 
 
 def _is_functorch_wrapped(t: Tensor) -> bool:

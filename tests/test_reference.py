@@ -4,7 +4,7 @@
 against itself. Here it (and the public API with ``backend="numpy"``, which wraps it) meets:
 
 - ``scipy.special`` (``logsumexp``, ``log_softmax``, ``softmax``, ``entr``, ``rel_entr``);
-- the per-row formulas of SEMANTICS.md written out again below in plain Python loops over
+- the per-row formulas of docs/SEMANTICS.md written out again below in plain Python loops over
   Python floats (``math.exp``/``math.log``), for loss, gradient and every reduction;
 - central finite differences of the loss, in float64, over the full option matrix, for
   the gradient;
@@ -43,7 +43,7 @@ FD_SCALE = 1e3
 FD_STEP = 2.0**-10  # a power of two, and logits on a 2**-20 grid: x +- k h is exact
 
 
-# --- the independent oracles: SEMANTICS.md in plain Python -------------------------------
+# --- the independent oracles: docs/SEMANTICS.md in plain Python --------------------------
 
 
 def hand_lse(row):
@@ -63,7 +63,7 @@ def hand_reduce(losses, grads, reduction, denominator):
 
 
 def hand_index(x, y, weight, ignore_index, eps, reduction):
-    """SEMANTICS.md, class-index targets, loop by loop. ``(loss, grad)``, grad of the loss."""
+    """docs/SEMANTICS.md, class-index targets, loop by loop. ``(loss, grad)``, grad of the loss."""
     rows = np.asarray(x, F64).tolist()
     labels = [int(v) for v in np.asarray(y).reshape(-1)]
     n_classes = len(rows[0]) if rows else 0
@@ -90,7 +90,7 @@ def hand_index(x, y, weight, ignore_index, eps, reduction):
 
 
 def hand_probability(x, t, weight, eps, reduction):
-    """SEMANTICS.md, probability targets, loop by loop. ``(loss, grad)``, grad of the loss."""
+    """docs/SEMANTICS.md, probability targets, loop by loop. ``(loss, grad)``, grad of the loss."""
     rows = np.asarray(x, F64).tolist()
     targets = np.asarray(t, F64).tolist()
     n_classes = len(rows[0]) if rows else 0

@@ -440,6 +440,24 @@ def test_fallback_soft_target_requiring_grad_and_negative_smoothing(torch_calls)
     assert len(torch_calls) == 4
 
 
+def test_fallback_under_torch_compile(monkeypatch):
+    """Traced by ``torch.compile`` (the "eager" backend: dynamo without a C++ compile), the
+    adapter sees ``_is_compiling()`` and hands the op to PyTorch; the numbers are PyTorch's."""
+    seen = []
+    is_compiling = fxt._is_compiling
+    monkeypatch.setattr(fxt, "_is_compiling", lambda: seen.append(is_compiling()) or seen[-1])
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    compiled = torch.compile(lambda a: fxt.cross_entropy(a, y, label_smoothing=0.1), backend="eager")
+    loss = compiled(x)
+    expected = F.cross_entropy(x, y, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(expected, x)[0])
+    assert seen and all(seen)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(
     "reduction, kind, weighted, eps",
     [("mean", "index", True, 0.1), ("none", "index", False, 0.0), ("sum", "probability", True, 0.2)],

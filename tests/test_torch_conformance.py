@@ -8,7 +8,7 @@ returned loss; for ``reduction="none"`` of the sum of the rows, as ``loss.sum().
 
 The matrix is sampled, not multiplied out: the options that interact (reduction x target
 kind x weight x ignore_index x label_smoothing) are a full cross-product in float64; dtype,
-label dtype, memory layout and shape each vary separately around it. Where SEMANTICS.md
+label dtype, memory layout and shape each vary separately around it. Where docs/SEMANTICS.md
 deliberately differs from PyTorch, the test asserts the spec and says so.
 """
 
@@ -433,7 +433,7 @@ def test_wide_rows_with_large_spread(backend, rng, n_classes, kind, dtype):
         check_vs_torch(x, target, backend, weight=make_weight(rng, n_classes), reduction=reduction, label_smoothing=0.1)
 
 
-# --- degenerate cases of SEMANTICS.md ------------------------------------------------
+# --- degenerate cases of docs/SEMANTICS.md -------------------------------------------
 
 
 @pytest.mark.parametrize("n_classes", [2, 37], ids=["C2", "C37"])
@@ -487,7 +487,7 @@ def test_zero_weight_denominator(backend, rng, dtype, label_smoothing):
     """D = 0 because every kept row's class has weight 0.
 
     DELIBERATE DIFFERENCE FROM PYTORCH: torch returns a NaN gradient for "mean" here (0/0);
-    SEMANTICS.md says the gradient is all zeros. The loss (NaN) agrees with torch."""
+    docs/SEMANTICS.md says the gradient is all zeros. The loss (NaN) agrees with torch."""
     x = make_logits(rng, (5, 4), dtype)
     y = np.array([0, 1, 0, -100, 1])
     weight = np.array([0.0, 0.0, 1.0, 2.0])
@@ -581,7 +581,7 @@ def test_nan_logit(backend, dtype, kind):
 @pytest.mark.parametrize("kind", ["index", "probability"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_pos_inf_logit(backend, dtype, kind):
-    """+inf is not in SEMANTICS.md; torch gives a NaN row (inf - inf), loss and gradient."""
+    """+inf is not in docs/SEMANTICS.md; torch gives a NaN row (inf - inf), loss and gradient."""
     x = np.array([[np.inf, 0.0, 1.0], [0.0, 1.0, 2.0]], dtype)
     target = np.array([0, 1]) if kind == "index" else np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype)
     loss, grad = check_vs_torch(x, target, backend, reduction="none")
