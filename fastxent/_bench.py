@@ -18,6 +18,7 @@ contender's, of the same kind: loss+grad against fwd+bwd, loss only against fwd.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -27,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -105,19 +107,21 @@ def _contenders(
             Contender(
                 f"fastxent[{backend}] loss+grad",
                 "fwd+bwd",
-                lambda b=backend: _api.cross_entropy_with_grad(x, y, backend=b),
+                functools.partial(_api.cross_entropy_with_grad, x, y, backend=backend),
             ),
             Contender(
                 f"fastxent[{backend}] loss+grad out=",
                 "fwd+bwd",
-                lambda b=backend: _api.cross_entropy_with_grad(x, y, backend=b, out=grad_out),
+                functools.partial(_api.cross_entropy_with_grad, x, y, backend=backend, out=grad_out),
             ),
             Contender(
                 f"fastxent[{backend}] in place",
                 "fwd+bwd",
-                lambda b=backend: _api.cross_entropy_with_grad(in_place, y, backend=b, out=in_place),
+                functools.partial(_api.cross_entropy_with_grad, in_place, y, backend=backend, out=in_place),
             ),
-            Contender(f"fastxent[{backend}] loss only", "fwd", lambda b=backend: _api.cross_entropy(x, y, backend=b)),
+            Contender(
+                f"fastxent[{backend}] loss only", "fwd", functools.partial(_api.cross_entropy, x, y, backend=backend)
+            ),
         ]
     if with_reference:
         found.append(
@@ -443,6 +447,7 @@ def plot(rows, path: str) -> None:
     colours = plt.cm.tab20(np.linspace(0, 1, 20))
     for index, name in enumerate(names):
         mine = sorted((r for r in rows if r.name == name), key=lambda r: r.shape[1])
+        style: dict[str, Any]
         if mine[0].kind == "floor":
             style = {"color": "black", "linestyle": "--", "linewidth": 2}
         elif name.startswith(("torch", "jax", "numpy")):  # the peers: squares, thin lines
@@ -572,12 +577,12 @@ def startup_times() -> dict[str, float]:
 
 def _parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     try:
-        shapes = tuple(tuple(int(v) for v in item.lower().split("x")) for item in text.split(","))
+        parsed = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"shapes look like 4096x32000,65536x128; got {text!r}") from None
-    if any(len(s) != 2 or min(s) < 1 for s in shapes):
+    if any(len(s) != 2 or min(s) < 1 for s in parsed):
         raise argparse.ArgumentTypeError(f"shapes look like 4096x32000,65536x128; got {text!r}")
-    return shapes
+    return tuple((s[0], s[1]) for s in parsed)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _cy_xent
+from . import _cy_xent  # type: ignore[attr-defined]  # the compiled extension: no stub
 
 #: the extension module itself (its positional interface, for tests and benchmarks)
 extension = _cy_xent

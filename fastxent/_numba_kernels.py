@@ -1087,13 +1087,13 @@ COMPILED = {
 
 def warm_up(function: str, dtype: np.dtype) -> None:
     """Compile (or load from the cache) every kernel that ``function`` runs for ``dtype``."""
-    from ._spec import LossSpec
+    from ._spec import LossSpec, TargetKind
 
     x = np.zeros((2, 3), dtype)
     x.flags.writeable = False
     loss = np.empty(2)
     if function in ("xent_index", "xent_probability"):
-        kind = "index" if function == "xent_index" else "probability"
+        kind: TargetKind = "index" if function == "xent_index" else "probability"
         params = LossSpec.create(kind).params(n_classes=3, weight_total=3.0, grad_scale=1.0, weighted=False)
         weight = np.empty(0, dtype)
         weight.flags.writeable = False
@@ -1101,8 +1101,8 @@ def warm_up(function: str, dtype: np.dtype) -> None:
         target.flags.writeable = False
         if kind == "index":
             label_stats(target, 3, -100, weight)
-        run = xent_index if kind == "index" else xent_probability
-        run(x, target, weight, params, loss, np.empty((2, 3), dtype))
+        fused = xent_index if kind == "index" else xent_probability
+        fused(x, target, weight, params, loss, np.empty((2, 3), dtype))
         stats = np.zeros((2, N_STATS))
         row_stats(kind, x, target, weight, params, stats)
         finish(kind, stats, target, weight, params, loss, np.zeros((2, 3)))
