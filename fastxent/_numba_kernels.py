@@ -63,6 +63,7 @@ from numba.extending import overload
 from ._jit import (
     ERROR_MODEL,
     EXP_FASTMATH,
+    FASTMATH,
     exact_helper,
     exp_helper,
     float_as_int,
@@ -247,10 +248,11 @@ def _greater(a, b):
 
 @helper
 def row_max(row):
-    """Step (1): ``max_c row_c``. NaN is ignored here; it reaches the result through
-    ``exp`` in step (2). Short rows take a plain loop; long rows the 16-lane version."""
+    """Step (1): ``max_c row_c``. A NaN reaches the results through ``exp`` in step (2)
+    whether or not it is taken as the max. Short rows take a plain loop; long rows the
+    integer-key version (vectorised)."""
     if row.shape[0] >= 64:
-        return _row_max_16_lanes(row)
+        return _row_max_long(row)
     return _row_max_short(row)
 
 
@@ -263,40 +265,37 @@ def _row_max_short(row):
     return m
 
 
-@outlined_helper
-def _row_max_16_lanes(row):
-    """``max_c row_c`` for long rows. A plain ``if v > m`` loop is a serial dependency
-    chain that LLVM will not vectorise without ``nnan``; 16 independent lanes, combined at
-    the end, vectorise into one AVX-512 compare-and-blend per 16 floats. Not inlined by
-    numba (LLVM still may): it is a large body, and inlining it into every kernel tripled
-    their compile time for no measurable gain."""
-    n_classes = row.shape[0]
-    m = row[0]
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = m
-    m8 = m9 = m10 = m11 = m12 = m13 = m14 = m15 = m
-    blocked = n_classes - n_classes % 16
-    for c in range(0, blocked, 16):
-        m0 = _greater(m0, row[c])
-        m1 = _greater(m1, row[c + 1])
-        m2 = _greater(m2, row[c + 2])
-        m3 = _greater(m3, row[c + 3])
-        m4 = _greater(m4, row[c + 4])
-        m5 = _greater(m5, row[c + 5])
-        m6 = _greater(m6, row[c + 6])
-        m7 = _greater(m7, row[c + 7])
-        m8 = _greater(m8, row[c + 8])
-        m9 = _greater(m9, row[c + 9])
-        m10 = _greater(m10, row[c + 10])
-        m11 = _greater(m11, row[c + 11])
-        m12 = _greater(m12, row[c + 12])
-        m13 = _greater(m13, row[c + 13])
-        m14 = _greater(m14, row[c + 14])
-        m15 = _greater(m15, row[c + 15])
-    for c in range(blocked, n_classes):
-        m0 = _greater(m0, row[c])
-    m0 = _greater(_greater(_greater(m0, m1), _greater(m2, m3)), _greater(_greater(m4, m5), _greater(m6, m7)))
-    m8 = _greater(_greater(_greater(m8, m9), _greater(m10, m11)), _greater(_greater(m12, m13), _greater(m14, m15)))
-    return _greater(m0, m8)
+def _row_max_long(row):
+    """``max_c row_c`` for long rows (the overload below does the work)."""
+    return np.max(row)
+
+
+# A float max loop is a select chain that LLVM will not vectorise without ``nnan``. But
+# IEEE floats are ordered like signed integers once the magnitude bits of the negative
+# ones are flipped (``key = i ^ ((i >> (w-1)) & (2**(w-1) - 1))``, an involution), and an
+# integer max is a reduction LLVM vectorises (measured 0.24 -> 0.14 ns a float32 element,
+# one thread). -0.0 orders below +0.0, which neither changes exp(x - m) nor the sums; a
+# NaN with the sign bit clear orders above +inf and becomes the max (its row's results
+# are NaN either way: exp(NaN - m) reaches every one of them).
+@overload(_row_max_long, jit_options={"fastmath": set(FASTMATH), "error_model": ERROR_MODEL})
+def _row_max_long_overload(row):
+    if row.dtype == types.float32:
+        int_type, shift, magnitude = np.int32, np.int32(31), np.int32(0x7FFFFFFF)
+    elif row.dtype == types.float64:
+        int_type, shift, magnitude = np.int64, np.int64(63), np.int64(0x7FFFFFFFFFFFFFFF)
+    else:
+        return None
+    lowest = int_type(np.iinfo(int_type).min)
+
+    def row_max_by_keys(row):
+        best = lowest
+        for c in range(row.shape[0]):
+            i = float_as_int(row[c])
+            key = int_type(i ^ int_type(int_type(i >> shift) & magnitude))
+            best = key if key > best else best
+        return int_as_float(int_type(best ^ int_type(int_type(best >> shift) & magnitude)))
+
+    return row_max_by_keys
 
 
 @helper
