@@ -192,42 +192,40 @@ def exp_array(t, out):
 
 
 # --- the vectorisable logarithm ------------------------------------------------------
-# log(s) for the row sums s >= 1 (float64), as k ln2 + log f with s = 2**k f and f in
-# [sqrt(2)/2, sqrt(2)) (musl's split: the exponent and mantissa come from the bits, so the
-# whole function is integer and float arithmetic that vectorises); log f = 2 atanh(u),
-# u = (f - 1)/(f + 1), |u| <= 0.172, by its series to u**21 (truncation < 1e-17
-# relative); ln2 in two parts. Measured < 1 ulp against mpmath on 20,000 points in
-# [1, 2e5] (tests/test_exp.py). NaN in, NaN out. The libm call it replaces is a scalar
-# call per row: the bulk of the per-row cost for few classes.
+# log(s) for the row sums s >= 1 (float64), fdlibm's e_log.c made branch-free: s = 2**k f
+# with f in [sqrt(2)/2, sqrt(2)) (exponent and mantissa from the bits, musl's split), then
+# with the exact t = f - 1, u = t / (2 + t):
+#     log f = t - (t*t/2 - u (t*t/2 + R(u*u))),  R a degree-7 minimax fit (fdlibm's Lg1..Lg7)
+# and ln2 in two parts. < 1 ulp (tests/test_log.py, against mpmath). NaN in, NaN out. All
+# integer and float arithmetic, so it vectorises; the libm call it replaces was a scalar
+# call per row, the bulk of the per-row cost for few classes.
 _LOG_LN2_HI = 6.93147180369123816490e-01
 _LOG_LN2_LO = 1.90821492927058770002e-10
 _LOG_SQRT_HALF_BITS = 0x3FE6A09E667F3BCD  # sqrt(2)/2
 _LOG_ONE_BITS = 0x3FF0000000000000
 _LOG_MANTISSA = 0x000FFFFFFFFFFFFF
-_LOG_SERIES = tuple(1.0 / (2 * j + 1) for j in range(10, 0, -1))  # 1/21, 1/19, ..., 1/3
+_LG1, _LG2, _LG3, _LG4 = (
+    6.666666666666735130e-01,
+    3.999999999940941908e-01,
+    2.857142874366239149e-01,
+    2.222219843214978396e-01,
+)
+_LG5, _LG6, _LG7 = 1.818357216161805012e-01, 1.531383769920937332e-01, 1.479819860511658591e-01
 
 
 @exp_helper
 def fast_log(s):
     """``log(s)`` for float64 ``s > 0`` (normal), vectorisable; NaN propagates."""
-    c21, c19, c17, c15, c13, c11, c9, c7, c5, c3 = _LOG_SERIES
     bits = float_as_int(s) + np.int64(_LOG_ONE_BITS - _LOG_SQRT_HALF_BITS)
     k = np.float64((bits >> np.int64(52)) - np.int64(1023))
     f = int_as_float((bits & np.int64(_LOG_MANTISSA)) + np.int64(_LOG_SQRT_HALF_BITS))
-    u = (f - 1.0) / (f + 1.0)
+    t = f - 1.0  # exact
+    half_t2 = 0.5 * t * t
+    u = t / (2.0 + t)
     z = u * u
-    p = c21
-    p = p * z + c19
-    p = p * z + c17
-    p = p * z + c15
-    p = p * z + c13
-    p = p * z + c11
-    p = p * z + c9
-    p = p * z + c7
-    p = p * z + c5
-    p = p * z + c3
-    two_u = u + u
-    result = k * _LOG_LN2_HI + (k * _LOG_LN2_LO + (two_u + two_u * z * p))
+    w = z * z
+    r = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
+    result = k * _LOG_LN2_HI - ((half_t2 - (u * (half_t2 + r) + k * _LOG_LN2_LO)) - t)
     return result if s == s else s
 
 
