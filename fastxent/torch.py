@@ -381,6 +381,9 @@ def cross_entropy(
         return F.cross_entropy(
             input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
+    if ignore_index >= 0 and target.is_floating_point():
+        # torch's own check and words (the NumPy API raises a ValueError for the same call)
+        raise RuntimeError("ignore_index is not supported for floating point target")
     if torch.is_grad_enabled() and input.requires_grad:
         if inplace_backward:
             _check_inplace(input)

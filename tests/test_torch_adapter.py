@@ -497,6 +497,28 @@ def test_errors_like_torch():
         fxt.cross_entropy(x, torch.tensor([0, 1, 1]), label_smoothing=1.5)
 
 
+@pytest.mark.parametrize("ignore_index", [0, 1, 3])
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_ignore_index_with_probability_targets_raises_as_torch(ignore_index, requires_grad):
+    x = torch.randn(3, 4, requires_grad=requires_grad)
+    target = torch.softmax(torch.randn(3, 4), 1)
+    message = "ignore_index is not supported for floating point target"
+    with pytest.raises(RuntimeError, match=message):  # torch's own check, the reference
+        F.cross_entropy(x, target, ignore_index=ignore_index)
+    with pytest.raises(RuntimeError, match=message):
+        fxt.cross_entropy(x, target, ignore_index=ignore_index)
+    with pytest.raises(RuntimeError, match=message):
+        fxt.CrossEntropyLoss(ignore_index=ignore_index)(x, target)
+
+
+def test_negative_ignore_index_with_probability_targets_is_accepted_as_torch():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    target = torch.softmax(torch.randn(3, 4, dtype=torch.float64), 1)
+    expected = F.cross_entropy(x, target, ignore_index=-5)
+    torch.testing.assert_close(fxt.cross_entropy(x, target, ignore_index=-5), expected)
+    torch.testing.assert_close(fxt.CrossEntropyLoss(ignore_index=-1)(x, target), expected)
+
+
 def test_import_fastxent_does_not_import_torch():
     code = "import sys, fastxent; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(fastxent.__file__).parents[1])
