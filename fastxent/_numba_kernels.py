@@ -74,6 +74,7 @@ from ._jit import (
     outlined_helper,
     prefetch_for_write,
     two_to_the_rounded,
+    wide_vectors,
 )
 
 math = kernel_math  # noqa: F811 - the math module itself when compiled (see _jit.kernel_math)
@@ -534,6 +535,7 @@ def _lanes_max(buf, n_classes, n_lanes):
 @outlined_helper
 def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, buf, lanes):
     """Steps (1)-(4) for rows r0..r0+k-1 (k <= LANES) with class-index targets."""
+    wide_vectors()
     n_classes = x.shape[1]
     n_lanes = lanes.shape[1]
     if mode != LOSS:
@@ -625,6 +627,7 @@ def _lanes_exp(buf, n_classes, lanes):
 @outlined_helper
 def _probability_lanes(r0, k, x, t, weight, p, mode, loss, grad, buf, tbuf, lanes):
     """Steps (1)-(4) for rows r0..r0+k-1 (k <= LANES) with probability targets."""
+    wide_vectors()
     n_classes = x.shape[1]
     n_lanes = lanes.shape[1]
     _transpose_in(x, r0, k, buf, n_lanes)
@@ -681,6 +684,7 @@ def _index_rows(r0, r1, x, y, weight, p, mode, loss, grad, rowdata, buf):
 
 @outlined_helper
 def _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf):
+    wide_vectors()
     for i in range(r0, r1):
         _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, buf)
 
@@ -689,6 +693,7 @@ def _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf):
 def _xent_index_kernel(x, y, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes):
     n = x.shape[0]
     for b in prange((n + block_rows - 1) // block_rows):
+        wide_vectors()
         thread = numba.get_thread_id()
         buf = scratch[thread]
         r0 = b * block_rows
@@ -704,6 +709,7 @@ def _xent_index_kernel(x, y, weight, p, mode, small, block_rows, loss, grad, row
 def _xent_probability_kernel(x, t, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes):
     n, n_classes = x.shape
     for b in prange((n + block_rows - 1) // block_rows):
+        wide_vectors()
         thread = numba.get_thread_id()
         buf = scratch[thread]
         r0 = b * block_rows
@@ -763,6 +769,7 @@ def _finish_probability_kernel(stats, p, loss, coef):
 def _logsumexp_kernel(x, out):
     """``out_i = m + log(sum_c exp(x_ic - m))``, steps (1)-(3); out (n,) of x's dtype."""
     for i in prange(x.shape[0]):
+        wide_vectors()
         row = x[i]
         m = row_max(row)
         if math.isinf(m):  # as torch: all -inf -> log 0 = -inf; a +inf -> +inf (not inf - inf)
@@ -804,24 +811,28 @@ def _softmax_row(row, o):
 @kernel
 def _log_softmax_kernel(x, out):
     for i in prange(x.shape[0]):
+        wide_vectors()
         _log_softmax_row(x[i], out[i])
 
 
 @kernel
 def _log_softmax_in_place_kernel(x):
     for i in prange(x.shape[0]):
+        wide_vectors()
         _log_softmax_row(x[i], x[i])
 
 
 @kernel
 def _softmax_kernel(x, out):
     for i in prange(x.shape[0]):
+        wide_vectors()
         _softmax_row(x[i], out[i])
 
 
 @kernel
 def _softmax_in_place_kernel(x):
     for i in prange(x.shape[0]):
+        wide_vectors()
         _softmax_row(x[i], x[i])
 
 
