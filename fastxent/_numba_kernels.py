@@ -32,8 +32,8 @@ says which phases run and what is written:
   ``finish`` computed from the merged statistics (``rowdata`` columns ``COEF_*``).
 
 The LAYOUT is chosen per call as well: for few classes (``C <= SMALL_C``, modes LOSS and
-GRAD) 16 rows are transposed into scratch so that the SIMD lanes run over ROWS: max, exp,
-sums, log, the loss and the gradient of 16 rows are then each one vector loop over the
+GRAD) LANES = 64 rows are transposed into scratch so that the SIMD lanes run over ROWS: max, exp,
+sums, log, the loss and the gradient of those rows are then each one vector loop over the
 classes, with no per-row scalar work but the target's gather. Otherwise one row at a time,
 the lanes over the classes.
 
@@ -93,7 +93,7 @@ COEF_M, COEF_A, COEF_Y = 0, 1, 2
 #: rows at a time in the small-C layout, one per SIMD lane (the loops over them are vectors;
 #: the kernels read the count from the lanes array, so LLVM does not unroll them away)
 LANES = 64
-#: classes up to which LOSS and GRAD run 16 rows across the lanes (read at call time)
+#: classes up to which LOSS and GRAD run LANES rows across the lanes (read at call time)
 SMALL_C = 32
 #: logits per prange iteration (a block of whole rows); blocks go to the threads dynamically
 BLOCK_ELEMENTS = 1 << 15
@@ -492,12 +492,12 @@ def _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, e):
         probability_grad_row(grad[i], e, ti, a, weight, p)
 
 
-# --- few classes: 16 rows across the SIMD lanes ---------------------------------------
+# --- few classes: 64 rows across the SIMD lanes ---------------------------------------
 # For C <= SMALL_C a row's loop over its classes is too short to fill a vector, and the
 # per-row steps (the max's dependency chain, a log, a divide, the loss) would each cost a
-# scalar operation per row: ~15 ns a row, 9-11x the memory floor at C = 10. So 16 rows are
+# scalar operation per row: ~15 ns a row, 9-11x the memory floor at C = 10. So LANES = 64 rows are
 # transposed into the thread's scratch (``buf[c * n_lanes + r] = x[r0 + r, c]``) and every
-# step becomes a loop over the classes of a 16-wide loop over the rows, which LLVM turns
+# step becomes a loop over the classes of a 64-long loop over the rows (four 16-wide vectors), which LLVM turns
 # into whole vectors: the max, exp, the float64 sums, log, the loss, the coefficients and
 # the gradient. Only the transposes and the target's gather remain per row. The lane state
 # lives in ``lanes`` (rows LANE_*, each LANES wide, float64).
@@ -576,7 +576,7 @@ def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, buf, lanes):
     a = lanes[LANE_A]
     row_loss = lanes[LANE_LOSS]
     smoothing = p.spread * p.weight_total if p.smoothing else 0.0
-    for r in range(n_lanes):  # (3), the same arithmetic as index_finish, 16 rows at once
+    for r in range(n_lanes):  # (3), the same arithmetic as index_finish, the lanes at once
         row_loss[r] = index_row_loss(
             m_minus_x_y[r], fast_log(s[r]), sw[r], w_y[r], p.keep, p.spread, p.smoothing, p.weight_total
         )

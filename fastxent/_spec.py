@@ -13,7 +13,7 @@ What is decided at compile time and what at run time (see docs/DESIGN.md for the
   storage dtype (float32 / float64);
 - run time, per block of rows: the mode (loss only, loss and gradient, in place, the row
   statistics of a class shard, the gradient of a class shard) and the layout (rows one at
-  a time, or for few classes 16 rows across the SIMD lanes);
+  a time, or for few classes 64 rows across the SIMD lanes);
 - run time, per call: every scalar in ``Params``.
 """
 
