@@ -92,3 +92,41 @@ def test_row_kernels_modes_agree_bitwise(dtype, n_classes, kind, options):
         np.testing.assert_allclose(loss_only, loss, rtol=rtol, atol=0)
         np.testing.assert_allclose(loss, loss_in_place, rtol=rtol, atol=0)
         np.testing.assert_allclose(grad, grad_in_place, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_classes", [1, 10, 33, 130])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+@pytest.mark.parametrize("mode", ["loss only", "grad", "in place"])
+def test_every_output_element_is_written(dtype, n_classes, kind, mode):
+    """The kernel writes every loss and every gradient element, whatever the block edges:
+    the outputs start as NaN, and finite logits must leave none. (The public API allocates
+    its outputs with np.empty, whose stale contents can equal the right answer: a kernel
+    that skipped the last row of each block passed the reference comparisons.)"""
+    from fastxent import _numba_kernels
+    from fastxent._spec import LossSpec
+
+    rng = np.random.default_rng(n_classes)
+    n = 2 * _numba_kernels.rows_per_block(n_classes) + _numba_kernels.LANES + 3  # partial block and group
+    x = rng.standard_normal((n, n_classes)).astype(dtype)
+    weight = np.empty(0, dtype)
+    if kind == "index":
+        target = rng.integers(0, n_classes, n)
+        target[::7] = -100  # ignored rows are written too (loss 0, gradient 0)
+        run = _numba_kernels.xent_index
+    else:
+        target = rng.dirichlet(np.ones(n_classes), n).astype(dtype)
+        run = _numba_kernels.xent_probability
+    params = LossSpec.create(kind).params(n_classes=n_classes, weight_total=n_classes, grad_scale=1.0, weighted=False)
+    loss = np.full(n, np.nan)
+    grad = None if mode == "loss only" else np.full((n, n_classes), np.nan, dtype)
+    for array in (x, target, weight):  # as the API passes its inputs (one compiled signature)
+        array.flags.writeable = False
+    if mode == "in place":
+        grad[...] = x
+        x = grad
+    run(x, target, weight, params, loss, grad)
+    assert not np.isnan(loss).any(), f"rows {np.flatnonzero(np.isnan(loss))[:8]} of {n}: loss never written"
+    if grad is not None:
+        unwritten = np.isnan(grad).any(axis=1)
+        assert not unwritten.any(), f"rows {np.flatnonzero(unwritten)[:8]} of {n}: gradient never written"
