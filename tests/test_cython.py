@@ -3,12 +3,15 @@ invariance, and the package without numba or without the extension.
 
 What may differ between the two backends, and by how much
 ---------------------------------------------------------
-Both run the same steps with the same operations in the same precisions, and the
-exponential is bitwise the same wherever both compile it with FMA (LLVM for the host CPU;
-gcc in the x86-64-v3/v4 clones; the baseline SSE2 clone has no FMA and may differ by
-1 ulp). The one difference is the ORDER of the float64 row sums of step (2): numba lets
-LLVM reassociate them, the Cython kernel keeps 16 explicit lanes. A reordered sum of C
-non-negative terms differs by at most ``C * eps64`` relative, so:
+Both run the same steps with the same operations in the same precisions, in the same
+layouts (LANES rows across the SIMD lanes for C <= SMALL_C, else one row at a time), called
+through the same interface (the ``Params`` record), and the exponential is bitwise the same
+wherever both compile it with FMA (LLVM for the host CPU; gcc in the x86-64-v3/v4 clones;
+the baseline SSE2 clone has no FMA and may differ by 1 ulp). The differences are the ORDER
+of the float64 row sums of step (2) in the row layout (numba lets LLVM reassociate them,
+the Cython kernel keeps 16 explicit lanes; in the lanes layout both sum each row's classes
+in order) and which multiply-adds the two compilers fuse in the float64 arithmetic of step
+(3). A reordered sum of C non-negative terms differs by at most ``C * eps64`` relative, so:
 
 - the row max and the exponentials: bitwise (or 1 ulp without FMA);
 - the loss (float64): within ``(C + 8) * eps64`` times the sum of the magnitudes of its
@@ -34,45 +37,45 @@ import fastxent as fx
 from fastxent import _dispatch
 from fastxent._spec import LossSpec
 
-
-class _PositionalNumba:
-    """The numba backend behind the extension's positional interface (scalars, not the
-    ``Params`` record), so that both are called alike below."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __getattr__(self, name):
-        return getattr(self.module, name)
-
-    @staticmethod
-    def _params(kind, n_classes, weight, weight_total, ignore_index, eps, grad_scale):
-        spec = LossSpec(kind, "sum", eps, ignore_index)  # the kernels' record, unvalidated as the extension's
-        return spec.params(
-            n_classes=n_classes, weight_total=weight_total, grad_scale=grad_scale, weighted=weight.shape[0] != 0
-        )
-
-    def xent_index(self, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
-        params = self._params("index", x.shape[1], weight, weight_total, ignore_index, eps, grad_scale)
-        y = _read_only(np.ascontiguousarray(y, np.int64))
-        self.module.xent_index(_read_only(x), y, _read_only(weight), params, loss, grad if write_grad else None)
-
-    def xent_probability(self, x, t, weight, eps, grad_scale, loss, grad, write_grad):
-        params = self._params("probability", x.shape[1], weight, float(x.shape[1]), -100, eps, grad_scale)
-        self.module.xent_probability(
-            _read_only(x), _read_only(t), _read_only(weight), params, loss, grad if write_grad else None
-        )
-
-
-#: the compiled extension itself (its positional interface), and numba behind the same one
-cy = _dispatch.KERNELS["cython"].extension if "cython" in _dispatch.KERNELS else None
-nb = _PositionalNumba(_dispatch.KERNELS["numba"]) if "numba" in _dispatch.KERNELS else None
+#: the two backends' kernel modules, called alike: the same functions, the same ``Params``
+cy = _dispatch.KERNELS.get("cython")
+nb = _dispatch.KERNELS.get("numba")
 
 needs_cython = pytest.mark.skipif(cy is None, reason=f"Cython backend not built: {_dispatch.UNAVAILABLE.get('cython')}")
 needs_both = pytest.mark.skipif(
     cy is None or nb is None,
     reason=f"needs the cython and numba backends: {_dispatch.UNAVAILABLE}",
 )
+
+
+def _params(kind, n_classes, weight, weight_total, ignore_index, eps, grad_scale, class_start=0):
+    """The kernels' record (unvalidated: the kernels do not validate either)."""
+    spec = LossSpec(kind, "sum", eps, ignore_index)
+    return spec.params(
+        n_classes=n_classes,
+        weight_total=weight_total,
+        grad_scale=grad_scale,
+        weighted=weight.shape[0] != 0,
+        class_start=class_start,
+    )
+
+
+def _xent_index(module, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad=None):
+    """``module.xent_index`` with the record built from these options; labels as int64 and
+    inputs read-only, as the API passes them (``grad`` may be ``x`` itself: then x is not
+    made read-only)."""
+    params = _params("index", x.shape[1], weight, weight_total, ignore_index, eps, grad_scale)
+    y = _read_only(np.ascontiguousarray(y, np.int64))
+    x_in = x if grad is x else _read_only(x)
+    module.xent_index(x_in, y, _read_only(weight), params, loss, grad)
+
+
+def _xent_probability(module, x, t, weight, eps, grad_scale, loss, grad=None):
+    weight_total = float(np.sum(weight, dtype=np.float64)) if weight.shape[0] else float(x.shape[1])
+    params = _params("probability", x.shape[1], weight, weight_total, -100, eps, grad_scale)
+    x_in = x if grad is x else _read_only(x)
+    module.xent_probability(x_in, _read_only(t), _read_only(weight), params, loss, grad)
+
 
 EPS64 = np.finfo(np.float64).eps
 DTYPES = (np.float32, np.float64)
@@ -181,18 +184,7 @@ def test_index_matches_numba(dtype, label_dtype, n_classes, weighted, eps):
     results = {}
     for name, module in (("numba", nb), ("cython", cy)):
         loss, grad = np.empty(n), np.empty_like(x)
-        module.xent_index(
-            _read_only(x),
-            _read_only(y),
-            _read_only(weight),
-            weight_total,
-            ignore_index,
-            eps,
-            grad_scale,
-            loss,
-            grad,
-            True,
-        )
+        _xent_index(module, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad)
         results[name] = loss, grad
     loss_atol, grad_atol = _index_bounds(x, y, weight, eps, grad_scale, ignore_index, dtype)
     _assert_close(results["cython"][0], results["numba"][0], loss_atol, what="loss")
@@ -200,39 +192,24 @@ def test_index_matches_numba(dtype, label_dtype, n_classes, weighted, eps):
     ignored = y == ignore_index
     assert np.all(results["cython"][0][ignored] == 0) and np.all(results["cython"][1][ignored] == 0)
 
-    # loss only: the (1, C) dummy is never written; the losses are those of the loss+grad
-    # pass up to FMA contraction, which gcc (like LLVM in the numba kernels, whose two
-    # passes differ the same way) may choose differently in the two specialised copies
-    loss_only, dummy = np.empty(n), np.full((1, n_classes), 7, dtype)
-    cy.xent_index(
-        _read_only(x),
-        _read_only(y),
-        _read_only(weight),
-        weight_total,
-        ignore_index,
-        eps,
-        grad_scale,
-        loss_only,
-        dummy,
-        False,
-    )
+    # loss only: the losses of the loss+grad pass, bit for bit (one copy of steps (1)-(3)
+    # serves every mode of a layout)
+    loss_only = np.empty(n)
+    _xent_index(cy, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss_only)
     _assert_close(loss_only, results["cython"][0], loss_atol, what="loss only")
+    np.testing.assert_array_equal(loss_only, results["cython"][0])
+    # ... and the extension's (1, C) dummy gradient is never written
+    dummy = np.full((1, n_classes), 7, dtype)
+    params = _params("index", n_classes, weight, weight_total, ignore_index, eps, grad_scale)
+    lanes = n_classes <= cy.SMALL_C
+    rowdata = np.empty((1, cy.N_STATS))
+    y64 = np.ascontiguousarray(y, np.int64)
+    cy.extension.xent_index(_read_only(x), y64, weight, params, cy.LOSS, lanes, loss_only, dummy, rowdata)
     assert np.all(dummy == 7)
 
     # in place (grad is x): bit for bit the out-of-place result
     x_in_place, loss_in_place = x.copy(), np.empty(n)
-    cy.xent_index(
-        x_in_place,
-        _read_only(y),
-        _read_only(weight),
-        weight_total,
-        ignore_index,
-        eps,
-        grad_scale,
-        loss_in_place,
-        x_in_place,
-        True,
-    )
+    _xent_index(cy, x_in_place, y, weight, weight_total, ignore_index, eps, grad_scale, loss_in_place, x_in_place)
     np.testing.assert_array_equal(loss_in_place, results["cython"][0])
     np.testing.assert_array_equal(x_in_place, results["cython"][1])
 
@@ -253,7 +230,7 @@ def test_float32_gradient_bitwise_with_fma(n_classes):
     grads = []
     for module in (nb, cy):
         loss, grad = np.empty(n), np.empty_like(x)
-        module.xent_index(x, y, weight, float(n_classes), -100, 0.0, 1.0 / n, loss, grad, True)
+        _xent_index(module, x, y, weight, float(n_classes), -100, 0.0, 1.0 / n, loss, grad)
         grads.append(grad)
     assert np.max(_ulps(grads[0], grads[1])) <= 1  # in practice 0; 1 if a float32 `a` rounds apart
     assert np.mean(grads[0] == grads[1]) > 0.999
@@ -278,7 +255,7 @@ def test_probability_matches_numba(dtype, n_classes, weighted, eps):
     results = {}
     for name, module in (("numba", nb), ("cython", cy)):
         loss, grad = np.empty(n), np.empty_like(x)
-        module.xent_probability(_read_only(x), _read_only(t), _read_only(weight), eps, grad_scale, loss, grad, True)
+        _xent_probability(module, x, t, weight, eps, grad_scale, loss, grad)
         results[name] = loss, grad
 
     x64, t64 = x.astype(np.float64), t.astype(np.float64)
@@ -294,10 +271,11 @@ def test_probability_matches_numba(dtype, n_classes, weighted, eps):
     _assert_close(results["cython"][1], results["numba"][1], grad_atol, what="grad")
 
     loss_only = np.empty(n)
-    cy.xent_probability(x, t, weight, eps, grad_scale, loss_only, np.empty((1, n_classes), dtype), False)
+    _xent_probability(cy, x, t, weight, eps, grad_scale, loss_only)
     _assert_close(loss_only, results["cython"][0], loss_atol, what="loss only")  # see test_index_matches_numba
+    np.testing.assert_array_equal(loss_only, results["cython"][0])
     x_in_place, loss_in_place = x.copy(), np.empty(n)
-    cy.xent_probability(x_in_place, t, weight, eps, grad_scale, loss_in_place, x_in_place, True)
+    _xent_probability(cy, x_in_place, t, weight, eps, grad_scale, loss_in_place, x_in_place)
     np.testing.assert_array_equal(loss_in_place, results["cython"][0])
     np.testing.assert_array_equal(x_in_place, results["cython"][1])
 
@@ -390,9 +368,9 @@ def test_thread_count_invariance(dtype, n_classes):
             cy.set_num_threads(threads)
             assert cy.get_num_threads() == threads
             loss_i, grad_i = np.empty(n), np.empty_like(x)
-            cy.xent_index(x, y, weight, float(weight.sum(dtype=np.float64)), -100, 0.1, 1 / n, loss_i, grad_i, True)
+            _xent_index(cy, x, y, weight, float(weight.sum(dtype=np.float64)), -100, 0.1, 1 / n, loss_i, grad_i)
             loss_p, grad_p = np.empty(n), np.empty_like(x)
-            cy.xent_probability(x, t, weight, 0.1, 1 / n, loss_p, grad_p, True)
+            _xent_probability(cy, x, t, weight, 0.1, 1 / n, loss_p, grad_p)
             lse, sm, log_sm = np.empty(n, dtype), np.empty_like(x), np.empty_like(x)
             cy.logsumexp_rows(x, lse)
             cy.softmax_rows(x, sm)
