@@ -445,6 +445,31 @@ def test_imports_and_computes_without_numba():
         np.testing.assert_allclose(float(loss), row_loss.sum() / denominator, rtol=1e-5)
         np.testing.assert_allclose(grad, row_grad / denominator, rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(fx.softmax(x).sum(axis=1), 1, rtol=1e-5)
+
+        # the class-shard phases run on the default backend too (cython when built)
+        from fastxent import _shards
+        if "cython" in fx.available_backends():
+            x64 = x.astype(np.float64)
+            parts = [
+                _shards.row_stats(x64[:, a:b], y, class_start=a, num_classes=37, weight=w, label_smoothing=0.1)
+                for a, b in [(0, 20), (20, 37)]
+            ]
+            stats = _shards.merge_row_stats(*parts)
+            shard_loss, coef, scale = _shards.finish(stats, y, num_classes=37, weight=w, label_smoothing=0.1)
+            shard_grad = np.concatenate([
+                _shards.shard_grad(x64[:, a:b], y, coef, scale, class_start=a, num_classes=37, weight=w,
+                                   label_smoothing=0.1)
+                for a, b in [(0, 20), (20, 37)]
+            ], axis=1)
+            np.testing.assert_allclose(shard_loss, row_loss.sum() / denominator, rtol=1e-12)
+            np.testing.assert_allclose(shard_grad, row_grad / denominator, rtol=1e-11, atol=1e-16)
+        else:
+            try:
+                _shards.row_stats(x, y)
+            except RuntimeError as error:
+                assert "need the numba or the cython backend" in str(error)
+            else:
+                raise SystemExit("no RuntimeError from the shard phases without numba and cython")
         fx.set_num_threads(1)
         assert fx.get_num_threads() == 1
         assert "numba" not in sys.modules or sys.modules["numba"] is None
