@@ -35,7 +35,7 @@ How the module is organised
   ``_probability_lane_groups``, the softmax family) are the multiversioned ones (``FX_HOT``,
   see below); each inlines its per-row or per-lane-group phases, which are small
   ``cdef inline`` functions with the numba helpers' names: ``_row_max``, ``_row_sum_exp``,
-  ``_row_smoothing_sum``, ``_row_target_sums`` (steps 1-2), ``_index_row_loss``,
+  ``_row_smoothing_sum``, ``_row_sum_exp_target_sums`` (steps 1-2), ``_index_row_loss``,
   ``_index_finish``, ``_probability_finish`` (step 3), ``_index_grad_row``,
   ``_probability_grad_row`` (step 4), and ``_index_row`` / ``_probability_row`` /
   ``_index_lanes`` / ``_probability_lanes`` that run them for one row or one lane group.
@@ -327,29 +327,34 @@ cdef inline floating _greater(floating a, floating b) noexcept nogil:
 
 cdef inline floating _row_max(const floating *row, Py_ssize_t n_classes) noexcept nogil:
     """Step (1): ``m = max_c row_c``. NaN is ignored here; it reaches the result through
-    ``exp`` in step (2). Short rows take a plain loop, as in the numba kernel; long rows
-    32 independent lanes (element c in lane c % 32) combined pairwise at the end: gcc
-    cannot vectorise a float max reduction without -ffinite-math-only, but it vectorises
-    these lanes into vmaxps (a 16-iteration inner loop it would unroll completely and then
-    leave scalar). The max is exact, so the layout cannot change ``m``; it can only change
-    which of two equal zeros (+0, -0) or which NaN is kept, and neither reaches a result:
-    exp(z - m) and the sums are the same for either zero, and a NaN anywhere makes the
-    row NaN."""
+    ``exp`` in step (2). Rows shorter than MAX_LANES take a plain loop; longer rows 32
+    independent lanes (element c in lane c % 32, the tail through a -inf select) combined
+    pairwise at the end: gcc cannot vectorise a float max reduction without
+    -ffinite-math-only, but it vectorises these lanes into vmaxps (a 16-iteration inner
+    loop it would unroll completely and then leave scalar), and the plain loop is a chain
+    of dependent maxss, 4 cycles each (at C = 40 it was a fifth of loss only). The max is
+    exact, so the layout cannot change ``m``; it can only change which of two equal zeros
+    (+0, -0) or which NaN is kept, and neither reaches a result: exp(z - m) and the sums
+    are the same for either zero, and a NaN anywhere makes the row NaN."""
     cdef floating m = row[0]
     cdef floating lanes[MAX_LANES]
+    cdef floating z
     cdef Py_ssize_t c, j
     cdef Py_ssize_t blocked = n_classes - n_classes % MAX_LANES
-    if n_classes < 64:
+    cdef Py_ssize_t count = n_classes - blocked
+    if n_classes < MAX_LANES:
         for c in range(1, n_classes):
             m = _greater(m, row[c])
         return m
     for j in range(MAX_LANES):
-        lanes[j] = m
-    for c in range(0, blocked, 32):  # MAX_LANES
+        lanes[j] = row[j]
+    for c in range(MAX_LANES, blocked, 32):  # MAX_LANES
         for j in range(MAX_LANES):
             lanes[j] = _greater(lanes[j], row[c + j])
-    for c in range(blocked, n_classes):
-        lanes[0] = _greater(lanes[0], row[c])
+    if count != 0:
+        for j in range(MAX_LANES):  # the tail: past it -inf, which changes no lane
+            z = row[blocked + j] if j < count else <floating>-INFINITY
+            lanes[j] = _greater(lanes[j], z)
     for j in range(16):  # lane j + 16 onto lane j, then j + 8, j + 4, j + 2, j + 1
         lanes[j] = _greater(lanes[j], lanes[j + 16])
     for j in range(8):
@@ -412,24 +417,30 @@ cdef inline double _row_sum_exp(const floating *row, floating m, floating *e_out
     _zero_lanes(s_lanes)
     for c in range(0, blocked, 16):  # SUM_LANES
         _exp_lanes(row + c, m, e_out + c, SUM_LANES, write_e, s_lanes)
-    _exp_lanes(row + blocked, m, e_out + blocked, n_classes - blocked, write_e, s_lanes)
+    if blocked < n_classes:  # (an empty tail would cost a whole vector of exponentials)
+        _exp_lanes(row + blocked, m, e_out + blocked, n_classes - blocked, write_e, s_lanes)
     return _lane_sum(s_lanes)
 
 
 cdef inline void _smoothing_lanes(const floating *row, floating m, const floating *weight, Py_ssize_t count,
                                   bint weighted, double *sw_lanes) noexcept nogil:
-    """``sw_lanes[j] += w_j (m - row_j)`` for ``count <= SMOOTHING_LANES`` elements; past
-    ``count`` both factors are selected to 0 ((m - -inf) * w would be inf or NaN), so the term
-    is an exact 0 and the product still feeds the add directly (one FMA in tail and blocks
-    alike). 32 lanes, not 16: a 16-iteration loop this small gcc unrolls completely before it
-    vectorises, and then leaves it scalar."""
+    """``sw_lanes[j] += w_j (m - row_j)`` for ``count <= SMOOTHING_LANES`` elements. Past
+    ``count`` the loads are selected, before any arithmetic, to ``row_j = m`` and ``w_j = 0``,
+    so the term is an exact 0 (a select after the arithmetic left gcc computing on whatever
+    the masked-off lanes of its masked loads held: subnormal garbage, and a microcode assist
+    per row, 1.8 -> 3.6 ms at 16384 x 128 float32). 32 lanes, not 16: a 16-iteration loop
+    this small gcc unrolls completely before it vectorises, and then leaves it scalar."""
     cdef Py_ssize_t j
+    cdef floating z, w
     if weighted:
         for j in range(SMOOTHING_LANES):
-            sw_lanes[j] += (weight[j] if j < count else <floating>0) * ((m - row[j]) if j < count else <floating>0)
+            z = row[j] if j < count else m
+            w = weight[j] if j < count else <floating>0
+            sw_lanes[j] += w * (m - z)
     else:
         for j in range(SMOOTHING_LANES):
-            sw_lanes[j] += (m - row[j]) if j < count else <floating>0
+            z = row[j] if j < count else m
+            sw_lanes[j] += m - z
 
 
 cdef inline double _row_smoothing_sum(const floating *row, floating m, const floating *weight,
@@ -444,48 +455,82 @@ cdef inline double _row_smoothing_sum(const floating *row, floating m, const flo
         sw_lanes[c] = 0.0
     for c in range(0, blocked, 32):  # SMOOTHING_LANES
         _smoothing_lanes(row + c, m, weight + c, SMOOTHING_LANES, weighted, sw_lanes)
-    _smoothing_lanes(row + blocked, m, weight + blocked, n_classes - blocked, weighted, sw_lanes)
+    if blocked < n_classes:
+        _smoothing_lanes(row + blocked, m, weight + blocked, n_classes - blocked, weighted, sw_lanes)
     for c in range(16):  # lane c + 16 onto lane c, then as _lane_sum
         sw_lanes[c] = sw_lanes[c] + sw_lanes[c + 16]
     return _lane_sum(sw_lanes)
 
 
-cdef inline void _target_lanes(const floating *row, floating m, const floating *t, const floating *weight,
-                               Py_ssize_t count, const Params *p, double *a_lanes,
-                               double *b_lanes) noexcept nogil:
-    """``a_lanes[j] += w_j t'_j``, ``b_lanes[j] += w_j t'_j (m - row_j)`` for ``count <=
-    SUM_LANES`` elements; past ``count`` both terms are an exact 0 (see _smoothing_lanes)."""
+cdef inline void _exp_target_lanes(const floating *row, floating m, const floating *t, const floating *weight,
+                                   floating *e_out, Py_ssize_t count, bint write_e, const Params *p,
+                                   double *s_lanes, double *a_lanes, double *b_lanes) noexcept nogil:
+    """``_exp_lanes`` and, in the same loop, ``a_lanes[j] += w_j t'_j``, ``b_lanes[j] +=
+    w_j t'_j (m - row_j)`` for ``count <= SUM_LANES`` elements; past ``count`` the loads are
+    selected to ``row_j = -inf`` (exp 0), ``t_j = 0`` and ``w_j = 0`` before any arithmetic
+    (see _smoothing_lanes), so every term is an exact 0 (unweighted: ``t'_j`` itself is
+    selected to 0). Writes all SUM_LANES exponentials to ``e_out`` (when ``write_e``): a
+    conditional store made this bigger loop too much for gcc's if-conversion in some
+    copies, which then ran scalar (float64 65536 x 40 loss+grad 6.1 -> 9.8 ms)."""
     cdef Py_ssize_t j
+    cdef floating z, e, tj, wj
     cdef double wt
+    cdef double keep = p.keep, spread = p.spread
     if p.weighted:
         for j in range(SUM_LANES):
-            wt = (<double>weight[j] * (p.keep * <double>t[j] + p.spread)) if j < count else 0.0
+            z = row[j] if j < count else <floating>-INFINITY
+            tj = t[j] if j < count else <floating>0
+            wj = weight[j] if j < count else <floating>0
+            e = _fast_exp(z - m)
+            if write_e:
+                e_out[j] = e
+            s_lanes[j] += e
+            wt = <double>wj * (keep * <double>tj + spread)
             a_lanes[j] += wt
-            b_lanes[j] += wt * ((m - row[j]) if j < count else <floating>0)
+            b_lanes[j] += wt * ((m - z) if j < count else <floating>0)
     else:
         for j in range(SUM_LANES):
-            wt = (p.keep * <double>t[j] + p.spread) if j < count else 0.0
+            z = row[j] if j < count else <floating>-INFINITY
+            tj = t[j] if j < count else <floating>0
+            e = _fast_exp(z - m)
+            if write_e:
+                e_out[j] = e
+            s_lanes[j] += e
+            wt = (keep * <double>tj + spread) if j < count else 0.0
             a_lanes[j] += wt
-            b_lanes[j] += wt * ((m - row[j]) if j < count else <floating>0)
+            b_lanes[j] += wt * ((m - z) if j < count else <floating>0)
 
 
-cdef inline void _row_target_sums(const floating *row, floating m, const floating *t, const floating *weight,
-                                  Py_ssize_t n_classes, const Params *p, double *a_sum,
-                                  double *b_sum) noexcept nogil:
-    """Step (2), probability targets: ``A = sum_c w_c t'_c``, ``B = sum_c w_c t'_c (m - row_c)``
-    with ``t'_c = (1-eps) t_c + eps/C``, formed in float64 as in step (4), so that A and the
-    gradient use the same t'."""
+cdef inline double _row_sum_exp_target_sums(const floating *row, floating m, const floating *t,
+                                            const floating *weight, floating *e_out, Py_ssize_t n_classes,
+                                            bint write_e, const Params *p, double *a_sum,
+                                            double *b_sum) noexcept nogil:
+    """Step (2), probability targets: ``_row_sum_exp`` (returns ``s``) and, in the same pass,
+    the target sums ``A = sum_c w_c t'_c``, ``B = sum_c w_c t'_c (m - row_c)`` with
+    ``t'_c = (1-eps) t_c + eps/C``, formed in float64 as in step (4), so that A and the
+    gradient use the same t'. (numba's row_sum_exp and row_target_sums, fused: as two loops
+    the float64 accumulators of the second, kept in memory by gcc, were a store-forwarding
+    chain, float64 4096 x 1000 loss+grad 7.2 -> 8.4 ms.)"""
+    cdef double s_lanes[SUM_LANES]
     cdef double a_lanes[SUM_LANES]
     cdef double b_lanes[SUM_LANES]
+    cdef floating tail_e[SUM_LANES]  # the tail's exponentials, copied into e_out after
     cdef Py_ssize_t c
     cdef Py_ssize_t blocked = n_classes - n_classes % SUM_LANES
+    _zero_lanes(s_lanes)
     _zero_lanes(a_lanes)
     _zero_lanes(b_lanes)
     for c in range(0, blocked, 16):  # SUM_LANES
-        _target_lanes(row + c, m, t + c, weight + c, SUM_LANES, p, a_lanes, b_lanes)
-    _target_lanes(row + blocked, m, t + blocked, weight + blocked, n_classes - blocked, p, a_lanes, b_lanes)
+        _exp_target_lanes(row + c, m, t + c, weight + c, e_out + c, SUM_LANES, write_e, p, s_lanes, a_lanes,
+                          b_lanes)
+    if blocked < n_classes:
+        _exp_target_lanes(row + blocked, m, t + blocked, weight + blocked, tail_e, n_classes - blocked, write_e,
+                          p, s_lanes, a_lanes, b_lanes)
+        if write_e:
+            memcpy(e_out + blocked, tail_e, (n_classes - blocked) * sizeof(floating))
     a_sum[0] = _lane_sum(a_lanes)
     b_sum[0] = _lane_sum(b_lanes)
+    return _lane_sum(s_lanes)
 
 
 cdef inline double _index_row_loss(double m_minus_x_y, double log_s, double sw, double w_y,
@@ -667,12 +712,11 @@ cdef inline void _probability_row(Py_ssize_t i, const Task *task, const Params *
         return
     m = _row_max(row, n_classes)  # (1)
     if mode == GRAD:  # (2)
-        s = _row_sum_exp(row, m, g, n_classes, True)
+        s = _row_sum_exp_target_sums(row, m, t, weight, g, n_classes, True, p, &a_sum, &b_sum)
     elif mode == IN_PLACE:
-        s = _row_sum_exp(row, m, e, n_classes, True)
+        s = _row_sum_exp_target_sums(row, m, t, weight, e, n_classes, True, p, &a_sum, &b_sum)
     else:
-        s = _row_sum_exp(row, m, e, n_classes, False)
-    _row_target_sums(row, m, t, weight, n_classes, p, &a_sum, &b_sum)
+        s = _row_sum_exp_target_sums(row, m, t, weight, e, n_classes, False, p, &a_sum, &b_sum)
     if mode == STATS:
         rowdata = task.rowdata + i * task.rowdata_stride
         rowdata[STAT_M] = m
@@ -843,7 +887,7 @@ cdef inline void _probability_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *tas
     for r in range(LANES):
         a_sum[r] = 0.0
         b_sum[r] = 0.0
-    for c in range(n_classes):  # (2) the target sums, in float64 (see _row_target_sums)
+    for c in range(n_classes):  # (2) the target sums, in float64 (see _row_sum_exp_target_sums)
         w = <double>weight[c] if p.weighted else 1.0
         for r in range(LANES):
             wt = p.keep * <double>tbuf[c * LANES + r] + p.spread
