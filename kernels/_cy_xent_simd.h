@@ -71,4 +71,15 @@ static void fx_aligned_free(void *pointer) { free(pointer); }
 #define fx_prefetch_for_write(address) ((void)(address))
 #endif
 
+/* The value `x`, opaque to the optimiser: it may no longer be treated as the product that
+ * produced it, so a following addition cannot be contracted with that product into one
+ * fused multiply-add. Used for the gradient's target term grad_scale (1-eps) w_y: whether
+ * gcc fused its product into `g_y - y_term` depended on the code around the call (loss+grad
+ * and in place differed in the last bit of g_y, float64 with weights). */
+#if defined(__GNUC__)
+#define fx_opaque(x) __extension__({ __typeof__(x) fx_opaque_value = (x); __asm__("" : "+m"(fx_opaque_value)); fx_opaque_value; })
+#else
+#define fx_opaque(x) (x)
+#endif
+
 #endif /* FASTXENT_CY_XENT_SIMD_H */
