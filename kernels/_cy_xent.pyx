@@ -20,7 +20,9 @@ How the module is organised
 ---------------------------
 - **The options** arrive as ``_spec.Params`` (a NamedTuple) and are copied ONCE per call,
   by ``_unpack_params``, into the C struct ``Params`` (the same fields, in the same order:
-  ``PARAMS_FIELDS``). Every internal function takes ``const Params *``.
+  ``PARAMS_FIELDS``). Every phase takes ``const Params *``; the block functions take the
+  Task and the Params by value (copies that nothing else writes, so gcc hoists their
+  fields out of the loops).
 - **The call** is described by one ``Task`` (the operation, the MODE, the LAYOUT, the shape,
   the arrays as untyped pointers); the ``def`` functions of the interface only fill a Task
   (``_xent_task``, ``_rows_task``) and hand it to ``_run_blocks``.
@@ -40,7 +42,9 @@ How the module is organised
   ``_probability_grad_row`` (step 4), and ``_index_row`` / ``_probability_row`` /
   ``_index_lanes`` / ``_probability_lanes`` that run them for one row or one lane group.
 
-The MODE (a run-time value; the same numbers as the numba module) says which phases run:
+The MODE (a run-time value; the same numbers as the numba module) says which phases run;
+the row layout branches on it once per block, GRAD and LOSS each getting a copy of the row
+with the mode a constant (the other modes share one):
 
 - ``LOSS``: (1)-(3), per-row loss; nothing N x C is written;
 - ``GRAD``: (1)-(4), per-row loss and the gradient into ``grad``: step (2) writes the
@@ -59,8 +63,8 @@ that the SIMD lanes run over ROWS: the max, exp, the float64 sums, ``log``, the 
 coefficients and the gradient of 32 rows are each one loop over the classes of a 32-wide
 loop over the rows, which gcc vectorises; only the transposes and the target's gather
 remain per row. Otherwise one row at a time, the lanes over the classes. (numba takes 64
-rows; with gcc 32 measured faster: float32 loss+grad 262144 x 10 4.1 -> 3.2 ms, 65536 x 32
-3.3 -> 2.4 ms, one thread; with 16, gcc unrolls the small lane loops completely and leaves
+rows; with gcc 32 measured faster: float32 loss+grad 262144 x 10 4.1 -> 3.5 ms, 65536 x 32
+3.3 -> 2.5 ms, one thread; with 16, gcc unrolls the small lane loops completely and leaves
 them scalar, 1.7x slower than 64.)
 
 Accumulators (``s``, ``sw``, ``A``, ``B``) and the per-row loss are float64 for both
@@ -73,12 +77,19 @@ Order of the sums (thread-count invariance)
 Every row is computed by one thread, and no sum's order depends on the thread or on the
 rows around it, so every result is the same bits for any thread count. In the row layout
 the sums of step (2) are kept in SUM_LANES = 16 float64 lanes (element ``c`` in lane
-``c % 16``) added in a fixed pairwise order at the end: gcc may not reassociate a float
-sum (no ``-ffast-math``: it would also fold the exponential's rounding trick and drop
-inf/NaN semantics), but it vectorises these explicit lanes. In the lanes layout each row's
+``c % 16``; the smoothing sum in 32) added in a fixed pairwise order at the end: gcc may
+not reassociate a float sum (no ``-ffast-math``: it would also fold the exponential's
+rounding trick and drop inf/NaN semantics), but it vectorises these explicit lanes. The
+last partial group of a row is one masked vector whose loads are selected (to -inf, m or
+0) before any arithmetic, so the masked-off lanes add exact zeros (arithmetic on them
+first met subnormal garbage: a microcode assist per row). In the lanes layout each row's
 sums run over its classes in order. The numba kernels let LLVM reassociate the row
 layout's sums, so the two backends differ there in the last float64 bits
 (tests/test_cython.py states the bound).
+
+Loss only, loss+grad and in place give the same bits: steps (1)-(3) are one piece of code
+per layout, and the gradient's target term passes through ``_opaque`` before it is
+subtracted (else gcc fused its product into the subtraction in one copy and not another).
 
 Kernels never allocate arrays visible to Python and never validate: ``_cy_backend.py``
 (as ``_numba_kernels.py``) picks the mode and layout and passes plain C-contiguous
