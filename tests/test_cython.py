@@ -214,7 +214,7 @@ def test_index_matches_numba(dtype, label_dtype, n_classes, weighted, eps):
     _xent_index(cy, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss_only)
     _assert_close(loss_only, results["cython"][0], loss_atol, what="loss only")
     np.testing.assert_array_equal(loss_only, results["cython"][0])
-    # ... and the extension's (1, C) dummy gradient is never written
+    # ... and the extension's dummy gradient is never written
     dummy = np.full((1, n_classes), 7, dtype)
     params = _params("index", n_classes, weight, weight_total, ignore_index, eps, grad_scale)
     lanes = n_classes <= cy.SMALL_C
