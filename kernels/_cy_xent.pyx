@@ -49,9 +49,11 @@ with the mode a constant (the other modes share one):
 - ``LOSS``: (1)-(3), per-row loss; nothing N x C is written;
 - ``GRAD``: (1)-(4), per-row loss and the gradient into ``grad``: step (2) writes the
   exponentials into the gradient row itself, which step (4) rescales;
-- ``IN_PLACE``: the same with ``grad`` the logits themselves: step (2) writes into the
-  thread's scratch row and step (4) from it into the row (no loop reads one name of the
-  array while it writes another, so gcc's run-time alias checks pass);
+- ``IN_PLACE``: the same with ``grad`` the logits themselves. In the row layout it is
+  GRAD's very code: step (2) reads each logit and writes its exponential at the same
+  index, which gcc's run-time alias check accepts (a dependence distance of 0), so no
+  scratch row is needed (numba's kernels need one: LLVM's check fails for two names of one
+  array); in place and out of place give the same bits by construction;
 - ``STATS``: (1)-(2) on a class shard (columns ``class_start..`` of the full class axis),
   the statistics into ``rowdata`` (columns ``STAT_*``);
 - ``SHARD_GRAD``: (4) on a class shard, from the merged ``m`` and the coefficients that
@@ -429,7 +431,7 @@ cdef inline void _exp_lanes(const floating *row, floating m, floating *e_out, Py
 
 cdef inline double _row_sum_exp(const floating *row, floating m, floating *e_out,
                                 Py_ssize_t n_classes, bint write_e) noexcept nogil:
-    """Step (2): ``e_c = exp(row_c - m)`` into ``e_out`` (scratch or the gradient row) when
+    """Step (2): ``e_c = exp(row_c - m)`` into ``e_out`` (the gradient or softmax row) when
     ``write_e``, and ``s = sum_c e_c`` in float64. ``write_e`` is a constant at every call,
     so each inlined copy has one loop without the branch; loss only stores nothing, and
     sums in the same order as loss+grad."""
@@ -664,9 +666,11 @@ cdef inline Py_ssize_t _rows_per_block(Py_ssize_t n_classes) noexcept nogil:
 
 
 cdef inline void _index_row(Py_ssize_t i, const Task *task, const Params *p, const floating *x,
-                            const floating *weight, floating *grad, floating *e, int mode) noexcept nogil:
-    """Steps (1)-(4) of ``mode`` for row i with a class-index target; ``e`` is the thread's
-    scratch row."""
+                            const floating *weight, floating *grad, int mode) noexcept nogil:
+    """Steps (1)-(4) of ``mode`` for row i with a class-index target. Step (2) writes the
+    exponentials straight into the gradient row, which step (4) rescales; in place that row
+    is the logits' own, every element read before it is written, at the same index (see
+    IN_PLACE in the module docstring)."""
     cdef Py_ssize_t n_classes = task.n_classes
     cdef const floating *row = x + i * n_classes
     cdef int64_t label = task.labels[i]
@@ -686,18 +690,17 @@ cdef inline void _index_row(Py_ssize_t i, const Task *task, const Params *p, con
     if mode == SHARD_GRAD:  # (4) from the merged statistics
         rowdata = task.rowdata + i * task.rowdata_stride
         m = <floating>rowdata[COEF_M]
-        _row_sum_exp(row, m, e, n_classes, True)
-        _index_grad_row(g, e, y_local, rowdata[COEF_A], rowdata[COEF_Y], weight, n_classes, p)
+        _row_sum_exp(row, m, g, n_classes, True)
+        _index_grad_row(g, g, y_local, rowdata[COEF_A], rowdata[COEF_Y], weight, n_classes, p)
         return
     m = _row_max(row, n_classes)  # (1)
     x_y = <double>row[y_local] if y_local >= 0 else 0.0  # m - x_y is exact in float64
-    if mode == GRAD:  # (2): the exponentials straight into the gradient row
-        s = _row_sum_exp(row, m, g, n_classes, True)
-    elif mode == IN_PLACE:  # into the scratch row (g is the row itself)
-        s = _row_sum_exp(row, m, e, n_classes, True)
-    else:  # LOSS, STATS: the sum alone
-        s = _row_sum_exp(row, m, e, n_classes, False)
+    # (2), the smoothing sum first: in place, the exponentials then overwrite the row
     sw = _row_smoothing_sum(row, m, weight, n_classes, p.weighted) if p.smoothing else 0.0
+    if mode == GRAD or mode == IN_PLACE:
+        s = _row_sum_exp(row, m, g, n_classes, True)
+    else:  # LOSS, STATS: the sum alone
+        s = _row_sum_exp(row, m, g, n_classes, False)
     if mode == STATS:
         rowdata = task.rowdata + i * task.rowdata_stride
         rowdata[STAT_M] = m
@@ -708,16 +711,15 @@ cdef inline void _index_row(Py_ssize_t i, const Task *task, const Params *p, con
         return
     w_y = <double>weight[y_local] if p.weighted else 1.0
     task.loss[i] = _index_finish(<double>m - x_y, s, sw, w_y, p, &a, &y_term)  # (3)
-    if mode == GRAD:  # (4), one name of the row: e is g
+    if mode == GRAD or mode == IN_PLACE:  # (4), one name of the row: e is g
         _index_grad_row(g, g, y_local, a, y_term, weight, n_classes, p)
-    elif mode == IN_PLACE:
-        _index_grad_row(g, e, y_local, a, y_term, weight, n_classes, p)
 
 
 cdef inline void _probability_row(Py_ssize_t i, const Task *task, const Params *p, const floating *x,
                                   const floating *probabilities, const floating *weight, floating *grad,
-                                  floating *e, int mode) noexcept nogil:
-    """Steps (1)-(4) of ``mode`` for row i with a probability target."""
+                                  int mode) noexcept nogil:
+    """Steps (1)-(4) of ``mode`` for row i with a probability target (the exponentials in
+    the gradient row, as _index_row)."""
     cdef Py_ssize_t n_classes = task.n_classes
     cdef const floating *row = x + i * n_classes
     cdef const floating *t = probabilities + i * n_classes
@@ -728,16 +730,14 @@ cdef inline void _probability_row(Py_ssize_t i, const Task *task, const Params *
     if mode == SHARD_GRAD:
         rowdata = task.rowdata + i * task.rowdata_stride
         m = <floating>rowdata[COEF_M]
-        _row_sum_exp(row, m, e, n_classes, True)
-        _probability_grad_row(g, e, t, rowdata[COEF_A], weight, n_classes, p)
+        _row_sum_exp(row, m, g, n_classes, True)
+        _probability_grad_row(g, g, t, rowdata[COEF_A], weight, n_classes, p)
         return
     m = _row_max(row, n_classes)  # (1)
-    if mode == GRAD:  # (2)
+    if mode == GRAD or mode == IN_PLACE:  # (2), each element of the row read before it is written
         s = _row_sum_exp_target_sums(row, m, t, weight, g, n_classes, True, p, &a_sum, &b_sum)
-    elif mode == IN_PLACE:
-        s = _row_sum_exp_target_sums(row, m, t, weight, e, n_classes, True, p, &a_sum, &b_sum)
     else:
-        s = _row_sum_exp_target_sums(row, m, t, weight, e, n_classes, False, p, &a_sum, &b_sum)
+        s = _row_sum_exp_target_sums(row, m, t, weight, g, n_classes, False, p, &a_sum, &b_sum)
     if mode == STATS:
         rowdata = task.rowdata + i * task.rowdata_stride
         rowdata[STAT_M] = m
@@ -747,10 +747,8 @@ cdef inline void _probability_row(Py_ssize_t i, const Task *task, const Params *
         rowdata[STAT_B] = b_sum
         return
     task.loss[i] = _probability_finish(s, a_sum, b_sum, p, &a)  # (3)
-    if mode == GRAD:  # (4), one name of the row: e is g
+    if mode == GRAD or mode == IN_PLACE:  # (4), one name of the row: e is g
         _probability_grad_row(g, g, t, a, weight, n_classes, p)
-    elif mode == IN_PLACE:
-        _probability_grad_row(g, e, t, a, weight, n_classes, p)
 
 
 # --- few classes: LANES rows across the SIMD lanes --------------------------------------
@@ -942,23 +940,24 @@ cdef inline void _probability_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *tas
 
 cdef fx_hot_void _index_rows(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
                              floating *scratch) noexcept nogil:
-    """Rows [start, stop) with class-index targets, one at a time."""
+    """Rows [start, stop) with class-index targets, one at a time (``scratch`` is NULL: the
+    row layout needs none; its type picks the specialisation)."""
     cdef const floating *x = <const floating *>task.x
     cdef const floating *weight = <const floating *>task.weight
     cdef floating *grad = <floating *>task.out
     cdef Py_ssize_t i
-    # the mode's branch out of the row loop: in the loops of the two hot modes it is a
-    # constant, and gcc drops the other modes' code from the row (one loop for every mode
-    # measured 3% slower at 4096 x 1000, float32 loss+grad)
-    if task.mode == GRAD:
+    # the mode's branch out of the row loop: in the loops of the hot modes it is a constant,
+    # and gcc drops the other modes' code from the row (one loop for every mode measured 3%
+    # slower at 4096 x 1000, float32 loss+grad). IN_PLACE runs GRAD's very code.
+    if task.mode == GRAD or task.mode == IN_PLACE:
         for i in range(start, stop):
-            _index_row(i, &task, &p, x, weight, grad, scratch, GRAD)
+            _index_row(i, &task, &p, x, weight, grad, GRAD)
     elif task.mode == LOSS:
         for i in range(start, stop):
-            _index_row(i, &task, &p, x, weight, grad, scratch, LOSS)
+            _index_row(i, &task, &p, x, weight, grad, LOSS)
     else:
         for i in range(start, stop):
-            _index_row(i, &task, &p, x, weight, grad, scratch, task.mode)
+            _index_row(i, &task, &p, x, weight, grad, task.mode)
 
 
 cdef fx_hot_void _index_lane_groups(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
@@ -975,21 +974,21 @@ cdef fx_hot_void _index_lane_groups(Task task, Params p, Py_ssize_t start, Py_ss
 
 cdef fx_hot_void _probability_rows(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
                                    floating *scratch) noexcept nogil:
-    """Rows [start, stop) with probability targets, one at a time."""
+    """Rows [start, stop) with probability targets, one at a time (``scratch`` is NULL)."""
     cdef const floating *x = <const floating *>task.x
     cdef const floating *probabilities = <const floating *>task.probabilities
     cdef const floating *weight = <const floating *>task.weight
     cdef floating *grad = <floating *>task.out
     cdef Py_ssize_t i
-    if task.mode == GRAD:  # (see _index_rows)
+    if task.mode == GRAD or task.mode == IN_PLACE:  # (see _index_rows)
         for i in range(start, stop):
-            _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, GRAD)
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, GRAD)
     elif task.mode == LOSS:
         for i in range(start, stop):
-            _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, LOSS)
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, LOSS)
     else:
         for i in range(start, stop):
-            _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, task.mode)
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, task.mode)
 
 
 cdef fx_hot_void _probability_lane_groups(Task task, Params p, Py_ssize_t start,
@@ -1160,16 +1159,13 @@ cdef Task _rows_task(Operation operation, Py_ssize_t n, Py_ssize_t n_classes, bi
 
 cdef Task _xent_task(Operation operation, int mode, bint lanes, Py_ssize_t n, Py_ssize_t n_classes,
                      bint double_precision) noexcept:
-    """A cross-entropy Task, with the scratch its mode and layout need per thread: the lanes'
-    rows transposed (and their targets), or in IN_PLACE and SHARD_GRAD one row for the
-    exponentials (in LOSS, GRAD and STATS the row layout needs none)."""
+    """A cross-entropy Task, with the scratch its layout needs per thread: the lanes' rows
+    transposed (and their targets); the row layout needs none."""
     cdef Task task = _rows_task(operation, n, n_classes, double_precision)
     task.mode = mode
     task.lanes = lanes
     if lanes:
         task.scratch_elements = (2 if operation == XENT_PROBABILITY else 1) * LANES * n_classes
-    elif mode == IN_PLACE or mode == SHARD_GRAD:
-        task.scratch_elements = n_classes
     return task
 
 
