@@ -384,6 +384,36 @@ def test_small_classes_lanes_match_numba(dtype, n_classes, options, kind):
 
 
 @needs_cython
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_classes", [1, 10, 32, 33, 130])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+@pytest.mark.parametrize("mode", ["loss only", "grad", "in place"])
+def test_every_output_element_is_written(dtype, n_classes, kind, mode):
+    """Every loss and gradient element is written, whatever the block and lane-group edges:
+    the outputs start as NaN and finite logits must leave none (np.empty outputs can hold the
+    right answer from a previous call, which a comparison would not notice)."""
+    rng = np.random.default_rng(n_classes)
+    n = 2 * _rows_per_block(n_classes) + cy.LANES + 3  # a partial block and a partial lane group
+    x = rng.standard_normal((n, n_classes)).astype(dtype)
+    loss = np.full(n, np.nan)
+    grad = None if mode == "loss only" else np.full((n, n_classes), np.nan, dtype)
+    if mode == "in place":
+        grad[...] = x
+        x = grad
+    if kind == "index":
+        y = rng.integers(0, n_classes, n)
+        y[::7] = -100  # ignored rows are written too (loss 0, gradient 0)
+        _xent_index(cy, x, y, np.empty(0, dtype), float(n_classes), -100, 0.0, 1.0, loss, grad)
+    else:
+        t = rng.dirichlet(np.ones(n_classes), n).astype(dtype)
+        _xent_probability(cy, x, t, np.empty(0, dtype), 0.0, 1.0, loss, grad)
+    assert not np.isnan(loss).any(), f"rows {np.flatnonzero(np.isnan(loss))[:8]} of {n}: loss never written"
+    if grad is not None:
+        unwritten = np.isnan(grad).any(axis=1)
+        assert not unwritten.any(), f"rows {np.flatnonzero(unwritten)[:8]} of {n}: gradient never written"
+
+
+@needs_cython
 @pytest.mark.parametrize("n_classes", [1, 10, 32])
 def test_small_classes_lanes_and_rows_agree(n_classes):
     """The lanes layout against the row layout of the same extension (forced through its
