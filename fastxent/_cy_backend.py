@@ -1,18 +1,33 @@
-"""The "cython" backend: the compiled extension ``fastxent._cy_xent`` behind the kernels'
-interface (the same functions as ``_numba_kernels.py``), unpacking the ``Params`` record
-into the extension's scalar arguments.
+"""The "cython" backend: the compiled extension ``fastxent._cy_xent`` (kernels/_cy_xent.pyx)
+behind the kernels' interface, the same functions as ``_numba_kernels.py`` taking the same
+``Params`` record: the fused ``xent_index`` / ``xent_probability``, the class-shard phases
+``row_stats``, ``finish`` and ``shard_grad`` (which ``_shards.py`` runs on either backend),
+``logsumexp_rows``, ``log_softmax_rows``, ``softmax_rows`` and ``label_stats``.
 
-The extension keeps its own per-row loop (kernels/_cy_xent.pyx), step for step the numba
-kernels' row layout; it has no small-C layout and no class-shard phases yet.
+As in the numba module, this Python layer decides the MODE (loss only, loss+grad, in place,
+statistics, shard gradient) and the LAYOUT (LANES rows across the SIMD lanes for
+``C <= SMALL_C``, else one row at a time) and hands the extension plain C-contiguous
+arrays; the extension copies the record into its C struct once per call and runs its one
+parallel loop. Nothing here imports numba.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
 from . import _cy_xent  # type: ignore[attr-defined]  # the compiled extension: no stub
 
-#: the extension module itself (its positional interface, for tests and benchmarks)
+LOSS, GRAD, IN_PLACE, STATS, SHARD_GRAD = _cy_xent.MODES
+STAT_M, STAT_S, STAT_TARGET, STAT_A, STAT_B = _cy_xent.STAT_COLUMNS
+N_STATS = len(_cy_xent.STAT_COLUMNS)
+COEF_M, COEF_A, COEF_Y = _cy_xent.COEF_COLUMNS
+LANES = _cy_xent.LAYOUT["LANES"]
+SMALL_C = _cy_xent.LAYOUT["SMALL_C"]
+BLOCK_ELEMENTS = _cy_xent.LAYOUT["BLOCK_ELEMENTS"]
+
+#: the extension module itself (for tests and benchmarks)
 extension = _cy_xent
 label_stats = _cy_xent.label_stats
 logsumexp_rows = _cy_xent.logsumexp_rows
@@ -23,19 +38,87 @@ set_num_threads = _cy_xent.set_num_threads
 get_num_threads = _cy_xent.get_num_threads
 simd_level = _cy_xent.simd_level
 exp_array = _cy_xent.exp_array  # the exponential alone, for its accuracy tests
+log_array = _cy_xent.log_array  # the logarithm alone, likewise
 
 
-def _grad_argument(x, grad):
-    return (np.empty((1, x.shape[1]), x.dtype), False) if grad is None else (grad, True)
+# The kernels read ``weight`` only when ``params.weighted``; without weights they get ones
+# that are never read, so that every pointer the C code forms points into a real array.
+@functools.lru_cache(maxsize=16)
+def _unit_weight(n_classes: int, dtype: np.dtype) -> np.ndarray:
+    ones = np.ones(n_classes, dtype)
+    ones.flags.writeable = False
+    return ones
+
+
+def _kernel_weight(weight, x):
+    return weight if weight.shape[0] != 0 else _unit_weight(x.shape[1], x.dtype)
+
+
+_NO_ROWDATA = np.empty((1, N_STATS), np.float64)
+#: the gradient argument of loss only, per dtype: never written (the extension takes a
+#: pointer, not rows). One per process: a fresh (1, C) array per call cost up to 0.2 ms at
+#: C = 32000 with 2 threads (malloc/free at the mmap threshold, and munmap's TLB shootdown
+#: of the other thread)
+_NO_GRAD = {np.dtype(np.float32): np.empty((1, 1), np.float32), np.dtype(np.float64): np.empty((1, 1), np.float64)}
+
+
+def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
+    """Run ``kernel_function`` (the extension's xent_index or xent_probability) in ``mode``:
+    the lanes layout when ``small_ok`` and the mode and class count allow it; ``grad is x``
+    turns GRAD into IN_PLACE; a missing ``grad`` or ``rowdata`` is a dummy never written."""
+    n_classes = x.shape[1]
+    if x.shape[0] == 0:
+        return
+    lanes = small_ok and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
+    if grad is None:
+        grad = _NO_GRAD[x.dtype]
+    elif grad is x and mode == GRAD:
+        mode = IN_PLACE
+    if rowdata is None:
+        rowdata = _NO_ROWDATA
+    kernel_function(x, target, _kernel_weight(weight, x), params, mode, lanes, loss, grad, rowdata)
 
 
 def xent_index(x, y, weight, params, loss, grad=None):
-    grad, write_grad = _grad_argument(x, grad)
-    _cy_xent.xent_index(
-        x, y, weight, params.weight_total, params.ignore_index, params.eps, params.grad_scale, loss, grad, write_grad
-    )
+    """Cross-entropy rows for class-index targets: per-row losses into ``loss`` (n,)
+    float64, and the gradient (scaled by ``params.grad_scale``) into ``grad`` unless it is
+    None. ``grad`` may be ``x`` itself (in place). x (n, C) float; y (n,) int64, every
+    non-ignored value in [0, C) (checked by the caller); weight (C,) or length 0."""
+    mode = GRAD if grad is not None else LOSS
+    _xent(_cy_xent.xent_index, x, y, weight, params, mode, loss, grad, None, True)
 
 
 def xent_probability(x, t, weight, params, loss, grad=None):
-    grad, write_grad = _grad_argument(x, grad)
-    _cy_xent.xent_probability(x, t, weight, params.eps, params.grad_scale, loss, grad, write_grad)
+    """Cross-entropy rows for probability targets t (n, C) of x's dtype; as xent_index."""
+    mode = GRAD if grad is not None else LOSS
+    _xent(_cy_xent.xent_probability, x, t, weight, params, mode, loss, grad, None, True)
+
+
+def _kernel(kind):
+    return _cy_xent.xent_index if kind == "index" else _cy_xent.xent_probability
+
+
+def row_stats(kind, x, target, weight, params, stats):
+    """Steps (1)-(2) of a class shard (columns ``params.class_start..``): the statistics
+    ``stats`` (n, N_STATS) float64. ``weight`` is the shard's slice; for index targets
+    column STAT_A is left 0 (the caller knows the shard's weight sum)."""
+    _xent(_kernel(kind), x, target, weight, params, STATS, np.empty(0), None, stats, False)
+
+
+def finish(kind, stats, target, weight, params, loss, coef):
+    """Step (3) from (merged) statistics: per-row ``loss`` and the coefficients ``coef``
+    (n, 3) that ``shard_grad`` reads. ``weight``: the FULL class weights (or length 0)."""
+    stats = np.ascontiguousarray(stats, np.float64)
+    if kind == "index":
+        full_weight = weight if weight.shape[0] != 0 else np.ones(1)
+        full_weight = np.ascontiguousarray(full_weight, np.float64)
+        _cy_xent.finish_index(stats, np.ascontiguousarray(target, np.int64), full_weight, params, loss, coef)
+    else:
+        _cy_xent.finish_probability(stats, params, loss, coef)
+
+
+def shard_grad(kind, x, target, weight, params, coef, grad):
+    """Step (4) of a class shard from the coefficients of ``finish``: ``grad`` (n, C_shard),
+    which may be ``x`` itself."""
+    coef = np.require(coef, np.float64, ["C_CONTIGUOUS", "WRITEABLE"])  # read only, but typed as the STATS output
+    _xent(_kernel(kind), x, target, weight, params, SHARD_GRAD, np.empty(x.shape[0]), grad, coef, False)

@@ -3,8 +3,8 @@
 ``KERNELS`` maps a backend name to the module that holds its kernels; every such module
 has the same functions (``xent_index``, ``xent_probability``, ``logsumexp_rows``,
 ``log_softmax_rows``, ``softmax_rows``, ``label_stats``), each specialised on dtype by
-the backend itself, taking the options as one ``_spec.Params`` record. The numba module
-also has the class-shard phases (``row_stats``, ``finish``, ``shard_grad``).
+the backend itself, taking the options as one ``_spec.Params`` record. The numba and
+cython modules also have the class-shard phases (``row_stats``, ``finish``, ``shard_grad``).
 ``COMPUTE_DTYPE`` says in which dtype each input dtype is computed.
 All decisions are made here, in Python, before any kernel runs.
 """

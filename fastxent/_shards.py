@@ -1,6 +1,7 @@
 """The row phases called apart: statistics of class shards, their merge, finish, and the
-gradient of each shard, on the numba kernels (the fused kernel in its STATS and
-SHARD_GRAD modes, and ``finish``).
+gradient of each shard, on the numba or the cython kernels (the fused kernel in its STATS
+and SHARD_GRAD modes, and ``finish``; ``backend=None`` takes numba when it loaded, else
+cython, as the dispatch does).
 
 A class shard is the columns ``class_start .. class_start + C_k`` of the full class axis of
 ``num_classes`` classes. Per row and shard the kernel computes ``m_k``, ``s_k = sum exp(x -
@@ -26,11 +27,33 @@ from ._spec import LossSpec
 
 _M, _S, _TARGET, _A, _B = 0, 1, 2, 3, 4
 
+#: the backends whose kernels have the class-shard phases, in order of preference
+SHARD_BACKENDS = ("numba", "cython")
 
-def _numba():
-    module = _dispatch.KERNELS.get("numba")
-    if module is None:
-        raise RuntimeError(f"the class-shard phases need the numba backend: {_dispatch.UNAVAILABLE.get('numba')}")
+
+def _kernels(backend: str | None):
+    """The kernel module that runs the phases: ``backend`` (numba or cython), or for None the
+    dispatch's default (``$FASTXENT_BACKEND``, else the fastest) when it has them, else the
+    first of SHARD_BACKENDS that loaded."""
+    if backend is not None and backend in _dispatch.PREFERENCE and backend not in SHARD_BACKENDS:
+        raise ValueError(f"backend={backend!r} has no class-shard phases: use one of {', '.join(SHARD_BACKENDS)}")
+    if backend is None:
+        module = _dispatch.kernels_for(None)
+        if hasattr(module, "row_stats"):
+            return module
+        available = [name for name in SHARD_BACKENDS if name in _dispatch.KERNELS]
+        if not available:
+            why = "; ".join(f"{name}: {_dispatch.UNAVAILABLE.get(name, 'not loaded')}" for name in SHARD_BACKENDS)
+            raise RuntimeError(
+                f"the class-shard phases need the numba or the cython backend, and neither loaded ({why})"
+            )
+        backend = available[0]
+    module = _dispatch.kernels_for(backend)  # ValueError / RuntimeError when unknown or not loaded
+    if not hasattr(module, "row_stats"):  # the numpy stand-in of a child forked after OpenMP ran
+        raise RuntimeError(
+            f"backend={backend!r} cannot run in this process (forked after OpenMP threads ran); "
+            "the class-shard phases have no numpy fallback"
+        )
     return module
 
 
@@ -67,14 +90,17 @@ def _params(spec, num_classes, weight, grad_scale, class_start):
     )
 
 
-def row_stats(x, target, *, class_start=0, num_classes=None, weight=None, label_smoothing=0.0, ignore_index=-100):
+def row_stats(
+    x, target, *, class_start=0, num_classes=None, weight=None, label_smoothing=0.0, ignore_index=-100, backend=None
+):
     """Statistics ``(n, 5)`` float64 of the shard ``x`` (columns ``class_start..``)."""
+    kernels = _kernels(backend)
     num_classes = x.shape[1] if num_classes is None else num_classes
     x, target, shard_weight, kind = _inputs(x, target, weight, class_start)
     spec = LossSpec.create(kind, label_smoothing=label_smoothing, ignore_index=ignore_index)
     stats = np.empty((x.shape[0], 5))
     params = _params(spec, num_classes, weight, 1.0, class_start)
-    _numba().row_stats(kind, x, target, shard_weight, params, stats)
+    kernels.row_stats(kind, x, target, shard_weight, params, stats)
     if kind == "index":  # A: the shard's weight sum, for the rebase of B in the merge
         stats[:, _A] = float(np.sum(shard_weight, dtype=np.float64)) if weight is not None else float(x.shape[1])
     empty = np.isneginf(stats[:, _M])  # every logit -inf in this shard: an empty sum, not NaN
@@ -101,11 +127,21 @@ def merge_row_stats(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 
 def finish(
-    stats, target, *, num_classes, weight=None, reduction="mean", label_smoothing=0.0, ignore_index=-100, dtype=None
+    stats,
+    target,
+    *,
+    num_classes,
+    weight=None,
+    reduction="mean",
+    label_smoothing=0.0,
+    ignore_index=-100,
+    dtype=None,
+    backend=None,
 ):
     """Losses from merged statistics: ``(loss, coef, grad_scale)``; ``loss`` reduced as
     asked, ``coef`` the per-row coefficients and ``grad_scale`` the factor (1/D for "mean")
     that ``shard_grad`` applies."""
+    kernels = _kernels(backend)
     target = np.asarray(target)
     kind = "probability" if target.dtype.kind == "f" else "index"
     spec = LossSpec.create(kind, reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index)
@@ -123,7 +159,7 @@ def finish(
     loss = np.empty(n)
     coef = np.empty((n, 3))
     full_weight = np.empty(0) if weight is None else np.asarray(weight, np.float64)
-    _numba().finish(kind, stats, target, full_weight, params, loss, coef)
+    kernels.finish(kind, stats, target, full_weight, params, loss, coef)
     if spec.reduction == "none":
         return loss, coef, grad_scale
     total = float(np.sum(loss))
@@ -133,13 +169,24 @@ def finish(
 
 
 def shard_grad(
-    x, target, coef, grad_scale, *, class_start=0, num_classes=None, weight=None, label_smoothing=0.0, out=None
+    x,
+    target,
+    coef,
+    grad_scale,
+    *,
+    class_start=0,
+    num_classes=None,
+    weight=None,
+    label_smoothing=0.0,
+    out=None,
+    backend=None,
 ):
     """The gradient of the shard ``x`` from the coefficients and scale of :func:`finish`."""
+    kernels = _kernels(backend)
     num_classes = x.shape[1] if num_classes is None else num_classes
     x, target, shard_weight, kind = _inputs(x, target, weight, class_start)
     spec = LossSpec.create(kind, label_smoothing=label_smoothing)
     grad = np.empty(x.shape, x.dtype) if out is None else out
     params = _params(spec, num_classes, weight, grad_scale, class_start)
-    _numba().shard_grad(kind, x, target, shard_weight, params, np.ascontiguousarray(coef), grad)
+    kernels.shard_grad(kind, x, target, shard_weight, params, np.ascontiguousarray(coef), grad)
     return grad

@@ -3,59 +3,125 @@
 """The Cython + OpenMP backend: the same steps, in the same words, as
 ``fastxent/_numba_kernels.py`` and ``fastxent/_reference.py``.
 
-Every kernel takes a C-contiguous 2-D ``x`` of shape ``(n, C)``; OpenMP ``prange`` hands
-out blocks of rows (``_rows_per_block``: about 32k logits each) dynamically, one block
-at a time, so long and short rows balance across threads. Per row:
+Row statistics are the primitive. Per row, in three phases:
 
-  (1) ``m = max_c x_c``                                 (32 independent lanes, vectorised)
-  (2) ``e_c = exp(x_c - m)`` written into the gradient row as scratch, ``s = sum_c e_c``;
-      the smoothing sum ``sw = sum_c w_c (m - x_c)`` (index targets) or the target sums
-      ``A = sum_c w_c t'_c``, ``B = sum_c w_c t'_c (m - x_c)`` (probability targets) in
-      the same loop
-  (3) ``lse = m + log(s)``; index targets: ``loss = (1-eps) w_y (lse - x_y)
-      + eps/C (sw + W log s)``; probability targets: ``loss = B + A log s``
-  (4) ``grad_c = e_c / s * a - b_c``, scaled by ``grad_scale`` (1/D for "mean"):
-      index targets ``a = (1-eps) w_y + eps W / C``, ``b_c = eps/C w_c``, then
-      ``grad_y -= (1-eps) w_y``; probability targets ``a = A``, ``b_c = w_c t'_c``.
+  stats   (1) ``m = max_c x_c``                          (vectorised across classes or rows)
+          (2) ``e_c = exp(x_c - m)``, ``s = sum_c e_c``; the target logit ``x_y``; the
+              smoothing sum ``sw = sum_c w_c (m - x_c)`` (index targets) or the target sums
+              ``A = sum_c w_c t'_c``, ``B = sum_c w_c t'_c (m - x_c)`` (probability targets)
+  finish  (3) ``lse = m + log s``; index targets ``loss = (1-eps) w_y ((m - x_y) + log s)
+              + eps/C (sw + W log s)``; probability targets ``loss = B + A log s``; the
+              gradient coefficients ``a`` (index: ``(1-eps) w_y + eps W / C``; probability:
+              ``A``), scaled by ``grad_scale / s``
+  grad    (4) ``g_c = e_c a - b_c`` (index: ``b_c = grad_scale eps/C w_c``, then
+              ``g_y -= grad_scale (1-eps) w_y``; probability: ``b_c = grad_scale w_c t'_c``)
 
-``sum_c w_c (lse - x_c)`` is written ``sw + W log s`` so that it is a sum of
-non-negative terms, without the cancellation of ``W lse - sum_c w_c x_c``.
+How the module is organised
+---------------------------
+- **The options** arrive as ``_spec.Params`` (a NamedTuple) and are copied ONCE per call,
+  by ``_unpack_params``, into the C struct ``Params`` (the same fields, in the same order:
+  ``PARAMS_FIELDS``). Every phase takes ``const Params *``; the block functions take the
+  Task and the Params by value (copies that nothing else writes, so gcc hoists their
+  fields out of the loops).
+- **The call** is described by one ``Task`` (the operation, the MODE, the LAYOUT, the shape,
+  the arrays as untyped pointers); the ``def`` functions of the interface only fill a Task
+  (``_xent_task``, ``_rows_task``) and hand it to ``_run_blocks``.
+- **The parallel loop is written once**, in ``_run_blocks``: an OpenMP ``prange`` over
+  blocks of whole rows (``_rows_per_block``: about BLOCK_ELEMENTS = 32k logits, a multiple
+  of LANES), handed out dynamically one block at a time, inside a ``parallel()`` region in
+  which each thread allocates its own scratch (cache-line aligned, a line of padding after
+  it, so no two threads write one line). Per block, ``_block`` picks the dtype (the one
+  place the untyped pointers become ``float`` or ``double``, through the fused type of the
+  scratch pointer) and the block function of the operation and layout.
+- **The block functions** (``_index_rows``, ``_index_lane_groups``, ``_probability_rows``,
+  ``_probability_lane_groups``, the softmax family) are the multiversioned ones (``FX_HOT``,
+  see below); each inlines its per-row or per-lane-group phases, which are small
+  ``cdef inline`` functions with the numba helpers' names: ``_row_max``, ``_row_sum_exp``,
+  ``_row_smoothing_sum``, ``_row_sum_exp_target_sums`` (steps 1-2), ``_index_row_loss``,
+  ``_index_finish``, ``_probability_finish`` (step 3), ``_index_grad_row``,
+  ``_probability_grad_row`` (step 4), and ``_index_row`` / ``_probability_row`` /
+  ``_index_lanes`` / ``_probability_lanes`` that run them for one row or one lane group.
+
+The MODE (a run-time value; the same numbers as the numba module) says which phases run;
+the row layout branches on it once per block, GRAD and LOSS each getting a copy of the row
+with the mode a constant (the other modes share one):
+
+- ``LOSS``: (1)-(3), per-row loss; nothing N x C is written;
+- ``GRAD``: (1)-(4), per-row loss and the gradient into ``grad``: step (2) writes the
+  exponentials into the gradient row itself, which step (4) rescales;
+- ``IN_PLACE``: the same with ``grad`` the logits themselves. In the row layout it is
+  GRAD's very code: step (2) reads each logit and writes its exponential at the same
+  index, which gcc's run-time alias check accepts (a dependence distance of 0), so no
+  scratch row is needed (numba's kernels need one: LLVM's check fails for two names of one
+  array); in place and out of place give the same bits by construction;
+- ``STATS``: (1)-(2) on a class shard (columns ``class_start..`` of the full class axis),
+  the statistics into ``rowdata`` (columns ``STAT_*``);
+- ``SHARD_GRAD``: (4) on a class shard, from the merged ``m`` and the coefficients that
+  ``finish`` computed from the merged statistics (``rowdata`` columns ``COEF_*``).
+
+The LAYOUT: for few classes (``C <= SMALL_C``, modes LOSS, GRAD and IN_PLACE) LANES = 32
+rows are transposed into the thread's scratch (``buf[c * LANES + r] = x[r0 + r, c]``) so
+that the SIMD lanes run over ROWS: the max, exp, the float64 sums, ``log``, the loss, the
+coefficients and the gradient of 32 rows are each one loop over the classes of a 32-wide
+loop over the rows, which gcc vectorises; only the transposes and the target's gather
+remain per row. Otherwise one row at a time, the lanes over the classes. (numba takes 64
+rows; with gcc 32 measured faster: float32 loss+grad 262144 x 10 4.1 -> 3.5 ms, 65536 x 32
+3.3 -> 2.5 ms, one thread; with 16, gcc unrolls the small lane loops completely and leaves
+them scalar, 1.7x slower than 64.)
 
 Accumulators (``s``, ``sw``, ``A``, ``B``) and the per-row loss are float64 for both
-dtypes; the exponentials and the gradient are computed in the input dtype, as in the
-numba kernels. The row sums of step (2) are kept in 16 float64 lanes (element ``c`` goes
-to lane ``c % 16``) that are added in a fixed pairwise order at the end: gcc may not
-reassociate a float sum (no ``-ffast-math`` here: it would also fold the exponential's
-rounding trick and drop inf/NaN semantics), but it vectorises these explicit lanes, and
-the result is the same on every ISA and for every thread count. The numba kernels let
-LLVM reassociate instead, so the two backends' sums differ in their last float64 bits
-(see tests/test_cython.py for the bound this leaves on the results).
+dtypes; the exponentials and the gradient are computed in the input dtype.
+``sum_c w_c (lse - x_c)`` is written ``sw + W log s`` so that it is a sum of non-negative
+terms, without the cancellation of ``W lse - sum_c w_c x_c``.
 
-Kernels never allocate and never validate: ``_api.py`` checks the inputs, allocates the
-outputs and passes plain C-contiguous arrays (inputs read-only, hence the ``const``
-memoryviews). ``grad`` (or ``out``) may be ``x`` itself: every element is read before
-it is written. Without a gradient (``write_grad=False``), ``grad`` is a ``(1, C)``
-dummy that is never written.
+Order of the sums (thread-count invariance)
+-------------------------------------------
+Every row is computed by one thread, and no sum's order depends on the thread or on the
+rows around it, so every result is the same bits for any thread count. In the row layout
+the sums of step (2) are kept in SUM_LANES = 16 float64 lanes (element ``c`` in lane
+``c % 16``; the smoothing sum in 32) added in a fixed pairwise order at the end: gcc may
+not reassociate a float sum (no ``-ffast-math``: it would also fold the exponential's
+rounding trick and drop inf/NaN semantics), but it vectorises these explicit lanes. The
+last partial group of a row is one masked vector whose loads are selected (to -inf, m or
+0) before any arithmetic, so the masked-off lanes add exact zeros (arithmetic on them
+first met subnormal garbage: a microcode assist per row). In the lanes layout each row's
+sums run over its classes in order. The numba kernels let LLVM reassociate the row
+layout's sums, so the two backends differ there in the last float64 bits
+(tests/test_cython.py states the bound).
 
-The exponential
----------------
+Loss only, loss+grad and in place give the same bits: steps (1)-(3) are one piece of code
+per layout, and the gradient's target term passes through ``_opaque`` before it is
+subtracted (else gcc fused its product into the subtraction in one copy and not another).
+
+Kernels never allocate arrays visible to Python and never validate: ``_cy_backend.py``
+(as ``_numba_kernels.py``) picks the mode and layout and passes plain C-contiguous
+arrays; ``_api.py`` checks the inputs and allocates the outputs.
+
+The exponential and the logarithm
+---------------------------------
 ``exp(t)`` for ``t <= 0`` (and -inf, NaN), as ``2**k * exp(r)``: ``k = rint(t / ln 2)``
 by the ``(v + 1.5 * 2**p) - 1.5 * 2**p`` rounding trick, ``r = t - k ln 2`` in two parts
 (Cody-Waite), ``exp(r)`` by its Taylor polynomial (degree 7 float32, 13 float64), and
 ``2**k`` built in the exponent bits of ``v`` (a ``memcpy`` bit cast, which gcc turns into
 a register move). Below the smallest normal (``t < LO``) the result is 0; NaN propagates
-through ``r``. Plain arithmetic and selects only, no libm call, so gcc vectorises it.
-Checked with ``-fopt-info-vec-optimized`` (gcc 12, ``-O3 -fno-trapping-math``): every
-step-(2) lane loop (the loops that call it), the row-max lanes and the step-(4) loops
-are "vectorized using 64 byte vectors" in the x86-64-v4 clone, 32 in x86-64-v3 and 16
-in the baseline; without ``-fno-trapping-math`` gcc will not if-convert the selects and
-vectorises none of them. In the v3/v4 clones gcc fuses the same multiply-adds as LLVM
-does in the numba version, and the two exponentials agree bit for bit
-(tests/test_cython.py). Measured (4 shapes, float32 loss+grad): the multiversioned build
-runs at 0.9-1.1x the numba kernels' time, the baseline SSE2 code alone at 2.1-3.2x.
+through ``r``. ``log(s)`` of step (3) is fdlibm's e_log.c made branch-free, as numba's
+``fast_log`` (< 1 ulp). Plain arithmetic and selects only, no libm call, so gcc vectorises
+both. The rows of ``logsumexp`` and ``log_softmax`` take libm's ``log``, as numba's
+``math.log``.
+
+Vectorisation and multiversioning
+---------------------------------
+Checked with ``-fopt-info-vec-optimized`` (gcc 12, ``-O3 -fno-trapping-math``): the loops
+of steps (1), (2) and (4) of the row layout, and every loop over the lanes (max, exp, the
+sums, log and the coefficients, the gradient), are vectorised in the x86-64-v4 clone;
+without ``-fno-trapping-math`` gcc will not if-convert the selects and vectorises none of
+them. ``FX_HOT`` (kernels/_cy_xent_simd.h) compiles each block function for x86-64-v4,
+x86-64-v3 and the baseline with ``target_clones``, and ``flatten`` inlines the phases into
+each clone. In the v3/v4 clones gcc fuses the same multiply-adds as LLVM does in the numba
+version, and the two exponentials agree bit for bit (tests/test_cython.py).
 """
 
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, exp, isinf, log
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -69,6 +135,11 @@ cdef extern from "_cy_xent_simd.h" nogil:
     int fx_get_max_threads()
     void fx_set_num_threads(int n)
     const char *fx_simd_level()
+    void *fx_aligned_alloc(size_t size)
+    void fx_aligned_free(void *pointer)
+    void fx_prefetch_for_write(const void *address)
+    float fx_opaque_float "fx_opaque"(float x)
+    double fx_opaque_double "fx_opaque"(double x)
 
 
 ctypedef fused floating:
@@ -79,10 +150,89 @@ ctypedef fused label_t:
     int32_t
     int64_t
 
+
+# --- modes, layouts and the row-data columns (the numbers of _numba_kernels.py) ------
 cdef enum:
-    LANES = 16  # independent partial sums per row in step (2) (one AVX-512 float32 vector)
-    MAX_LANES = 32  # independent partial maxima per row in step (1) (see _row_max)
-    BLOCK_ELEMENTS = 32768  # work per OpenMP chunk: whole rows, about this many logits (as numba)
+    LOSS = 0
+    GRAD = 1
+    IN_PLACE = 2
+    STATS = 3
+    SHARD_GRAD = 4
+
+#: STATS writes, per row: the max m, s = sum exp(x - m), the target logit (0 when the target
+#: is not in this shard), and A, B (for index targets A is left 0 for the caller, B is sw)
+cdef enum:
+    STAT_M = 0
+    STAT_S = 1
+    STAT_TARGET = 2
+    STAT_A = 3
+    STAT_B = 4
+    N_STATS = 5
+
+#: SHARD_GRAD reads, per row: the merged max, the gradient coefficient a * grad_scale / s,
+#: and (index targets) the target term grad_scale (1-eps) w_y
+cdef enum:
+    COEF_M = 0
+    COEF_A = 1
+    COEF_Y = 2
+    N_COEFS = 3
+
+cdef enum:
+    LANES = 32  # rows at a time in the small-C layout, one per SIMD lane (see the module docstring)
+    SMALL_C = 32  # classes up to which LOSS, GRAD and IN_PLACE run LANES rows across the lanes
+    BLOCK_ELEMENTS = 32768  # logits per prange iteration (a block of whole rows)
+    SUM_LANES = 16  # partial sums per row in step (2) of the row layout (one AVX-512 float32 vector)
+    SMOOTHING_LANES = 32  # partial sums of the smoothing sum (see _smoothing_lanes)
+    MAX_LANES = 32  # partial maxima per row in step (1) of the row layout (see _row_max)
+    CACHE_LINE = 64
+
+#: the same names and values as _numba_kernels.py, for _cy_backend.py and the tests
+MODES = (LOSS, GRAD, IN_PLACE, STATS, SHARD_GRAD)
+STAT_COLUMNS = (STAT_M, STAT_S, STAT_TARGET, STAT_A, STAT_B)
+COEF_COLUMNS = (COEF_M, COEF_A, COEF_Y)
+LAYOUT = {"LANES": LANES, "SMALL_C": SMALL_C, "BLOCK_ELEMENTS": BLOCK_ELEMENTS}
+
+
+# --- the options, as one record --------------------------------------------------------
+
+
+ctypedef struct Params:
+    # the fields of fastxent._spec.Params, in its order (see there for what each means)
+    int64_t ignore_index
+    int64_t class_start
+    double eps
+    double keep
+    double spread
+    bint smoothing
+    double weight_total
+    double grad_scale
+    bint weighted
+
+
+cdef Params _unpack_params(object record) except *:
+    """The one place the ``_spec.Params`` record becomes the C struct."""
+    cdef Params p
+    p.ignore_index = record.ignore_index
+    p.class_start = record.class_start
+    p.eps = record.eps
+    p.keep = record.keep
+    p.spread = record.spread
+    p.smoothing = record.smoothing
+    p.weight_total = record.weight_total
+    p.grad_scale = record.grad_scale
+    p.weighted = record.weighted
+    return p
+
+
+cdef Params _zero_params():
+    cdef Params p
+    memset(&p, 0, sizeof(Params))
+    return p
+
+
+#: the struct's field names in order (Cython converts a struct to a dict): must equal
+#: ``_spec.Params._fields`` (tests/test_cython.py)
+PARAMS_FIELDS = tuple(_zero_params())
 
 
 # --- the vectorisable exponential ---------------------------------------------------
@@ -148,7 +298,51 @@ cdef inline floating _fast_exp(floating t) noexcept nogil:
         return _exp64(t)
 
 
+# --- the vectorisable logarithm ------------------------------------------------------
+# log(s) for the row sums s >= 1 (float64), fdlibm's e_log.c made branch-free, as numba's
+# fast_log: s = 2**k f with f in [sqrt(2)/2, sqrt(2)) (exponent and mantissa from the bits,
+# musl's split), then with the exact t = f - 1, u = t / (2 + t):
+#     log f = t - (t*t/2 - u (t*t/2 + R(u*u))),  R a degree-7 minimax fit (fdlibm's Lg1..Lg7)
+# and ln2 in two parts. < 1 ulp (tests/test_log.py, against mpmath). NaN in, NaN out.
+
+cdef enum:
+    _LOG_EXPONENT_BIAS = 1023
+
+
+cdef inline double _fast_log(double s) noexcept nogil:
+    """``log(s)`` for float64 ``s > 0`` (normal), vectorisable; NaN propagates."""
+    cdef uint64_t bits, mantissa_bits
+    cdef double k, f, t, half_t2, u, z, w, r, result
+    memcpy(&bits, &s, 8)
+    bits = bits + <uint64_t>(0x3FF0000000000000u - 0x3FE6A09E667F3BCDu)  # 1.0 - sqrt(2)/2, in bits
+    # the exponent: at most 2047, so through int32 (a vector int64 -> double conversion
+    # needs AVX-512DQ; int32 -> double is in every ISA)
+    k = <double>(<int32_t>(bits >> 52) - _LOG_EXPONENT_BIAS)
+    mantissa_bits = (bits & <uint64_t>0x000FFFFFFFFFFFFFu) + <uint64_t>0x3FE6A09E667F3BCDu
+    memcpy(&f, &mantissa_bits, 8)
+    t = f - 1.0  # exact
+    half_t2 = 0.5 * t * t
+    u = t / (2.0 + t)
+    z = u * u
+    w = z * z
+    r = (z * (6.666666666666735130e-01 + w * (2.857142874366239149e-01 + w * (1.818357216161805012e-01
+         + w * 1.479819860511658591e-01)))
+         + w * (3.999999999940941908e-01 + w * (2.222219843214978396e-01 + w * 1.531383769920937332e-01)))
+    result = (k * 6.93147180369123816490e-01
+              - ((half_t2 - (u * (half_t2 + r) + k * 1.90821492927058770002e-10)) - t))
+    return result if s == s else s
+
+
 # --- per-row steps -------------------------------------------------------------------
+
+
+cdef inline floating _opaque(floating x) noexcept nogil:
+    """``x``, which gcc may no longer contract with the arithmetic that produced it (see
+    fx_opaque in _cy_xent_simd.h)."""
+    if floating is float:
+        return fx_opaque_float(x)
+    else:
+        return fx_opaque_double(x)
 
 
 cdef inline floating _greater(floating a, floating b) noexcept nogil:
@@ -157,29 +351,34 @@ cdef inline floating _greater(floating a, floating b) noexcept nogil:
 
 cdef inline floating _row_max(const floating *row, Py_ssize_t n_classes) noexcept nogil:
     """Step (1): ``m = max_c row_c``. NaN is ignored here; it reaches the result through
-    ``exp`` in step (2). Short rows take a plain loop, as in the numba kernel; long rows
-    32 independent lanes (element c in lane c % 32) combined pairwise at the end. The
-    numba kernel uses 16 lanes, but gcc completely unrolls a 16-iteration inner loop and
-    then leaves it scalar (it cannot vectorise a float max reduction without
-    -ffinite-math-only); 32 iterations are not unrolled and vectorise into vmaxps. The
-    max is exact, so the layout cannot change ``m``; it can only change which of two
-    equal zeros (+0, -0) or which NaN is kept, and neither reaches a result: exp(z - m)
-    and the sums are the same for either zero, and a NaN anywhere makes the row NaN."""
+    ``exp`` in step (2). Rows shorter than MAX_LANES take a plain loop; longer rows 32
+    independent lanes (element c in lane c % 32, the tail through a -inf select) combined
+    pairwise at the end: gcc cannot vectorise a float max reduction without
+    -ffinite-math-only, but it vectorises these lanes into vmaxps (a 16-iteration inner
+    loop it would unroll completely and then leave scalar), and the plain loop is a chain
+    of dependent maxss, 4 cycles each (at C = 40 it was a fifth of loss only). The max is
+    exact, so the layout cannot change ``m``; it can only change which of two equal zeros
+    (+0, -0) or which NaN is kept, and neither reaches a result: exp(z - m) and the sums
+    are the same for either zero, and a NaN anywhere makes the row NaN."""
     cdef floating m = row[0]
     cdef floating lanes[MAX_LANES]
+    cdef floating z
     cdef Py_ssize_t c, j
     cdef Py_ssize_t blocked = n_classes - n_classes % MAX_LANES
-    if n_classes < 64:
+    cdef Py_ssize_t count = n_classes - blocked
+    if n_classes < MAX_LANES:
         for c in range(1, n_classes):
             m = _greater(m, row[c])
         return m
     for j in range(MAX_LANES):
-        lanes[j] = m
-    for c in range(0, blocked, 32):  # MAX_LANES
+        lanes[j] = row[j]
+    for c in range(MAX_LANES, blocked, 32):  # MAX_LANES
         for j in range(MAX_LANES):
             lanes[j] = _greater(lanes[j], row[c + j])
-    for c in range(blocked, n_classes):
-        lanes[0] = _greater(lanes[0], row[c])
+    if count != 0:
+        for j in range(MAX_LANES):  # the tail: past it -inf, which changes no lane
+            z = row[blocked + j] if j < count else <floating>-INFINITY
+            lanes[j] = _greater(lanes[j], z)
     for j in range(16):  # lane j + 16 onto lane j, then j + 8, j + 4, j + 2, j + 1
         lanes[j] = _greater(lanes[j], lanes[j + 16])
     for j in range(8):
@@ -193,7 +392,7 @@ cdef inline floating _row_max(const floating *row, Py_ssize_t n_classes) noexcep
 
 cdef inline void _zero_lanes(double *lanes) noexcept nogil:
     cdef Py_ssize_t j
-    for j in range(LANES):
+    for j in range(SUM_LANES):
         lanes[j] = 0.0
 
 
@@ -213,16 +412,16 @@ cdef inline double _lane_sum(double *lanes) noexcept nogil:
 
 cdef inline void _exp_lanes(const floating *row, floating m, floating *e_out, Py_ssize_t count,
                             bint write_e, double *s_lanes) noexcept nogil:
-    """Step (2) on ``count <= LANES`` elements: ``e_j = exp(row_j - m)``, ``s_lanes[j] += e_j``.
-    Inlined with ``count = LANES`` for whole blocks of the row and with the tail length for
-    the rest, so element c goes to lane c % 16. The loop always runs LANES iterations
-    (one vector): past ``count`` the row reads as -inf, whose exp adds an exact 0 to its
-    lane. So the tail is one masked load and store, and the lanes see only full-width
-    unmasked adds; a scalar or masked store to a lane that the lane sum reloads at once
-    stalls store forwarding (it made rows of 10 classes 1.7x slower)."""
+    """Step (2) on ``count <= SUM_LANES`` elements: ``e_j = exp(row_j - m)``,
+    ``s_lanes[j] += e_j``. Inlined with ``count = SUM_LANES`` for whole blocks of the row
+    and with the tail length for the rest, so element c goes to lane c % 16. The loop always
+    runs SUM_LANES iterations (one vector): past ``count`` the row reads as -inf, whose exp
+    adds an exact 0 to its lane. So the tail is one masked load and store, and the lanes see
+    only full-width unmasked adds; a scalar or masked store to a lane that the lane sum
+    reloads at once stalls store forwarding (it made rows of 10 classes 1.7x slower)."""
     cdef Py_ssize_t j
     cdef floating z, e
-    for j in range(LANES):
+    for j in range(SUM_LANES):
         z = row[j] if j < count else <floating>-INFINITY
         e = _fast_exp(z - m)
         if write_e and j < count:
@@ -232,231 +431,578 @@ cdef inline void _exp_lanes(const floating *row, floating m, floating *e_out, Py
 
 cdef inline double _row_sum_exp(const floating *row, floating m, floating *e_out,
                                 Py_ssize_t n_classes, bint write_e) noexcept nogil:
-    """Step (2): ``s = sum_c exp(row_c - m)``; the terms go to ``e_out`` when ``write_e``
-    (a constant at every call, so each inlined copy has one loop without the branch)."""
-    cdef double s_lanes[LANES]
+    """Step (2): ``e_c = exp(row_c - m)`` into ``e_out`` (the gradient or softmax row) when
+    ``write_e``, and ``s = sum_c e_c`` in float64. ``write_e`` is a constant at every call,
+    so each inlined copy has one loop without the branch; loss only stores nothing, and
+    sums in the same order as loss+grad."""
+    cdef double s_lanes[SUM_LANES]
     cdef Py_ssize_t c
-    cdef Py_ssize_t blocked = n_classes - n_classes % LANES
+    cdef Py_ssize_t blocked = n_classes - n_classes % SUM_LANES
     _zero_lanes(s_lanes)
-    for c in range(0, blocked, 16):  # LANES
-        _exp_lanes(row + c, m, e_out + c, LANES, write_e, s_lanes)
-    _exp_lanes(row + blocked, m, e_out + blocked, n_classes - blocked, write_e, s_lanes)
+    for c in range(0, blocked, 16):  # SUM_LANES
+        _exp_lanes(row + c, m, e_out + c, SUM_LANES, write_e, s_lanes)
+    if blocked < n_classes:  # (an empty tail would cost a whole vector of exponentials)
+        _exp_lanes(row + blocked, m, e_out + blocked, n_classes - blocked, write_e, s_lanes)
     return _lane_sum(s_lanes)
 
 
-cdef inline void _exp_smooth_lanes(const floating *row, floating m, const floating *weight,
-                                   floating *e_out, Py_ssize_t count, bint write_e,
-                                   double *s_lanes, double *sw_lanes) noexcept nogil:
-    """``_exp_lanes`` plus ``sw_lanes[j] += w_j (m - row_j)`` (``weight`` NULL: no weights).
-    Past ``count`` both factors are selected to 0 ((m - -inf) * w would be inf or NaN), so
-    the term is an exact 0 and the product still feeds the add directly: gcc contracts it
-    into the same FMA in the tail as in whole blocks (and as LLVM does in float64)."""
+cdef inline void _smoothing_lanes(const floating *row, floating m, const floating *weight, Py_ssize_t count,
+                                  bint weighted, double *sw_lanes) noexcept nogil:
+    """``sw_lanes[j] += w_j (m - row_j)`` for ``count <= SMOOTHING_LANES`` elements. Past
+    ``count`` the loads are selected, before any arithmetic, to ``row_j = m`` and ``w_j = 0``,
+    so the term is an exact 0 (a select after the arithmetic left gcc computing on whatever
+    the masked-off lanes of its masked loads held: subnormal garbage, and a microcode assist
+    per row, 1.8 -> 3.6 ms at 16384 x 128 float32). 32 lanes, not 16: a 16-iteration loop
+    this small gcc unrolls completely before it vectorises, and then leaves it scalar."""
     cdef Py_ssize_t j
-    cdef floating z, e
-    if weight != NULL:
-        for j in range(LANES):
-            z = row[j] if j < count else <floating>-INFINITY
-            e = _fast_exp(z - m)
-            if write_e and j < count:
-                e_out[j] = e
-            s_lanes[j] += e
-            sw_lanes[j] += (weight[j] if j < count else <floating>0) * ((m - z) if j < count else <floating>0)
+    cdef floating z, w
+    if weighted:
+        for j in range(SMOOTHING_LANES):
+            z = row[j] if j < count else m
+            w = weight[j] if j < count else <floating>0
+            sw_lanes[j] += w * (m - z)
     else:
-        for j in range(LANES):
-            z = row[j] if j < count else <floating>-INFINITY
-            e = _fast_exp(z - m)
-            if write_e and j < count:
-                e_out[j] = e
-            s_lanes[j] += e
-            sw_lanes[j] += (m - z) if j < count else <floating>0
+        for j in range(SMOOTHING_LANES):
+            z = row[j] if j < count else m
+            sw_lanes[j] += m - z
 
 
-cdef inline double _row_sum_exp_smooth(const floating *row, floating m, const floating *weight,
-                                       floating *e_out, Py_ssize_t n_classes, bint write_e,
-                                       double *sw) noexcept nogil:
-    """Step (2) with label smoothing: returns ``s``, sets ``sw = sum_c w_c (m - row_c)``
-    (``weight`` NULL: no weights)."""
-    cdef double s_lanes[LANES]
-    cdef double sw_lanes[LANES]
+cdef inline double _row_smoothing_sum(const floating *row, floating m, const floating *weight,
+                                      Py_ssize_t n_classes, bint weighted) noexcept nogil:
+    """Step (2), label smoothing: ``sw = sum_c w_c (m - row_c)``. A loop of its own, without
+    a store, so that it sums in the same order in every mode (element c in lane c % 32, the
+    lanes added pairwise at the end)."""
+    cdef double sw_lanes[SMOOTHING_LANES]
     cdef Py_ssize_t c
-    cdef Py_ssize_t blocked = n_classes - n_classes % LANES
-    cdef const floating *w_tail = weight + blocked if weight != NULL else NULL
-    _zero_lanes(s_lanes)
-    _zero_lanes(sw_lanes)
-    for c in range(0, blocked, 16):  # LANES
-        _exp_smooth_lanes(row + c, m, weight + c if weight != NULL else NULL, e_out + c, LANES, write_e,
-                          s_lanes, sw_lanes)
-    _exp_smooth_lanes(row + blocked, m, w_tail, e_out + blocked, n_classes - blocked, write_e, s_lanes, sw_lanes)
-    sw[0] = _lane_sum(sw_lanes)
-    return _lane_sum(s_lanes)
+    cdef Py_ssize_t blocked = n_classes - n_classes % SMOOTHING_LANES
+    for c in range(SMOOTHING_LANES):
+        sw_lanes[c] = 0.0
+    for c in range(0, blocked, 32):  # SMOOTHING_LANES
+        _smoothing_lanes(row + c, m, weight + c, SMOOTHING_LANES, weighted, sw_lanes)
+    if blocked < n_classes:
+        _smoothing_lanes(row + blocked, m, weight + blocked, n_classes - blocked, weighted, sw_lanes)
+    for c in range(16):  # lane c + 16 onto lane c, then as _lane_sum
+        sw_lanes[c] = sw_lanes[c] + sw_lanes[c + 16]
+    return _lane_sum(sw_lanes)
 
 
 cdef inline void _exp_target_lanes(const floating *row, floating m, const floating *t, const floating *weight,
-                                   double keep, double spread, floating *e_out, Py_ssize_t count,
-                                   bint write_e, double *s_lanes, double *a_lanes,
-                                   double *b_lanes) noexcept nogil:
-    """``_exp_lanes`` plus ``a_lanes[j] += w_j t'_j``, ``b_lanes[j] += w_j t'_j (m - row_j)``;
-    past ``count`` both terms are an exact 0 (factors selected to 0, see _exp_smooth_lanes).
-    ``t'`` is formed in float64, as in step (4), so that A and the gradient use the same t'."""
+                                   floating *e_out, Py_ssize_t count, bint write_e, const Params *p,
+                                   double *s_lanes, double *a_lanes, double *b_lanes) noexcept nogil:
+    """``_exp_lanes`` and, in the same loop, ``a_lanes[j] += w_j t'_j``, ``b_lanes[j] +=
+    w_j t'_j (m - row_j)`` for ``count <= SUM_LANES`` elements; past ``count`` the loads are
+    selected to ``row_j = -inf`` (exp 0), ``t_j = 0`` and ``w_j = 0`` before any arithmetic
+    (see _smoothing_lanes), so every term is an exact 0 (unweighted: ``t'_j`` itself is
+    selected to 0). Writes all SUM_LANES exponentials to ``e_out`` (when ``write_e``): a
+    conditional store made this bigger loop too much for gcc's if-conversion in some
+    copies, which then ran scalar (float64 65536 x 40 loss+grad 6.1 -> 9.8 ms)."""
     cdef Py_ssize_t j
-    cdef floating z, e
+    cdef floating z, e, tj, wj
     cdef double wt
-    if weight != NULL:
-        for j in range(LANES):
+    cdef double keep = p.keep, spread = p.spread
+    if p.weighted:
+        for j in range(SUM_LANES):
             z = row[j] if j < count else <floating>-INFINITY
+            tj = t[j] if j < count else <floating>0
+            wj = weight[j] if j < count else <floating>0
             e = _fast_exp(z - m)
-            if write_e and j < count:
+            if write_e:
                 e_out[j] = e
             s_lanes[j] += e
-            wt = (<double>weight[j] * (keep * <double>t[j] + spread)) if j < count else 0.0
+            wt = <double>wj * (keep * <double>tj + spread)
             a_lanes[j] += wt
             b_lanes[j] += wt * ((m - z) if j < count else <floating>0)
     else:
-        for j in range(LANES):
+        for j in range(SUM_LANES):
             z = row[j] if j < count else <floating>-INFINITY
+            tj = t[j] if j < count else <floating>0
             e = _fast_exp(z - m)
-            if write_e and j < count:
+            if write_e:
                 e_out[j] = e
             s_lanes[j] += e
-            wt = (keep * <double>t[j] + spread) if j < count else 0.0
+            wt = (keep * <double>tj + spread) if j < count else 0.0
             a_lanes[j] += wt
             b_lanes[j] += wt * ((m - z) if j < count else <floating>0)
 
 
-cdef inline double _row_sum_exp_target(const floating *row, floating m, const floating *t,
-                                       const floating *weight, double eps, floating *e_out,
-                                       Py_ssize_t n_classes, bint write_e,
-                                       double *a, double *b) noexcept nogil:
-    """Step (2) for probability targets: returns ``s``, sets ``A = sum_c w_c t'_c`` and
-    ``B = sum_c w_c t'_c (m - row_c)`` with ``t'_c = (1-eps) t_c + eps/C``."""
-    cdef double s_lanes[LANES]
-    cdef double a_lanes[LANES]
-    cdef double b_lanes[LANES]
-    cdef double keep = 1.0 - eps
-    cdef double spread = eps / n_classes
+cdef inline double _row_sum_exp_target_sums(const floating *row, floating m, const floating *t,
+                                            const floating *weight, floating *e_out, Py_ssize_t n_classes,
+                                            bint write_e, const Params *p, double *a_sum,
+                                            double *b_sum) noexcept nogil:
+    """Step (2), probability targets: ``_row_sum_exp`` (returns ``s``) and, in the same pass,
+    the target sums ``A = sum_c w_c t'_c``, ``B = sum_c w_c t'_c (m - row_c)`` with
+    ``t'_c = (1-eps) t_c + eps/C``, formed in float64 as in step (4), so that A and the
+    gradient use the same t'. (numba's row_sum_exp and row_target_sums, fused: as two loops
+    the float64 accumulators of the second, kept in memory by gcc, were a store-forwarding
+    chain, float64 4096 x 1000 loss+grad 7.2 -> 8.4 ms.)"""
+    cdef double s_lanes[SUM_LANES]
+    cdef double a_lanes[SUM_LANES]
+    cdef double b_lanes[SUM_LANES]
+    cdef floating tail_e[SUM_LANES]  # the tail's exponentials, copied into e_out after
     cdef Py_ssize_t c
-    cdef Py_ssize_t blocked = n_classes - n_classes % LANES
-    cdef const floating *w_tail = weight + blocked if weight != NULL else NULL
+    cdef Py_ssize_t blocked = n_classes - n_classes % SUM_LANES
     _zero_lanes(s_lanes)
     _zero_lanes(a_lanes)
     _zero_lanes(b_lanes)
-    for c in range(0, blocked, 16):  # LANES
-        _exp_target_lanes(row + c, m, t + c, weight + c if weight != NULL else NULL, keep, spread, e_out + c,
-                          LANES, write_e, s_lanes, a_lanes, b_lanes)
-    _exp_target_lanes(row + blocked, m, t + blocked, w_tail, keep, spread, e_out + blocked,
-                      n_classes - blocked, write_e, s_lanes, a_lanes, b_lanes)
-    a[0] = _lane_sum(a_lanes)
-    b[0] = _lane_sum(b_lanes)
+    for c in range(0, blocked, 16):  # SUM_LANES
+        _exp_target_lanes(row + c, m, t + c, weight + c, e_out + c, SUM_LANES, write_e, p, s_lanes, a_lanes,
+                          b_lanes)
+    if blocked < n_classes:
+        _exp_target_lanes(row + blocked, m, t + blocked, weight + blocked, tail_e, n_classes - blocked, write_e,
+                          p, s_lanes, a_lanes, b_lanes)
+        if write_e:
+            memcpy(e_out + blocked, tail_e, (n_classes - blocked) * sizeof(floating))
+    a_sum[0] = _lane_sum(a_lanes)
+    b_sum[0] = _lane_sum(b_lanes)
     return _lane_sum(s_lanes)
 
 
-# --- the rows of one block -------------------------------------------------------------
+cdef inline double _index_row_loss(double m_minus_x_y, double log_s, double sw, double w_y,
+                                   const Params *p) noexcept nogil:
+    """Step (3): ``(1-eps) w_y (lse - x_y) + eps/C (sw + W log s)``, one expression for every
+    layout and mode. ``lse - x_y`` is summed as ``(m - x_y) + log s``: no rounding of
+    ``m + log s`` (which would cost the small losses of confident rows their digits)."""
+    cdef double row_loss = p.keep * w_y * (m_minus_x_y + log_s)
+    if p.smoothing:
+        row_loss += p.spread * (sw + p.weight_total * log_s)
+    return row_loss
 
 
-cdef inline void _index_row(Py_ssize_t i, const floating *x, const label_t *y, const floating *weight,
-                            double weight_total, int64_t ignore_index, double eps, double grad_scale,
-                            double *loss, floating *grad, Py_ssize_t n_classes,
-                            bint write_grad) noexcept nogil:
-    """Steps (1)-(4) for row i with a class-index target (``write_grad`` a constant)."""
-    cdef double keep = 1.0 - eps
-    cdef double spread = eps / n_classes
-    cdef int64_t yi = y[i]
-    cdef const floating *row = x + i * n_classes
-    cdef floating *g
-    cdef floating m, x_y, a, b
-    cdef double w_y, s, sw, log_s, row_loss, smoothing
+cdef inline double _index_finish(double m_minus_x_y, double s, double sw, double w_y, const Params *p,
+                                 double *a, double *y_term) noexcept nogil:
+    """Step (3), class-index targets: returns the loss; sets the gradient coefficient
+    ``a = grad_scale ((1-eps) w_y + eps W / C) / s`` and the target's term
+    ``y_term = grad_scale (1-eps) w_y``. Without smoothing W must not enter at all: 0 * W is
+    NaN when a weight of a class no row uses is inf or NaN (PyTorch never reads it)."""
+    cdef double smoothing = p.spread * p.weight_total if p.smoothing else 0.0
+    a[0] = p.grad_scale * (p.keep * w_y + smoothing) / s
+    y_term[0] = p.grad_scale * p.keep * w_y
+    return _index_row_loss(m_minus_x_y, _fast_log(s), sw, w_y, p)
+
+
+cdef inline double _probability_finish(double s, double a_sum, double b_sum, const Params *p,
+                                       double *a) noexcept nogil:
+    """Step (3), probability targets: returns ``B + A log s``; sets ``a = grad_scale A / s``."""
+    a[0] = p.grad_scale * a_sum / s
+    return b_sum + a_sum * _fast_log(s)
+
+
+cdef inline void _index_grad_row(floating *g, const floating *e, Py_ssize_t y_local, double a, double y_term,
+                                 const floating *weight, Py_ssize_t n_classes, const Params *p) noexcept nogil:
+    """Step (4), class-index targets: ``g_c = e_c a - b w_c``, then ``g_y -= y_term`` when the
+    target is in this row's columns (``y_local >= 0``). ``e`` may be ``g`` itself."""
+    cdef floating a_t = <floating>a
+    cdef floating b
     cdef Py_ssize_t c
-    if yi == ignore_index:  # ignored rows: loss 0, gradient 0, y_i never read
-        loss[i] = 0.0
-        if write_grad:
-            memset(grad + i * n_classes, 0, n_classes * sizeof(floating))
-        return
-    g = grad + i * n_classes if write_grad else grad  # loss only: a dummy, never written
-    w_y = weight[yi] if weight != NULL else 1.0
-    m = _row_max(row, n_classes)  # (1)
-    x_y = row[yi]  # read before step (2) may overwrite the row (grad is x)
-    if eps > 0:  # (2)
-        s = _row_sum_exp_smooth(row, m, weight, g, n_classes, write_grad, &sw)
-    else:
-        s = _row_sum_exp(row, m, g, n_classes, write_grad)
-        sw = 0.0
-    log_s = log(s)  # (3)
-    # lse - x_y, summed as (m - x_y) + log s: exact in float64, and no rounding of m + log s
-    # (which would cost the small losses of confident rows their digits)
-    row_loss = keep * w_y * ((<double>m - <double>x_y) + log_s)
-    if eps > 0:
-        row_loss += spread * (sw + weight_total * log_s)
-    loss[i] = row_loss
-    if write_grad:  # (4)
-        # without smoothing W must not enter at all: 0 * W is NaN when a weight of a class
-        # no row uses is inf or NaN (PyTorch never reads such weights either)
-        smoothing = spread * weight_total if eps > 0 else 0.0
-        a = <floating>(grad_scale * (keep * w_y + smoothing) / s)
-        if eps > 0:
-            b = <floating>(grad_scale * spread)
-            if weight != NULL:
-                for c in range(n_classes):
-                    g[c] = g[c] * a - b * weight[c]
-            else:
-                for c in range(n_classes):
-                    g[c] = g[c] * a - b
+    if p.smoothing:
+        b = <floating>(p.grad_scale * p.spread)
+        if p.weighted:
+            for c in range(n_classes):
+                g[c] = e[c] * a_t - b * weight[c]
         else:
             for c in range(n_classes):
-                g[c] = g[c] * a
-        g[yi] -= <floating>(grad_scale * keep * w_y)
-
-
-cdef fx_hot_void _index_block(Py_ssize_t start, Py_ssize_t stop, const floating *x, const label_t *y,
-                             const floating *weight, double weight_total, int64_t ignore_index,
-                             double eps, double grad_scale, double *loss, floating *grad,
-                             Py_ssize_t n_classes, bint write_grad) noexcept nogil:
-    """Rows [start, stop) of ``xent_index``: one call per OpenMP chunk (multiversioned)."""
-    cdef Py_ssize_t i
-    if write_grad:
-        for i in range(start, stop):
-            _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, n_classes, True)
+                g[c] = e[c] * a_t - b
     else:
-        for i in range(start, stop):
-            _index_row(i, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, n_classes, False)
+        for c in range(n_classes):
+            g[c] = e[c] * a_t
+    if y_local >= 0:  # y_term rounded, then subtracted: never one FMA with its product
+        g[y_local] -= _opaque(<floating>y_term)
 
 
-cdef inline void _probability_row(Py_ssize_t i, const floating *x, const floating *t, const floating *weight,
-                                  double eps, double grad_scale, double *loss, floating *grad,
-                                  Py_ssize_t n_classes, bint write_grad) noexcept nogil:
-    """Steps (1)-(4) for row i with a probability target (``write_grad`` a constant)."""
+cdef inline void _probability_grad_row(floating *g, const floating *e, const floating *t, double a,
+                                       const floating *weight, Py_ssize_t n_classes,
+                                       const Params *p) noexcept nogil:
+    """Step (4), probability targets, in float64: unnormalised targets make ``p_c A`` and
+    ``w_c t'_c`` large and nearly equal, and their difference would keep only float32's
+    absolute error. ``e`` may be ``g`` itself."""
+    cdef Py_ssize_t c
+    if p.weighted:
+        for c in range(n_classes):
+            g[c] = <floating>(<double>e[c] * a - p.grad_scale * (<double>weight[c] * (p.keep * <double>t[c] + p.spread)))
+    else:
+        for c in range(n_classes):
+            g[c] = <floating>(<double>e[c] * a - p.grad_scale * (p.keep * <double>t[c] + p.spread))
+
+
+# --- the call: one Task ---------------------------------------------------------------
+
+
+cdef enum Operation:
+    XENT_INDEX
+    XENT_PROBABILITY
+    LOGSUMEXP
+    LOG_SOFTMAX
+    SOFTMAX
+
+
+ctypedef struct Task:
+    Operation operation
+    int mode  # LOSS, GRAD, IN_PLACE, STATS or SHARD_GRAD (cross-entropy only)
+    bint lanes  # the small-C layout: LANES rows across the SIMD lanes
+    bint double_precision  # the dtype of x, weight, probabilities, out and the scratch
+    Py_ssize_t n
+    Py_ssize_t n_classes
+    Py_ssize_t block_rows  # rows per prange iteration
+    Py_ssize_t scratch_elements  # per thread, of the dtype (0: none)
+    const void *x  # (n, C) logits
+    const int64_t *labels  # (n,) class indices (XENT_INDEX)
+    const void *probabilities  # (n, C) targets (XENT_PROBABILITY)
+    const void *weight  # (C,) class weights, read when Params.weighted
+    double *loss  # (n,) per-row losses
+    void *out  # (n, C) gradient / softmax rows, or (n,) logsumexp
+    double *rowdata  # (n, rowdata_stride): STATS writes, SHARD_GRAD reads
+    Py_ssize_t rowdata_stride
+
+
+cdef inline Py_ssize_t _rows_per_block(Py_ssize_t n_classes) noexcept nogil:
+    """Whole rows per prange iteration: about BLOCK_ELEMENTS logits, a multiple of LANES."""
+    cdef Py_ssize_t rows = BLOCK_ELEMENTS // n_classes if n_classes > 0 else BLOCK_ELEMENTS
+    if rows < 1:
+        return 1
+    return rows - rows % LANES if rows >= LANES else rows
+
+
+# --- one row at a time (lanes across the classes) ------------------------------------
+
+
+cdef inline void _index_row(Py_ssize_t i, const Task *task, const Params *p, const floating *x,
+                            const floating *weight, floating *grad, int mode) noexcept nogil:
+    """Steps (1)-(4) of ``mode`` for row i with a class-index target. Step (2) writes the
+    exponentials straight into the gradient row, which step (4) rescales; in place that row
+    is the logits' own, every element read before it is written, at the same index (see
+    IN_PLACE in the module docstring)."""
+    cdef Py_ssize_t n_classes = task.n_classes
     cdef const floating *row = x + i * n_classes
-    cdef const floating *ti = t + i * n_classes
-    cdef floating *g = grad + i * n_classes if write_grad else grad
+    cdef int64_t label = task.labels[i]
+    cdef bint ignored = label == p.ignore_index
+    cdef int64_t y_local = label - p.class_start
+    cdef floating *g = grad + i * n_classes if mode != LOSS and mode != STATS else NULL
+    cdef double *rowdata
     cdef floating m
-    cdef double s, a, b, scale_a, keep, spread
-    cdef Py_ssize_t c
+    cdef double x_y, s, sw, w_y, a, y_term
+    if ignored and mode != STATS:  # ignored rows: loss 0, gradient 0, y_i never read
+        task.loss[i] = 0.0
+        if mode != LOSS:
+            memset(g, 0, n_classes * sizeof(floating))
+        return
+    if ignored or y_local < 0 or y_local >= n_classes:
+        y_local = -1  # the target is not among these columns (a class shard)
+    if mode == SHARD_GRAD:  # (4) from the merged statistics
+        rowdata = task.rowdata + i * task.rowdata_stride
+        m = <floating>rowdata[COEF_M]
+        _row_sum_exp(row, m, g, n_classes, True)
+        _index_grad_row(g, g, y_local, rowdata[COEF_A], rowdata[COEF_Y], weight, n_classes, p)
+        return
     m = _row_max(row, n_classes)  # (1)
-    s = _row_sum_exp_target(row, m, ti, weight, eps, g, n_classes, write_grad, &a, &b)  # (2)
-    loss[i] = b + a * log(s)  # (3)
-    if write_grad:  # (4), in float64: unnormalised targets make p_c A and w_c t'_c large
-        # and nearly equal, and their difference would keep only float32's absolute error
-        scale_a = grad_scale * a / s
-        keep = 1.0 - eps
-        spread = eps / n_classes
-        if weight != NULL:
-            for c in range(n_classes):
-                g[c] = <floating>(<double>g[c] * scale_a - grad_scale * (<double>weight[c] * (keep * <double>ti[c] + spread)))
+    x_y = <double>row[y_local] if y_local >= 0 else 0.0  # m - x_y is exact in float64
+    # (2), the smoothing sum first: in place, the exponentials then overwrite the row
+    sw = _row_smoothing_sum(row, m, weight, n_classes, p.weighted) if p.smoothing else 0.0
+    if mode == GRAD or mode == IN_PLACE:
+        s = _row_sum_exp(row, m, g, n_classes, True)
+    else:  # LOSS, STATS: the sum alone
+        s = _row_sum_exp(row, m, g, n_classes, False)
+    if mode == STATS:
+        rowdata = task.rowdata + i * task.rowdata_stride
+        rowdata[STAT_M] = m
+        rowdata[STAT_S] = s
+        rowdata[STAT_TARGET] = x_y
+        rowdata[STAT_A] = 0.0
+        rowdata[STAT_B] = sw
+        return
+    w_y = <double>weight[y_local] if p.weighted else 1.0
+    task.loss[i] = _index_finish(<double>m - x_y, s, sw, w_y, p, &a, &y_term)  # (3)
+    if mode == GRAD or mode == IN_PLACE:  # (4), one name of the row: e is g
+        _index_grad_row(g, g, y_local, a, y_term, weight, n_classes, p)
+
+
+cdef inline void _probability_row(Py_ssize_t i, const Task *task, const Params *p, const floating *x,
+                                  const floating *probabilities, const floating *weight, floating *grad,
+                                  int mode) noexcept nogil:
+    """Steps (1)-(4) of ``mode`` for row i with a probability target (the exponentials in
+    the gradient row, as _index_row)."""
+    cdef Py_ssize_t n_classes = task.n_classes
+    cdef const floating *row = x + i * n_classes
+    cdef const floating *t = probabilities + i * n_classes
+    cdef floating *g = grad + i * n_classes if mode != LOSS and mode != STATS else NULL
+    cdef double *rowdata
+    cdef floating m
+    cdef double s, a_sum, b_sum, a
+    if mode == SHARD_GRAD:
+        rowdata = task.rowdata + i * task.rowdata_stride
+        m = <floating>rowdata[COEF_M]
+        _row_sum_exp(row, m, g, n_classes, True)
+        _probability_grad_row(g, g, t, rowdata[COEF_A], weight, n_classes, p)
+        return
+    m = _row_max(row, n_classes)  # (1)
+    if mode == GRAD or mode == IN_PLACE:  # (2), each element of the row read before it is written
+        s = _row_sum_exp_target_sums(row, m, t, weight, g, n_classes, True, p, &a_sum, &b_sum)
+    else:
+        s = _row_sum_exp_target_sums(row, m, t, weight, g, n_classes, False, p, &a_sum, &b_sum)
+    if mode == STATS:
+        rowdata = task.rowdata + i * task.rowdata_stride
+        rowdata[STAT_M] = m
+        rowdata[STAT_S] = s
+        rowdata[STAT_TARGET] = 0.0
+        rowdata[STAT_A] = a_sum
+        rowdata[STAT_B] = b_sum
+        return
+    task.loss[i] = _probability_finish(s, a_sum, b_sum, p, &a)  # (3)
+    if mode == GRAD or mode == IN_PLACE:  # (4), one name of the row: e is g
+        _probability_grad_row(g, g, t, a, weight, n_classes, p)
+
+
+# --- few classes: LANES rows across the SIMD lanes --------------------------------------
+# For C <= SMALL_C a row's loop over its classes is too short to fill a vector, and the
+# per-row steps (the max's dependency chain, a log, a divide, the loss) would each cost a
+# scalar operation per row. So LANES rows are transposed into the thread's scratch
+# (``buf[c * LANES + r] = x[r0 + r, c]``) and every step becomes a loop over the classes of
+# a LANES-wide loop over the rows, which gcc turns into whole vectors. The lane state (the
+# max, the sums, the loss, the coefficients) lives in arrays on the stack, which gcc knows
+# alias nothing. The lanes past ``k`` (the last group of a block) hold 0 and are computed
+# but never stored.
+
+
+cdef inline void _transpose_in(const floating *x, Py_ssize_t r0, Py_ssize_t k, Py_ssize_t n_classes,
+                               floating *buf) noexcept nogil:
+    """Rows r0..r0+k-1 of x into ``buf[c * LANES + r]``; the lanes past k hold 0."""
+    cdef Py_ssize_t r, c
+    cdef const floating *row
+    for r in range(k):
+        row = x + (r0 + r) * n_classes
+        for c in range(n_classes):
+            buf[c * LANES + r] = row[c]
+    for c in range(n_classes):
+        for r in range(k, LANES):
+            buf[c * LANES + r] = 0
+
+
+cdef inline void _lanes_max(const floating *buf, Py_ssize_t n_classes, floating *m) noexcept nogil:
+    """Step (1) on the lanes' rows: ``m[r] = max_c buf[c, r]``, in the logits' dtype (exact:
+    any order)."""
+    cdef Py_ssize_t c, r
+    for r in range(LANES):
+        m[r] = buf[r]
+    for c in range(1, n_classes):
+        for r in range(LANES):
+            m[r] = _greater(m[r], buf[c * LANES + r])
+
+
+cdef inline void _lanes_sum_exp(floating *buf, Py_ssize_t n_classes, const floating *m, double *s) noexcept nogil:
+    """Step (2) on the lanes' rows: ``buf <- exp(buf - m)``, ``s[r] = sum_c buf[c, r]`` in
+    float64, the classes in order."""
+    cdef Py_ssize_t c, r
+    for r in range(LANES):
+        s[r] = 0.0
+    for c in range(n_classes):
+        for r in range(LANES):
+            buf[c * LANES + r] = _fast_exp(buf[c * LANES + r] - m[r])
+        for r in range(LANES):
+            s[r] += buf[c * LANES + r]
+
+
+cdef inline void _prefetch_rows_for_write(floating *grad, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
+    """A write hint for ``grad[start:stop]`` (flat), one per cache line: the scalar stores of the
+    transposed-out rows otherwise each wait on their line's write-allocate miss."""
+    cdef Py_ssize_t per_line = CACHE_LINE // sizeof(floating)
+    cdef Py_ssize_t j = start
+    while j < stop:
+        fx_prefetch_for_write(grad + j)
+        j += per_line
+
+
+cdef inline void _index_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *task, const Params *p, const floating *x,
+                              const floating *weight, floating *grad, floating *buf) noexcept nogil:
+    """Steps (1)-(4) for rows r0..r0+k-1 (k <= LANES) with class-index targets."""
+    cdef Py_ssize_t n_classes = task.n_classes
+    cdef const int64_t *labels = task.labels
+    cdef floating m[LANES]
+    cdef floating a_t[LANES]
+    cdef double s[LANES]
+    cdef double sw[LANES]
+    cdef double m_minus_x_y[LANES]
+    cdef double w_y[LANES]
+    cdef double a[LANES]
+    cdef double row_loss[LANES]
+    cdef double smoothing = p.spread * p.weight_total if p.smoothing else 0.0
+    cdef floating w, b, b_c
+    cdef floating *g
+    cdef int64_t label
+    cdef Py_ssize_t c, r
+    if task.mode != LOSS:  # the NEXT group's gradient rows (see _prefetch_rows_for_write)
+        _prefetch_rows_for_write(grad, (r0 + k) * n_classes, min(task.n, r0 + 2 * k) * n_classes)
+    _transpose_in(x, r0, k, n_classes, buf)
+    _lanes_max(buf, n_classes, m)  # (1)
+    # the smoothing sums need x, before step (2) overwrites buf
+    for r in range(LANES):
+        sw[r] = 0.0
+    if p.smoothing:
+        for c in range(n_classes):
+            if p.weighted:
+                w = weight[c]
+                for r in range(LANES):
+                    sw[r] += w * (m[r] - buf[c * LANES + r])
+            else:
+                for r in range(LANES):
+                    sw[r] += m[r] - buf[c * LANES + r]
+    # the target's logit and weight, per row (pad and ignored lanes: 0, never stored)
+    for r in range(LANES):
+        m_minus_x_y[r] = 0.0
+        w_y[r] = 0.0
+    for r in range(k):
+        label = labels[r0 + r]
+        if label != p.ignore_index:
+            m_minus_x_y[r] = <double>m[r] - <double>x[(r0 + r) * n_classes + label]
+            w_y[r] = <double>weight[label] if p.weighted else 1.0
+    _lanes_sum_exp(buf, n_classes, m, s)  # (2)
+    for r in range(LANES):  # (3), the arithmetic of _index_finish, LANES rows at once
+        row_loss[r] = _index_row_loss(m_minus_x_y[r], _fast_log(s[r]), sw[r], w_y[r], p)
+        a[r] = p.grad_scale * (p.keep * w_y[r] + smoothing) / s[r]
+    for r in range(k):
+        task.loss[r0 + r] = 0.0 if labels[r0 + r] == p.ignore_index else row_loss[r]
+    if task.mode == LOSS:
+        return
+    for r in range(LANES):
+        a_t[r] = <floating>a[r]
+    b = <floating>(p.grad_scale * p.spread)
+    for c in range(n_classes):  # (4): g = e a - b w_c, the lanes' rows at once
+        if p.smoothing:
+            b_c = b * weight[c] if p.weighted else b
         else:
-            for c in range(n_classes):
-                g[c] = <floating>(<double>g[c] * scale_a - grad_scale * (keep * <double>ti[c] + spread))
+            b_c = 0
+        for r in range(LANES):
+            buf[c * LANES + r] = buf[c * LANES + r] * a_t[r] - b_c
+    for r in range(k):  # transposed out, and the target's term
+        g = grad + (r0 + r) * n_classes
+        label = labels[r0 + r]
+        if label == p.ignore_index:
+            memset(g, 0, n_classes * sizeof(floating))
+            continue
+        for c in range(n_classes):
+            g[c] = buf[c * LANES + r]
+        g[label] -= _opaque(<floating>(p.grad_scale * p.keep * w_y[r]))  # as in _index_grad_row
 
 
-cdef fx_hot_void _probability_block(Py_ssize_t start, Py_ssize_t stop, const floating *x, const floating *t,
-                                   const floating *weight, double eps, double grad_scale, double *loss,
-                                   floating *grad, Py_ssize_t n_classes, bint write_grad) noexcept nogil:
-    """Rows [start, stop) of ``xent_probability``: one call per OpenMP chunk (multiversioned)."""
+cdef inline void _probability_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *task, const Params *p,
+                                    const floating *x, const floating *probabilities, const floating *weight,
+                                    floating *grad, floating *buf) noexcept nogil:
+    """Steps (1)-(4) for rows r0..r0+k-1 (k <= LANES) with probability targets; the targets
+    are transposed into the second half of ``buf``."""
+    cdef Py_ssize_t n_classes = task.n_classes
+    cdef floating *tbuf = buf + LANES * n_classes
+    cdef floating m[LANES]
+    cdef double s[LANES]
+    cdef double a_sum[LANES]
+    cdef double b_sum[LANES]
+    cdef double a[LANES]
+    cdef double row_loss[LANES]
+    cdef double w, wt
+    cdef floating *g
+    cdef Py_ssize_t c, r
+    if task.mode != LOSS:
+        _prefetch_rows_for_write(grad, (r0 + k) * n_classes, min(task.n, r0 + 2 * k) * n_classes)
+    _transpose_in(x, r0, k, n_classes, buf)
+    _transpose_in(probabilities, r0, k, n_classes, tbuf)
+    _lanes_max(buf, n_classes, m)  # (1)
+    for r in range(LANES):
+        a_sum[r] = 0.0
+        b_sum[r] = 0.0
+    for c in range(n_classes):  # (2) the target sums, in float64 (see _row_sum_exp_target_sums)
+        w = <double>weight[c] if p.weighted else 1.0
+        for r in range(LANES):
+            wt = p.keep * <double>tbuf[c * LANES + r] + p.spread
+            if p.weighted:
+                wt = w * wt
+            a_sum[r] += wt
+            b_sum[r] += wt * (m[r] - buf[c * LANES + r])
+    _lanes_sum_exp(buf, n_classes, m, s)  # (2)
+    for r in range(LANES):  # (3), the arithmetic of _probability_finish, LANES rows at once
+        row_loss[r] = b_sum[r] + a_sum[r] * _fast_log(s[r])
+        a[r] = p.grad_scale * a_sum[r] / s[r]
+    for r in range(k):
+        task.loss[r0 + r] = row_loss[r]
+    if task.mode == LOSS:
+        return
+    for c in range(n_classes):  # (4) in float64, as _probability_grad_row
+        w = <double>weight[c] if p.weighted else 1.0
+        for r in range(LANES):
+            wt = p.keep * <double>tbuf[c * LANES + r] + p.spread
+            if p.weighted:
+                wt = w * wt
+            buf[c * LANES + r] = <floating>(<double>buf[c * LANES + r] * a[r] - p.grad_scale * wt)
+    for r in range(k):  # transposed out
+        g = grad + (r0 + r) * n_classes
+        for c in range(n_classes):
+            g[c] = buf[c * LANES + r]
+
+
+# --- the block functions: one per operation and layout, multiversioned ---------------
+
+
+cdef fx_hot_void _index_rows(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
+                             floating *scratch) noexcept nogil:
+    """Rows [start, stop) with class-index targets, one at a time (``scratch`` is NULL: the
+    row layout needs none; its type picks the specialisation)."""
+    cdef const floating *x = <const floating *>task.x
+    cdef const floating *weight = <const floating *>task.weight
+    cdef floating *grad = <floating *>task.out
     cdef Py_ssize_t i
-    if write_grad:
+    # the mode's branch out of the row loop: in the loops of the hot modes it is a constant,
+    # and gcc drops the other modes' code from the row (one loop for every mode measured 3%
+    # slower at 4096 x 1000, float32 loss+grad). IN_PLACE runs GRAD's very code.
+    if task.mode == GRAD or task.mode == IN_PLACE:
         for i in range(start, stop):
-            _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, n_classes, True)
+            _index_row(i, &task, &p, x, weight, grad, GRAD)
+    elif task.mode == LOSS:
+        for i in range(start, stop):
+            _index_row(i, &task, &p, x, weight, grad, LOSS)
     else:
         for i in range(start, stop):
-            _probability_row(i, x, t, weight, eps, grad_scale, loss, grad, n_classes, False)
+            _index_row(i, &task, &p, x, weight, grad, task.mode)
+
+
+cdef fx_hot_void _index_lane_groups(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
+                                    floating *scratch) noexcept nogil:
+    """Rows [start, stop) with class-index targets, LANES at a time across the lanes."""
+    cdef const floating *x = <const floating *>task.x
+    cdef const floating *weight = <const floating *>task.weight
+    cdef floating *grad = <floating *>task.out
+    cdef Py_ssize_t group, r0
+    for group in range((stop - start + LANES - 1) // LANES):  # a counted loop (a while loop measured slower)
+        r0 = start + group * LANES
+        _index_lanes(r0, min(<Py_ssize_t>LANES, stop - r0), &task, &p, x, weight, grad, scratch)
+
+
+cdef fx_hot_void _probability_rows(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
+                                   floating *scratch) noexcept nogil:
+    """Rows [start, stop) with probability targets, one at a time (``scratch`` is NULL)."""
+    cdef const floating *x = <const floating *>task.x
+    cdef const floating *probabilities = <const floating *>task.probabilities
+    cdef const floating *weight = <const floating *>task.weight
+    cdef floating *grad = <floating *>task.out
+    cdef Py_ssize_t i
+    if task.mode == GRAD or task.mode == IN_PLACE:  # (see _index_rows)
+        for i in range(start, stop):
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, GRAD)
+    elif task.mode == LOSS:
+        for i in range(start, stop):
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, LOSS)
+    else:
+        for i in range(start, stop):
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, task.mode)
+
+
+cdef fx_hot_void _probability_lane_groups(Task task, Params p, Py_ssize_t start,
+                                          Py_ssize_t stop, floating *scratch) noexcept nogil:
+    """Rows [start, stop) with probability targets, LANES at a time across the lanes."""
+    cdef const floating *x = <const floating *>task.x
+    cdef const floating *probabilities = <const floating *>task.probabilities
+    cdef const floating *weight = <const floating *>task.weight
+    cdef floating *grad = <floating *>task.out
+    cdef Py_ssize_t group, r0
+    for group in range((stop - start + LANES - 1) // LANES):
+        r0 = start + group * LANES
+        _probability_lanes(r0, min(<Py_ssize_t>LANES, stop - r0), &task, &p, x, probabilities, weight, grad,
+                           scratch)
 
 
 cdef double _sum_exp_unshifted(const floating *row, Py_ssize_t n_classes) noexcept nogil:
@@ -469,156 +1015,278 @@ cdef double _sum_exp_unshifted(const floating *row, Py_ssize_t n_classes) noexce
     return s
 
 
-cdef fx_hot_void _logsumexp_block(Py_ssize_t start, Py_ssize_t stop, const floating *x, floating *out,
-                                 Py_ssize_t n_classes) noexcept nogil:
+cdef fx_hot_void _logsumexp_rows(Task task, Py_ssize_t start, Py_ssize_t stop,
+                                 floating *scratch) noexcept nogil:
     """``out_i = m + log(sum_c exp(x_ic - m))``, steps (1)-(3)."""
-    cdef Py_ssize_t i
+    cdef Py_ssize_t n_classes = task.n_classes
+    cdef const floating *x = <const floating *>task.x
+    cdef floating *out = <floating *>task.out
     cdef const floating *row
     cdef floating m
+    cdef Py_ssize_t i
     for i in range(start, stop):
         row = x + i * n_classes
         m = _row_max(row, n_classes)
         if isinf(m):  # as torch: all -inf -> log 0 = -inf; a +inf -> +inf (not inf - inf)
             out[i] = <floating>log(_sum_exp_unshifted(row, n_classes))
-        else:  # e_out = row is never written (write_e is False), as in the numba kernel
-            out[i] = <floating>(m + log(_row_sum_exp(row, m, <floating *>row, n_classes, False)))
+        else:  # the terms are not kept (scratch is NULL and never written)
+            out[i] = <floating>(m + log(_row_sum_exp(row, m, scratch, n_classes, False)))
 
 
-cdef fx_hot_void _log_softmax_block(Py_ssize_t start, Py_ssize_t stop, const floating *x, floating *out,
-                                   Py_ssize_t n_classes) noexcept nogil:
+cdef fx_hot_void _log_softmax_rows(Task task, Py_ssize_t start, Py_ssize_t stop,
+                                   floating *scratch) noexcept nogil:
     """``o_c = (row_c - m) - log(s)``: steps (1)-(3), then one write per element."""
-    cdef Py_ssize_t i, c
+    cdef Py_ssize_t n_classes = task.n_classes
+    cdef const floating *x = <const floating *>task.x
+    cdef floating *out = <floating *>task.out
     cdef const floating *row
     cdef floating *o
     cdef floating m, log_s
+    cdef Py_ssize_t i, c
     for i in range(start, stop):
         row = x + i * n_classes
         o = out + i * n_classes
         m = _row_max(row, n_classes)
-        log_s = <floating>log(_row_sum_exp(row, m, <floating *>row, n_classes, False))  # row: not written
+        log_s = <floating>log(_row_sum_exp(row, m, scratch, n_classes, False))
         for c in range(n_classes):
             o[c] = (row[c] - m) - log_s
 
 
-cdef fx_hot_void _softmax_block(Py_ssize_t start, Py_ssize_t stop, const floating *x, floating *out,
-                               Py_ssize_t n_classes) noexcept nogil:
+cdef fx_hot_void _softmax_rows(Task task, Py_ssize_t start, Py_ssize_t stop,
+                               floating *scratch) noexcept nogil:
     """``o_c = exp(row_c - m) / s``: steps (1)-(2) write e into o, then scale by 1/s."""
-    cdef Py_ssize_t i, c
+    cdef Py_ssize_t n_classes = task.n_classes
+    cdef const floating *x = <const floating *>task.x
+    cdef floating *out = <floating *>task.out
     cdef const floating *row
     cdef floating *o
     cdef floating m, inv_s
-    cdef double s
+    cdef Py_ssize_t i, c
     for i in range(start, stop):
         row = x + i * n_classes
         o = out + i * n_classes
         m = _row_max(row, n_classes)
-        s = _row_sum_exp(row, m, o, n_classes, True)
-        inv_s = <floating>(1.0 / s)
+        inv_s = <floating>(1.0 / _row_sum_exp(row, m, o, n_classes, True))
         for c in range(n_classes):
             o[c] = o[c] * inv_s
 
 
-cdef fx_hot_void _exp_block(const floating *t, floating *out, Py_ssize_t n) noexcept nogil:
-    """``out_j = exp(t_j)`` with the kernels' exponential, in the clone they use (for tests)."""
-    cdef Py_ssize_t j
-    for j in range(n):
-        out[j] = _fast_exp(t[j])
+cdef inline void _block(const Task *task, const Params *p, Py_ssize_t start, Py_ssize_t stop,
+                        floating *scratch) noexcept nogil:
+    """Rows [start, stop) of the task: the block function of its operation and layout."""
+    if task.operation == XENT_INDEX:
+        if task.lanes:
+            _index_lane_groups(task[0], p[0], start, stop, scratch)
+        else:
+            _index_rows(task[0], p[0], start, stop, scratch)
+    elif task.operation == XENT_PROBABILITY:
+        if task.lanes:
+            _probability_lane_groups(task[0], p[0], start, stop, scratch)
+        else:
+            _probability_rows(task[0], p[0], start, stop, scratch)
+    elif task.operation == LOGSUMEXP:
+        _logsumexp_rows(task[0], start, stop, scratch)
+    elif task.operation == LOG_SOFTMAX:
+        _log_softmax_rows(task[0], start, stop, scratch)
+    else:
+        _softmax_rows(task[0], start, stop, scratch)
 
 
-cdef inline Py_ssize_t _rows_per_block(Py_ssize_t n_classes) noexcept nogil:
-    """Whole rows per OpenMP chunk, about BLOCK_ELEMENTS elements (at least one row)."""
-    if n_classes >= BLOCK_ELEMENTS or n_classes <= 0:
-        return 1
-    return BLOCK_ELEMENTS // n_classes
+# --- THE parallel loop -----------------------------------------------------------------
 
 
-# --- the backend interface (see _numpy_backend.py) -----------------------------------
-# Blocks of rows go to the threads one at a time (schedule dynamic, chunk 1 block); each
-# row is written by exactly one thread, so every result is the same for any thread count.
+cdef int _run_blocks(const Task *task, const Params *p) noexcept nogil:
+    """Every block of rows of the task, on the OpenMP threads; returns -1 (and leaves rows
+    undone) if a thread could not allocate its scratch.
 
-
-def xent_index(const floating[:, ::1] x, const label_t[::1] y, const floating[::1] weight,
-               double weight_total, int64_t ignore_index, double eps, double grad_scale,
-               double[::1] loss, floating[:, ::1] grad, bint write_grad):
-    """Cross-entropy rows for class-index targets (see the module docstring).
-
-    x (n, C) float; y (n,) int, every non-ignored value in [0, C) (checked by the caller);
-    weight (C,) of x's dtype or length 0 for none; weight_total = sum(weight) (C without);
-    loss (n,) float64 out: per-row losses; grad (n, C) out, scaled by grad_scale, or a
-    (1, C) dummy when not write_grad; grad may be x itself (the gradient overwrites it).
-    """
-    cdef Py_ssize_t n = x.shape[0], n_classes = x.shape[1]
-    cdef Py_ssize_t per_block = _rows_per_block(n_classes)
-    cdef Py_ssize_t n_blocks = (n + per_block - 1) // per_block
-    cdef Py_ssize_t block, start
-    cdef const floating *w = &weight[0] if weight.shape[0] != 0 else NULL
-    if n == 0 or n_classes == 0:  # nothing to do (the API never passes C = 0)
-        return
-    with nogil:
+    Blocks (``task.block_rows`` whole rows, about BLOCK_ELEMENTS logits) go to the threads
+    one at a time (schedule dynamic, chunk 1): a static split would make a thread whose core
+    is busy with another process hold everyone up. Each row is computed by exactly one
+    thread, in the same way whichever it is, so every result is the same for any thread
+    count. Each thread allocates its scratch once per call, on its own cache lines with a
+    line of padding after it (two threads writing the two ends of one line made 2 threads
+    slower than 1 in the numba kernels' small-C layout)."""
+    cdef Py_ssize_t n_blocks = (task.n + task.block_rows - 1) // task.block_rows
+    cdef size_t itemsize = sizeof(double) if task.double_precision else sizeof(float)
+    cdef size_t scratch_lines = (task.scratch_elements * itemsize + CACHE_LINE - 1) // CACHE_LINE
+    cdef size_t scratch_bytes = (scratch_lines + 1) * CACHE_LINE if task.scratch_elements != 0 else 0
+    cdef int failed = 0
+    cdef int *failed_flag = &failed  # written through, so not a thread-private copy
+    cdef void *scratch = NULL  # each thread's own (Cython makes it firstprivate)
+    cdef Py_ssize_t block, start, stop
+    if task.n == 0 or task.n_classes == 0:
+        return 0
+    with parallel():
+        scratch = fx_aligned_alloc(scratch_bytes) if scratch_bytes != 0 else NULL
+        if scratch_bytes != 0 and scratch == NULL:
+            failed_flag[0] = 1
         for block in prange(n_blocks, schedule="dynamic", chunksize=1):
-            start = block * per_block
-            _index_block(start, min(start + per_block, n), &x[0, 0], &y[0], w, weight_total, ignore_index,
-                         eps, grad_scale, &loss[0], &grad[0, 0], n_classes, write_grad)
+            start = block * task.block_rows
+            stop = min(start + task.block_rows, task.n)
+            if scratch_bytes == 0 or scratch != NULL:
+                if task.double_precision:
+                    _block(task, p, start, stop, <double *>scratch)
+                else:
+                    _block(task, p, start, stop, <float *>scratch)
+        fx_aligned_free(scratch)
+    return -1 if failed else 0
 
 
-def xent_probability(const floating[:, ::1] x, const floating[:, ::1] t, const floating[::1] weight,
-                     double eps, double grad_scale, double[::1] loss, floating[:, ::1] grad, bint write_grad):
-    """Cross-entropy rows for probability targets t (n, C) of x's dtype (see the module
-    docstring). weight (C,) or length 0; loss (n,) float64 out; grad (n, C) out or x."""
-    cdef Py_ssize_t n = x.shape[0], n_classes = x.shape[1]
-    cdef Py_ssize_t per_block = _rows_per_block(n_classes)
-    cdef Py_ssize_t n_blocks = (n + per_block - 1) // per_block
-    cdef Py_ssize_t block, start
-    cdef const floating *w = &weight[0] if weight.shape[0] != 0 else NULL
-    if n == 0 or n_classes == 0:  # nothing to do (the API never passes C = 0)
-        return
+cdef int _run(const Task *task, const Params *p) except -1:
+    """``_run_blocks`` without the GIL; MemoryError if a thread's scratch failed."""
+    cdef int status
     with nogil:
-        for block in prange(n_blocks, schedule="dynamic", chunksize=1):
-            start = block * per_block
-            _probability_block(start, min(start + per_block, n), &x[0, 0], &t[0, 0], w, eps, grad_scale,
-                               &loss[0], &grad[0, 0], n_classes, write_grad)
+        status = _run_blocks(task, p)
+    if status != 0:
+        raise MemoryError("fastxent: could not allocate a thread's scratch")
+    return 0
+
+
+# --- the backend interface (called by fastxent/_cy_backend.py) -------------------------
+
+
+cdef Task _rows_task(Operation operation, Py_ssize_t n, Py_ssize_t n_classes, bint double_precision) noexcept:
+    """A Task of ``n`` rows of ``n_classes``: the row layout, no mode, no scratch, no arrays."""
+    cdef Task task
+    memset(&task, 0, sizeof(Task))
+    task.operation = operation
+    task.double_precision = double_precision
+    task.n = n
+    task.n_classes = n_classes
+    task.block_rows = _rows_per_block(n_classes)
+    return task
+
+
+cdef Task _xent_task(Operation operation, int mode, bint lanes, Py_ssize_t n, Py_ssize_t n_classes,
+                     bint double_precision) noexcept:
+    """A cross-entropy Task, with the scratch its layout needs per thread: the lanes' rows
+    transposed (and their targets); the row layout needs none."""
+    cdef Task task = _rows_task(operation, n, n_classes, double_precision)
+    task.mode = mode
+    task.lanes = lanes
+    if lanes:
+        task.scratch_elements = (2 if operation == XENT_PROBABILITY else 1) * LANES * n_classes
+    return task
+
+
+def xent_index(const floating[:, ::1] x, const int64_t[::1] y, const floating[::1] weight, params, int mode,
+               bint lanes, double[::1] loss, floating[:, ::1] grad, double[:, ::1] rowdata):
+    """Steps (1)-(4) of ``mode`` for class-index targets, in the row layout or (``lanes``)
+    the small-C one; see ``xent_index`` and ``_xent`` in _cy_backend.py for the arguments."""
+    cdef Params p = _unpack_params(params)
+    cdef Task task = _xent_task(XENT_INDEX, mode, lanes, x.shape[0], x.shape[1], floating is double)
+    if task.n == 0:
+        return
+    task.x = &x[0, 0]
+    task.labels = &y[0]
+    task.weight = &weight[0] if weight.shape[0] != 0 else NULL
+    task.loss = &loss[0]
+    task.out = &grad[0, 0]
+    task.rowdata = &rowdata[0, 0]
+    task.rowdata_stride = rowdata.shape[1]
+    _run(&task, &p)
+
+
+def xent_probability(const floating[:, ::1] x, const floating[:, ::1] t, const floating[::1] weight, params,
+                     int mode, bint lanes, double[::1] loss, floating[:, ::1] grad, double[:, ::1] rowdata):
+    """Steps (1)-(4) of ``mode`` for probability targets ``t`` (n, C) of x's dtype."""
+    cdef Params p = _unpack_params(params)
+    cdef Task task = _xent_task(XENT_PROBABILITY, mode, lanes, x.shape[0], x.shape[1], floating is double)
+    if task.n == 0:
+        return
+    task.x = &x[0, 0]
+    task.probabilities = &t[0, 0]
+    task.weight = &weight[0] if weight.shape[0] != 0 else NULL
+    task.loss = &loss[0]
+    task.out = &grad[0, 0]
+    task.rowdata = &rowdata[0, 0]
+    task.rowdata_stride = rowdata.shape[1]
+    _run(&task, &p)
 
 
 def logsumexp_rows(const floating[:, ::1] x, floating[::1] out):
     """``out_i = m + log(sum_c exp(x_ic - m))``, steps (1)-(3); out (n,) of x's dtype."""
-    cdef Py_ssize_t n = x.shape[0], n_classes = x.shape[1]
-    cdef Py_ssize_t per_block = _rows_per_block(n_classes)
-    cdef Py_ssize_t n_blocks = (n + per_block - 1) // per_block
-    cdef Py_ssize_t block, start
-    if n == 0 or n_classes == 0:  # nothing to do (the API never passes C = 0)
+    cdef Params p = _zero_params()
+    cdef Task task = _rows_task(LOGSUMEXP, x.shape[0], x.shape[1], floating is double)
+    if task.n == 0:
         return
-    with nogil:
-        for block in prange(n_blocks, schedule="dynamic", chunksize=1):
-            start = block * per_block
-            _logsumexp_block(start, min(start + per_block, n), &x[0, 0], &out[0], n_classes)
+    task.x = &x[0, 0]
+    task.out = &out[0]
+    _run(&task, &p)
 
 
 def log_softmax_rows(const floating[:, ::1] x, floating[:, ::1] out):
     """``out_ic = (x_ic - m) - log(s)``; out may be x itself."""
-    cdef Py_ssize_t n = x.shape[0], n_classes = x.shape[1]
-    cdef Py_ssize_t per_block = _rows_per_block(n_classes)
-    cdef Py_ssize_t n_blocks = (n + per_block - 1) // per_block
-    cdef Py_ssize_t block, start
-    if n == 0 or n_classes == 0:  # nothing to do (the API never passes C = 0)
+    cdef Params p = _zero_params()
+    cdef Task task = _rows_task(LOG_SOFTMAX, x.shape[0], x.shape[1], floating is double)
+    if task.n == 0:
         return
-    with nogil:
-        for block in prange(n_blocks, schedule="dynamic", chunksize=1):
-            start = block * per_block
-            _log_softmax_block(start, min(start + per_block, n), &x[0, 0], &out[0, 0], n_classes)
+    task.x = &x[0, 0]
+    task.out = &out[0, 0]
+    _run(&task, &p)
 
 
 def softmax_rows(const floating[:, ::1] x, floating[:, ::1] out):
     """``out_ic = exp(x_ic - m) / s``; out may be x itself."""
-    cdef Py_ssize_t n = x.shape[0], n_classes = x.shape[1]
-    cdef Py_ssize_t per_block = _rows_per_block(n_classes)
-    cdef Py_ssize_t n_blocks = (n + per_block - 1) // per_block
-    cdef Py_ssize_t block, start
-    if n == 0 or n_classes == 0:  # nothing to do (the API never passes C = 0)
+    cdef Params p = _zero_params()
+    cdef Task task = _rows_task(SOFTMAX, x.shape[0], x.shape[1], floating is double)
+    if task.n == 0:
         return
+    task.x = &x[0, 0]
+    task.out = &out[0, 0]
+    _run(&task, &p)
+
+
+# --- finish: step (3) from merged statistics (class shards) ------------------------------
+
+
+cdef fx_hot_void _finish_index_rows(const double[:, ::1] stats, const int64_t[::1] y, const double[::1] weight,
+                                    const Params *p, double[::1] loss, double[:, ::1] coef) noexcept nogil:
+    """Step (3) from merged row statistics: loss and the coefficients of (4). One thread, in
+    the same clone (so with the same fast_log) as the fused kernels."""
+    cdef Py_ssize_t i
+    cdef int64_t label
+    cdef double w_y, a, y_term
+    for i in range(stats.shape[0]):
+        label = y[i]
+        coef[i, COEF_M] = stats[i, STAT_M]
+        if label == p.ignore_index:
+            loss[i] = 0.0
+            coef[i, COEF_A] = 0.0
+            coef[i, COEF_Y] = 0.0
+            continue
+        w_y = weight[label] if p.weighted else 1.0
+        loss[i] = _index_finish(stats[i, STAT_M] - stats[i, STAT_TARGET], stats[i, STAT_S], stats[i, STAT_B], w_y,
+                                p, &a, &y_term)
+        coef[i, COEF_A] = a
+        coef[i, COEF_Y] = y_term
+
+
+cdef fx_hot_void _finish_probability_rows(const double[:, ::1] stats, const Params *p, double[::1] loss,
+                                          double[:, ::1] coef) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double a
+    for i in range(stats.shape[0]):
+        loss[i] = _probability_finish(stats[i, STAT_S], stats[i, STAT_A], stats[i, STAT_B], p, &a)
+        coef[i, COEF_M] = stats[i, STAT_M]
+        coef[i, COEF_A] = a
+        coef[i, COEF_Y] = 0.0
+
+
+def finish_index(const double[:, ::1] stats, const int64_t[::1] y, const double[::1] weight, params,
+                 double[::1] loss, double[:, ::1] coef):
+    """Step (3), class-index targets, from ``stats`` (n, N_STATS): ``loss`` (n,) and ``coef``
+    (n, N_COEFS). ``weight``: the FULL class weights in float64 (read when params.weighted)."""
+    cdef Params p = _unpack_params(params)
     with nogil:
-        for block in prange(n_blocks, schedule="dynamic", chunksize=1):
-            start = block * per_block
-            _softmax_block(start, min(start + per_block, n), &x[0, 0], &out[0, 0], n_classes)
+        _finish_index_rows(stats, y, weight, &p, loss, coef)
+
+
+def finish_probability(const double[:, ::1] stats, params, double[::1] loss, double[:, ::1] coef):
+    """Step (3), probability targets, from ``stats``: ``loss`` and ``coef``."""
+    cdef Params p = _unpack_params(params)
+    with nogil:
+        _finish_probability_rows(stats, &p, loss, coef)
 
 
 def label_stats(const label_t[::1] y, Py_ssize_t n_classes, int64_t ignore_index, const floating[::1] weight):
@@ -644,11 +1312,32 @@ def label_stats(const label_t[::1] y, Py_ssize_t n_classes, int64_t ignore_index
     return first_bad, total
 
 
+# --- the elementary functions alone, for their accuracy tests --------------------------
+
+
+cdef fx_hot_void _exp_elements(const floating *t, floating *out, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        out[j] = _fast_exp(t[j])
+
+
+cdef fx_hot_void _log_elements(const double *s, double *out, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        out[j] = _fast_log(s[j])
+
+
 def exp_array(const floating[::1] t, floating[::1] out):
     """``out[j] = fast_exp(t[j])``: the exponential alone (in the clone the kernels use),
     for its accuracy test and the comparison with the numba one."""
     if t.shape[0] != 0:
-        _exp_block(&t[0], &out[0], t.shape[0])
+        _exp_elements(&t[0], &out[0], t.shape[0])
+
+
+def log_array(const double[::1] s, double[::1] out):
+    """``out[j] = fast_log(s[j])``: the logarithm alone (in the clone the kernels use)."""
+    if s.shape[0] != 0:
+        _log_elements(&s[0], &out[0], s.shape[0])
 
 
 # --- threads and build facts ---------------------------------------------------------

@@ -1,4 +1,5 @@
-/* Build switches for kernels/_cy_xent.pyx: OpenMP and function multiversioning.
+/* Build switches for kernels/_cy_xent.pyx: OpenMP, function multiversioning, and the
+ * few C helpers Cython cannot spell (aligned allocation, a write prefetch).
  *
  * FX_HOT marks the per-block kernels. When setup.py found that the compiler builds and
  * links `target_clones` (GCC >= 12 on x86-64 Linux/glibc, which resolves the clone once
@@ -10,7 +11,7 @@
  * for that clone's ISA. Without multiversioning, FX_HOT is `flatten` alone (GCC/Clang).
  *
  * Cython cannot put an attribute on a cdef function; the .pyx uses the return type
- * `fx_hot_int`, declared there as the C text "FX_HOT int", to carry it.
+ * `fx_hot_void`, declared there as the C text "FX_HOT void", to carry it.
  */
 #ifndef FASTXENT_CY_XENT_SIMD_H
 #define FASTXENT_CY_XENT_SIMD_H
@@ -44,6 +45,41 @@ static const char *fx_simd_level(void) {
 #endif
 #define FX_MULTIVERSIONED 0
 static const char *fx_simd_level(void) { return "baseline"; }
+#endif
+
+/* Per-thread scratch of the kernels: cache-line aligned (the caller pads it by a line, so
+ * no two threads write one line). NULL for size 0 or when out of memory. */
+#if defined(_WIN32)
+#include <malloc.h>
+static void *fx_aligned_alloc(size_t size) { return size ? _aligned_malloc(size, 64) : NULL; }
+static void fx_aligned_free(void *pointer) { _aligned_free(pointer); }
+#else
+#include <stdlib.h>
+static void *fx_aligned_alloc(size_t size) {
+    void *pointer = NULL;
+    if (size == 0 || posix_memalign(&pointer, 64, size) != 0) return NULL;
+    return pointer;
+}
+static void fx_aligned_free(void *pointer) { free(pointer); }
+#endif
+
+/* A hint that the cache line of `address` is about to be written (prefetchw where the ISA
+ * has it): takes the write-allocate miss off the path of the stores that follow. */
+#if defined(__GNUC__)
+#define fx_prefetch_for_write(address) __builtin_prefetch((address), 1, 3)
+#else
+#define fx_prefetch_for_write(address) ((void)(address))
+#endif
+
+/* The value `x`, opaque to the optimiser: it may no longer be treated as the product that
+ * produced it, so a following addition cannot be contracted with that product into one
+ * fused multiply-add. Used for the gradient's target term grad_scale (1-eps) w_y: whether
+ * gcc fused its product into `g_y - y_term` depended on the code around the call (loss+grad
+ * and in place differed in the last bit of g_y, float64 with weights). */
+#if defined(__GNUC__)
+#define fx_opaque(x) __extension__({ __typeof__(x) fx_opaque_value = (x); __asm__("" : "+m"(fx_opaque_value)); fx_opaque_value; })
+#else
+#define fx_opaque(x) (x)
 #endif
 
 #endif /* FASTXENT_CY_XENT_SIMD_H */

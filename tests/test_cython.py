@@ -3,12 +3,15 @@ invariance, and the package without numba or without the extension.
 
 What may differ between the two backends, and by how much
 ---------------------------------------------------------
-Both run the same steps with the same operations in the same precisions, and the
-exponential is bitwise the same wherever both compile it with FMA (LLVM for the host CPU;
-gcc in the x86-64-v3/v4 clones; the baseline SSE2 clone has no FMA and may differ by
-1 ulp). The one difference is the ORDER of the float64 row sums of step (2): numba lets
-LLVM reassociate them, the Cython kernel keeps 16 explicit lanes. A reordered sum of C
-non-negative terms differs by at most ``C * eps64`` relative, so:
+Both run the same steps with the same operations in the same precisions, in the same
+layouts (LANES rows across the SIMD lanes for C <= SMALL_C, else one row at a time), called
+through the same interface (the ``Params`` record), and the exponential is bitwise the same
+wherever both compile it with FMA (LLVM for the host CPU; gcc in the x86-64-v3/v4 clones;
+the baseline SSE2 clone has no FMA and may differ by 1 ulp). The differences are the ORDER
+of the float64 row sums of step (2) in the row layout (numba lets LLVM reassociate them,
+the Cython kernel keeps 16 explicit lanes; in the lanes layout both sum each row's classes
+in order) and which multiply-adds the two compilers fuse in the float64 arithmetic of step
+(3). A reordered sum of C non-negative terms differs by at most ``C * eps64`` relative, so:
 
 - the row max and the exponentials: bitwise (or 1 ulp without FMA);
 - the loss (float64): within ``(C + 8) * eps64`` times the sum of the magnitudes of its
@@ -34,45 +37,45 @@ import fastxent as fx
 from fastxent import _dispatch
 from fastxent._spec import LossSpec
 
-
-class _PositionalNumba:
-    """The numba backend behind the extension's positional interface (scalars, not the
-    ``Params`` record), so that both are called alike below."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __getattr__(self, name):
-        return getattr(self.module, name)
-
-    @staticmethod
-    def _params(kind, n_classes, weight, weight_total, ignore_index, eps, grad_scale):
-        spec = LossSpec(kind, "sum", eps, ignore_index)  # the kernels' record, unvalidated as the extension's
-        return spec.params(
-            n_classes=n_classes, weight_total=weight_total, grad_scale=grad_scale, weighted=weight.shape[0] != 0
-        )
-
-    def xent_index(self, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad, write_grad):
-        params = self._params("index", x.shape[1], weight, weight_total, ignore_index, eps, grad_scale)
-        y = _read_only(np.ascontiguousarray(y, np.int64))
-        self.module.xent_index(_read_only(x), y, _read_only(weight), params, loss, grad if write_grad else None)
-
-    def xent_probability(self, x, t, weight, eps, grad_scale, loss, grad, write_grad):
-        params = self._params("probability", x.shape[1], weight, float(x.shape[1]), -100, eps, grad_scale)
-        self.module.xent_probability(
-            _read_only(x), _read_only(t), _read_only(weight), params, loss, grad if write_grad else None
-        )
-
-
-#: the compiled extension itself (its positional interface), and numba behind the same one
-cy = _dispatch.KERNELS["cython"].extension if "cython" in _dispatch.KERNELS else None
-nb = _PositionalNumba(_dispatch.KERNELS["numba"]) if "numba" in _dispatch.KERNELS else None
+#: the two backends' kernel modules, called alike: the same functions, the same ``Params``
+cy = _dispatch.KERNELS.get("cython")
+nb = _dispatch.KERNELS.get("numba")
 
 needs_cython = pytest.mark.skipif(cy is None, reason=f"Cython backend not built: {_dispatch.UNAVAILABLE.get('cython')}")
 needs_both = pytest.mark.skipif(
     cy is None or nb is None,
     reason=f"needs the cython and numba backends: {_dispatch.UNAVAILABLE}",
 )
+
+
+def _params(kind, n_classes, weight, weight_total, ignore_index, eps, grad_scale, class_start=0):
+    """The kernels' record (unvalidated: the kernels do not validate either)."""
+    spec = LossSpec(kind, "sum", eps, ignore_index)
+    return spec.params(
+        n_classes=n_classes,
+        weight_total=weight_total,
+        grad_scale=grad_scale,
+        weighted=weight.shape[0] != 0,
+        class_start=class_start,
+    )
+
+
+def _xent_index(module, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad=None):
+    """``module.xent_index`` with the record built from these options; labels as int64 and
+    inputs read-only, as the API passes them (``grad`` may be ``x`` itself: then x is not
+    made read-only)."""
+    params = _params("index", x.shape[1], weight, weight_total, ignore_index, eps, grad_scale)
+    y = _read_only(np.ascontiguousarray(y, np.int64))
+    x_in = x if grad is x else _read_only(x)
+    module.xent_index(x_in, y, _read_only(weight), params, loss, grad)
+
+
+def _xent_probability(module, x, t, weight, eps, grad_scale, loss, grad=None):
+    weight_total = float(np.sum(weight, dtype=np.float64)) if weight.shape[0] else float(x.shape[1])
+    params = _params("probability", x.shape[1], weight, weight_total, -100, eps, grad_scale)
+    x_in = x if grad is x else _read_only(x)
+    module.xent_probability(x_in, _read_only(t), _read_only(weight), params, loss, grad)
+
 
 EPS64 = np.finfo(np.float64).eps
 DTYPES = (np.float32, np.float64)
@@ -137,6 +140,22 @@ def _exp_eps(dtype) -> float:
     return 0.0 if _exp_has_fma() else 4 * float(np.finfo(dtype).eps)
 
 
+@needs_both
+def test_same_interface_numbers_and_record():
+    """The modes, the row-data columns and the layout switch are numba's numbers (so _shards
+    runs on either backend; the rows per lane group may differ: gcc is faster with 32), and
+    the C struct has the fields of ``_spec.Params``."""
+    from fastxent._spec import Params
+
+    assert tuple(cy.extension.PARAMS_FIELDS) == Params._fields
+    for name in ("LOSS", "GRAD", "IN_PLACE", "STATS", "SHARD_GRAD", "N_STATS", "SMALL_C", "BLOCK_ELEMENTS"):
+        assert getattr(cy, name) == getattr(nb, name), name
+    for name in ("STAT_M", "STAT_S", "STAT_TARGET", "STAT_A", "STAT_B", "COEF_M", "COEF_A", "COEF_Y"):
+        assert getattr(cy, name) == getattr(nb, name), name
+    for function in ("xent_index", "xent_probability", "row_stats", "finish", "shard_grad", "label_stats"):
+        assert callable(getattr(cy, function)), function
+
+
 # --- index targets --------------------------------------------------------------------
 
 
@@ -181,18 +200,7 @@ def test_index_matches_numba(dtype, label_dtype, n_classes, weighted, eps):
     results = {}
     for name, module in (("numba", nb), ("cython", cy)):
         loss, grad = np.empty(n), np.empty_like(x)
-        module.xent_index(
-            _read_only(x),
-            _read_only(y),
-            _read_only(weight),
-            weight_total,
-            ignore_index,
-            eps,
-            grad_scale,
-            loss,
-            grad,
-            True,
-        )
+        _xent_index(module, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss, grad)
         results[name] = loss, grad
     loss_atol, grad_atol = _index_bounds(x, y, weight, eps, grad_scale, ignore_index, dtype)
     _assert_close(results["cython"][0], results["numba"][0], loss_atol, what="loss")
@@ -200,39 +208,24 @@ def test_index_matches_numba(dtype, label_dtype, n_classes, weighted, eps):
     ignored = y == ignore_index
     assert np.all(results["cython"][0][ignored] == 0) and np.all(results["cython"][1][ignored] == 0)
 
-    # loss only: the (1, C) dummy is never written; the losses are those of the loss+grad
-    # pass up to FMA contraction, which gcc (like LLVM in the numba kernels, whose two
-    # passes differ the same way) may choose differently in the two specialised copies
-    loss_only, dummy = np.empty(n), np.full((1, n_classes), 7, dtype)
-    cy.xent_index(
-        _read_only(x),
-        _read_only(y),
-        _read_only(weight),
-        weight_total,
-        ignore_index,
-        eps,
-        grad_scale,
-        loss_only,
-        dummy,
-        False,
-    )
+    # loss only: the losses of the loss+grad pass, bit for bit (one copy of steps (1)-(3)
+    # serves every mode of a layout)
+    loss_only = np.empty(n)
+    _xent_index(cy, x, y, weight, weight_total, ignore_index, eps, grad_scale, loss_only)
     _assert_close(loss_only, results["cython"][0], loss_atol, what="loss only")
+    np.testing.assert_array_equal(loss_only, results["cython"][0])
+    # ... and the extension's dummy gradient is never written
+    dummy = np.full((1, n_classes), 7, dtype)
+    params = _params("index", n_classes, weight, weight_total, ignore_index, eps, grad_scale)
+    lanes = n_classes <= cy.SMALL_C
+    rowdata = np.empty((1, cy.N_STATS))
+    y64 = np.ascontiguousarray(y, np.int64)
+    cy.extension.xent_index(_read_only(x), y64, weight, params, cy.LOSS, lanes, loss_only, dummy, rowdata)
     assert np.all(dummy == 7)
 
     # in place (grad is x): bit for bit the out-of-place result
     x_in_place, loss_in_place = x.copy(), np.empty(n)
-    cy.xent_index(
-        x_in_place,
-        _read_only(y),
-        _read_only(weight),
-        weight_total,
-        ignore_index,
-        eps,
-        grad_scale,
-        loss_in_place,
-        x_in_place,
-        True,
-    )
+    _xent_index(cy, x_in_place, y, weight, weight_total, ignore_index, eps, grad_scale, loss_in_place, x_in_place)
     np.testing.assert_array_equal(loss_in_place, results["cython"][0])
     np.testing.assert_array_equal(x_in_place, results["cython"][1])
 
@@ -253,13 +246,29 @@ def test_float32_gradient_bitwise_with_fma(n_classes):
     grads = []
     for module in (nb, cy):
         loss, grad = np.empty(n), np.empty_like(x)
-        module.xent_index(x, y, weight, float(n_classes), -100, 0.0, 1.0 / n, loss, grad, True)
+        _xent_index(module, x, y, weight, float(n_classes), -100, 0.0, 1.0 / n, loss, grad)
         grads.append(grad)
     assert np.max(_ulps(grads[0], grads[1])) <= 1  # in practice 0; 1 if a float32 `a` rounds apart
     assert np.mean(grads[0] == grads[1]) > 0.999
 
 
 # --- probability targets ------------------------------------------------------------
+
+
+def _probability_bounds(x, t, weight, eps, grad_scale, dtype):
+    """Per-row loss tolerance and per-row gradient tolerance (see the module docstring)."""
+    n_classes = x.shape[1]
+    x64, t64 = x.astype(np.float64), t.astype(np.float64)
+    w = weight.astype(np.float64) if weight.size else np.ones(n_classes)
+    wt = w * ((1 - eps) * t64 + eps / n_classes)
+    with np.errstate(invalid="ignore"):
+        m = x64.max(axis=1, keepdims=True)
+        loss_terms = np.sum(np.abs(wt * (m - x64)), axis=1) + wt.sum(axis=1) * (np.log(n_classes) + 2)
+    loss_atol = ((n_classes + 8) * EPS64 + _exp_eps(dtype)) * np.where(np.isfinite(loss_terms), loss_terms, 0)
+    eps_dtype = float(np.finfo(dtype).eps)
+    grad_terms = grad_scale * (wt.sum(axis=1, keepdims=True) + wt.max(axis=1, keepdims=True))
+    grad_atol = (4 * eps_dtype + n_classes * EPS64) * grad_terms
+    return loss_atol, grad_atol
 
 
 @needs_both
@@ -278,28 +287,214 @@ def test_probability_matches_numba(dtype, n_classes, weighted, eps):
     results = {}
     for name, module in (("numba", nb), ("cython", cy)):
         loss, grad = np.empty(n), np.empty_like(x)
-        module.xent_probability(_read_only(x), _read_only(t), _read_only(weight), eps, grad_scale, loss, grad, True)
+        _xent_probability(module, x, t, weight, eps, grad_scale, loss, grad)
         results[name] = loss, grad
 
-    x64, t64 = x.astype(np.float64), t.astype(np.float64)
-    w = weight.astype(np.float64) if weighted else np.ones(n_classes)
-    wt = w * ((1 - eps) * t64 + eps / n_classes)
-    m = x64.max(axis=1, keepdims=True)
-    loss_terms = np.sum(np.abs(wt * (m - x64)), axis=1) + wt.sum(axis=1) * (np.log(n_classes) + 2)
-    loss_atol = ((n_classes + 8) * EPS64 + _exp_eps(dtype)) * loss_terms
-    eps_dtype = float(np.finfo(dtype).eps)
-    grad_terms = grad_scale * (wt.sum(axis=1, keepdims=True) + wt.max(axis=1, keepdims=True))
-    grad_atol = (4 * eps_dtype + n_classes * EPS64) * grad_terms
+    loss_atol, grad_atol = _probability_bounds(x, t, weight, eps, grad_scale, dtype)
     _assert_close(results["cython"][0], results["numba"][0], loss_atol, what="loss")
     _assert_close(results["cython"][1], results["numba"][1], grad_atol, what="grad")
 
     loss_only = np.empty(n)
-    cy.xent_probability(x, t, weight, eps, grad_scale, loss_only, np.empty((1, n_classes), dtype), False)
+    _xent_probability(cy, x, t, weight, eps, grad_scale, loss_only)
     _assert_close(loss_only, results["cython"][0], loss_atol, what="loss only")  # see test_index_matches_numba
+    np.testing.assert_array_equal(loss_only, results["cython"][0])
     x_in_place, loss_in_place = x.copy(), np.empty(n)
-    cy.xent_probability(x_in_place, t, weight, eps, grad_scale, loss_in_place, x_in_place, True)
+    _xent_probability(cy, x_in_place, t, weight, eps, grad_scale, loss_in_place, x_in_place)
     np.testing.assert_array_equal(loss_in_place, results["cython"][0])
     np.testing.assert_array_equal(x_in_place, results["cython"][1])
+
+
+# --- few classes: the lanes layout, at every lane-group and block edge -----------------
+
+#: the class counts around the layouts' switch: C <= SMALL_C runs LANES rows across the lanes
+SMALL_CLASS_COUNTS = (1, 2, 3, 10, 16, 31, 32, 33)
+#: option sets: (weighted, label smoothing, some rows ignored)
+SMALL_OPTIONS = {"plain": (False, 0.0, False), "smoothing+ignore": (False, 0.1, True), "all": (True, 0.25, True)}
+
+
+def _rows_per_block(n_classes: int) -> int:
+    """The kernels' block of rows (the same formula in both backends)."""
+    rows = max(1, cy.BLOCK_ELEMENTS // n_classes)
+    return rows - rows % cy.LANES if rows >= cy.LANES else rows
+
+
+def _edge_logits(rng, n, n_classes, dtype, block_rows):
+    """Logits with awkward rows where lane groups and blocks meet: a NaN, a row of -inf
+    (NaN results), a huge logit far ahead of a -inf one."""
+    x = _logits(rng, n, n_classes, dtype)
+    for row in {cy.LANES - 1, cy.LANES, block_rows - 1, block_rows, n - 1} & set(range(n)):
+        x[row, row % n_classes] = np.nan if row % 2 else 1e4
+        if n_classes > 1:
+            x[row, (row + 1) % n_classes] = -np.inf
+    x[min(n - 1, block_rows + 1), :] = -np.inf
+    return x
+
+
+@needs_both
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_classes", SMALL_CLASS_COUNTS)
+@pytest.mark.parametrize("options", list(SMALL_OPTIONS))
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_small_classes_lanes_match_numba(dtype, n_classes, options, kind):
+    """Loss only, loss+grad and in place, for row counts that end inside a lane group and
+    at and past a block edge: within the stated bounds of numba's (which runs the same
+    layout), loss only = loss+grad and in place = out of place bit for bit, ignored rows 0."""
+    weighted, eps, ignore = SMALL_OPTIONS[options]
+    block_rows = _rows_per_block(n_classes)
+    rng = np.random.default_rng(n_classes * 31 + len(options) + (kind == "index"))
+    weight = rng.uniform(0.1, 3.0, n_classes).astype(dtype) if weighted else np.empty(0, dtype)
+    for n in (1, cy.LANES - 1, cy.LANES + 37, block_rows, 2 * block_rows + 37):
+        x = _edge_logits(rng, n, n_classes, dtype, block_rows)
+        if kind == "index":
+            y = rng.integers(0, n_classes, n)
+            if ignore:
+                y[::5] = -100
+            weight_total = float(np.sum(weight, dtype=np.float64)) if weighted else float(n_classes)
+            grad_scale = 1.0 / max(1, n)
+            run = lambda module, x_in, loss, grad=None, y=y, wt=weight_total, g=grad_scale: _xent_index(  # noqa: E731
+                module, x_in, y, weight, wt, -100, eps, g, loss, grad
+            )
+            loss_atol, grad_atol = _index_bounds(x, y, weight, eps, grad_scale, -100, dtype)
+        else:
+            t = rng.random((n, n_classes)).astype(dtype)
+            grad_scale = 1.0 / n
+            run = lambda module, x_in, loss, grad=None, t=t, g=grad_scale: _xent_probability(  # noqa: E731
+                module, x_in, t, weight, eps, g, loss, grad
+            )
+            loss_atol, grad_atol = _probability_bounds(x, t, weight, eps, grad_scale, dtype)
+        results = {}
+        for name, module in (("numba", nb), ("cython", cy)):
+            loss, grad, loss_only = np.empty(n), np.empty_like(x), np.empty(n)
+            run(module, x, loss, grad)
+            run(module, x, loss_only)
+            x_in_place, loss_in_place = x.copy(), np.empty(n)
+            run(module, x_in_place, loss_in_place, x_in_place)
+            results[name] = loss, grad, loss_only, loss_in_place, x_in_place
+        what = f"{kind} C={n_classes} n={n}"
+        loss, grad, loss_only, loss_in_place, x_in_place = results["cython"]
+        for mode, numba_mode in ((0, 0), (2, 2), (3, 3)):  # loss+grad, loss only, in place
+            _assert_close(results["cython"][mode], results["numba"][numba_mode], loss_atol, what=f"{what} loss {mode}")
+        for mode in (1, 4):  # the gradient out of place and in place
+            _assert_close(results["cython"][mode], results["numba"][mode], grad_atol, what=f"{what} grad {mode}")
+        np.testing.assert_array_equal(loss_only, loss, err_msg=what)
+        np.testing.assert_array_equal(loss_in_place, loss, err_msg=what)
+        np.testing.assert_array_equal(x_in_place, grad, err_msg=what)
+        if kind == "index" and ignore:
+            assert np.all(loss[y == -100] == 0) and np.all(grad[y == -100] == 0)
+
+
+@needs_cython
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_classes", [1, 10, 32, 33, 130])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+@pytest.mark.parametrize("mode", ["loss only", "grad", "in place"])
+def test_every_output_element_is_written(dtype, n_classes, kind, mode):
+    """Every loss and gradient element is written, whatever the block and lane-group edges:
+    the outputs start as NaN and finite logits must leave none (np.empty outputs can hold the
+    right answer from a previous call, which a comparison would not notice)."""
+    rng = np.random.default_rng(n_classes)
+    n = 2 * _rows_per_block(n_classes) + cy.LANES + 3  # a partial block and a partial lane group
+    x = rng.standard_normal((n, n_classes)).astype(dtype)
+    loss = np.full(n, np.nan)
+    grad = None if mode == "loss only" else np.full((n, n_classes), np.nan, dtype)
+    if mode == "in place":
+        grad[...] = x
+        x = grad
+    if kind == "index":
+        y = rng.integers(0, n_classes, n)
+        y[::7] = -100  # ignored rows are written too (loss 0, gradient 0)
+        _xent_index(cy, x, y, np.empty(0, dtype), float(n_classes), -100, 0.0, 1.0, loss, grad)
+    else:
+        t = rng.dirichlet(np.ones(n_classes), n).astype(dtype)
+        _xent_probability(cy, x, t, np.empty(0, dtype), 0.0, 1.0, loss, grad)
+    assert not np.isnan(loss).any(), f"rows {np.flatnonzero(np.isnan(loss))[:8]} of {n}: loss never written"
+    if grad is not None:
+        unwritten = np.isnan(grad).any(axis=1)
+        assert not unwritten.any(), f"rows {np.flatnonzero(unwritten)[:8]} of {n}: gradient never written"
+
+
+@needs_cython
+@pytest.mark.parametrize("n_classes", [1, 10, 32])
+def test_small_classes_lanes_and_rows_agree(n_classes):
+    """The lanes layout against the row layout of the same extension (forced through its
+    ``lanes`` argument): they differ only in the order of the float64 sums."""
+    rng = np.random.default_rng(n_classes)
+    n = 1000
+    x = _logits(rng, n, n_classes, np.float64)
+    y = rng.integers(0, n_classes, n)
+    y[::7] = -100
+    params = _params("index", n_classes, np.empty(0), float(n_classes), -100, 0.1, 1.0 / n)
+    weight = np.ones(n_classes)
+    losses, grads = [], []
+    for lanes in (True, False):
+        loss, grad = np.empty(n), np.empty_like(x)
+        cy.extension.xent_index(x, y, weight, params, cy.GRAD, lanes, loss, grad, np.empty((1, cy.N_STATS)))
+        losses.append(loss)
+        grads.append(grad)
+    loss_atol, grad_atol = _index_bounds(x, y, np.empty(0), 0.1, 1.0 / n, -100, np.float64)
+    _assert_close(losses[0], losses[1], loss_atol, what="loss")
+    _assert_close(grads[0], grads[1], grad_atol, what="grad")
+
+
+# --- the class-shard phases -----------------------------------------------------------
+
+
+@needs_both
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_classes", [3, 40, 300])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_shard_phases_match_numba(dtype, n_classes, kind):
+    """STATS, finish and SHARD_GRAD through _shards on backend="cython" against numba: the
+    max and the target logit exactly, the sums, losses and gradients within the bounds."""
+    from fastxent import _shards
+
+    rng = np.random.default_rng(n_classes + (kind == "index"))
+    n = 257
+    x = _logits(rng, n, n_classes, dtype, special=True)
+    weight = rng.uniform(0.5, 2.0, n_classes)
+    eps = 0.1
+    cut = n_classes // 3
+    if kind == "index":
+        target = rng.integers(0, n_classes, n)
+        target[::5] = -100
+        part_target = lambda a, b: target  # noqa: E731
+    else:
+        target = rng.random((n, n_classes)).astype(dtype)
+        part_target = lambda a, b: target[:, a:b]  # noqa: E731
+    options = {"num_classes": n_classes, "weight": weight, "label_smoothing": eps}
+    results = {}
+    for backend in ("numba", "cython"):
+        parts = [
+            _shards.row_stats(x[:, a:b], part_target(a, b), class_start=a, backend=backend, **options)
+            for a, b in ((0, cut), (cut, n_classes))
+        ]
+        stats = _shards.merge_row_stats(*parts)
+        loss, coef, grad_scale = _shards.finish(stats, target, reduction="none", backend=backend, **options)
+        grad = np.concatenate(
+            [
+                _shards.shard_grad(
+                    x[:, a:b], part_target(a, b), coef, grad_scale, class_start=a, backend=backend, **options
+                )
+                for a, b in ((0, cut), (cut, n_classes))
+            ],
+            axis=1,
+        )
+        results[backend] = parts, loss, coef, grad
+    (parts_nb, loss_nb, coef_nb, grad_nb), (parts_cy, loss_cy, coef_cy, grad_cy) = results.values()
+    for part_nb, part_cy in zip(parts_nb, parts_cy, strict=True):
+        np.testing.assert_array_equal(part_cy[:, 0], part_nb[:, 0])  # the max
+        np.testing.assert_array_equal(part_cy[:, 2], part_nb[:, 2])  # the target logit
+        s_rtol = (n_classes + 8) * EPS64 + _exp_eps(dtype)
+        _assert_close(part_cy[:, 1], part_nb[:, 1], 0.0, rtol=s_rtol, what="s")
+        _assert_close(part_cy[:, 3], part_nb[:, 3], 0.0, rtol=(n_classes + 8) * EPS64, what="A")
+    if kind == "index":
+        loss_atol, grad_atol = _index_bounds(x, target, weight.astype(dtype), eps, 1.0, -100, dtype)
+    else:
+        loss_atol, grad_atol = _probability_bounds(x, target, weight.astype(dtype), eps, 1.0, dtype)
+    # the statistics are float64 whatever the dtype, so finish sees sums of float64 terms
+    _assert_close(loss_cy, loss_nb, 2 * loss_atol, what="loss")
+    _assert_close(grad_cy, grad_nb, grad_atol, what="grad")
+    _assert_close(coef_cy, coef_nb, 0.0, rtol=(n_classes + 8) * EPS64 + _exp_eps(dtype), what="coef")
 
 
 # --- the softmax family -------------------------------------------------------------
@@ -390,14 +585,65 @@ def test_thread_count_invariance(dtype, n_classes):
             cy.set_num_threads(threads)
             assert cy.get_num_threads() == threads
             loss_i, grad_i = np.empty(n), np.empty_like(x)
-            cy.xent_index(x, y, weight, float(weight.sum(dtype=np.float64)), -100, 0.1, 1 / n, loss_i, grad_i, True)
+            _xent_index(cy, x, y, weight, float(weight.sum(dtype=np.float64)), -100, 0.1, 1 / n, loss_i, grad_i)
             loss_p, grad_p = np.empty(n), np.empty_like(x)
-            cy.xent_probability(x, t, weight, 0.1, 1 / n, loss_p, grad_p, True)
+            _xent_probability(cy, x, t, weight, 0.1, 1 / n, loss_p, grad_p)
             lse, sm, log_sm = np.empty(n, dtype), np.empty_like(x), np.empty_like(x)
             cy.logsumexp_rows(x, lse)
             cy.softmax_rows(x, sm)
             cy.log_softmax_rows(x, log_sm)
             results.append((loss_i, grad_i, loss_p, grad_p, lse, sm, log_sm))
+    finally:
+        cy.set_num_threads(before)
+    for one, two in zip(*results, strict=True):
+        np.testing.assert_array_equal(one, two)
+
+
+@needs_cython
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_classes", [3, 10, 32, 300])
+def test_thread_count_invariance_of_every_mode(dtype, n_classes):
+    """1 and 2 threads give the same bits in every mode and layout: the lanes layout (C <=
+    32) in loss only, loss+grad and in place, and the class-shard phases (STATS, finish,
+    SHARD_GRAD)."""
+    if not cy.openmp_enabled():
+        pytest.skip("built without OpenMP")
+    from fastxent import _shards
+
+    rng = np.random.default_rng(n_classes + 1)
+    n = 3 * _rows_per_block(n_classes) + 45  # several blocks, the last one ends mid lane group
+    x = _logits(rng, n, n_classes, dtype)
+    y = rng.integers(0, n_classes, n)
+    y[::7] = -100
+    t = rng.random((n, n_classes)).astype(dtype)
+    weight = rng.uniform(0.5, 2, n_classes).astype(dtype)
+    weight_total = float(weight.sum(dtype=np.float64))
+    cut = max(1, n_classes // 2)
+    before = cy.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            cy.set_num_threads(threads)
+            outputs = []
+            for grad in ("loss only", "out", "in place"):
+                x_in = x.copy() if grad == "in place" else x
+                g = {"loss only": None, "out": np.empty_like(x), "in place": x_in}[grad]
+                loss_i = np.empty(n)
+                _xent_index(cy, x_in, y, weight, weight_total, -100, 0.1, 1 / n, loss_i, g)
+                outputs += [loss_i] + ([] if g is None else [g.copy()])
+                x_in = x.copy() if grad == "in place" else x
+                g = {"loss only": None, "out": np.empty_like(x), "in place": x_in}[grad]
+                loss_p = np.empty(n)
+                _xent_probability(cy, x_in, t, weight, 0.1, 1 / n, loss_p, g)
+                outputs += [loss_p] + ([] if g is None else [g.copy()])
+            stats = _shards.row_stats(
+                x[:, cut:], y, class_start=cut, num_classes=n_classes, weight=weight, backend="cython"
+            )
+            _, coef, scale = _shards.finish(stats, y, num_classes=n_classes, weight=weight, backend="cython")
+            shard = _shards.shard_grad(
+                x[:, cut:], y, coef, scale, class_start=cut, num_classes=n_classes, weight=weight, backend="cython"
+            )
+            results.append([*outputs, stats, coef, shard])
     finally:
         cy.set_num_threads(before)
     for one, two in zip(*results, strict=True):
@@ -467,6 +713,31 @@ def test_imports_and_computes_without_numba():
         np.testing.assert_allclose(float(loss), row_loss.sum() / denominator, rtol=1e-5)
         np.testing.assert_allclose(grad, row_grad / denominator, rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(fx.softmax(x).sum(axis=1), 1, rtol=1e-5)
+
+        # the class-shard phases run on the default backend too (cython when built)
+        from fastxent import _shards
+        if "cython" in fx.available_backends():
+            x64 = x.astype(np.float64)
+            parts = [
+                _shards.row_stats(x64[:, a:b], y, class_start=a, num_classes=37, weight=w, label_smoothing=0.1)
+                for a, b in [(0, 20), (20, 37)]
+            ]
+            stats = _shards.merge_row_stats(*parts)
+            shard_loss, coef, scale = _shards.finish(stats, y, num_classes=37, weight=w, label_smoothing=0.1)
+            shard_grad = np.concatenate([
+                _shards.shard_grad(x64[:, a:b], y, coef, scale, class_start=a, num_classes=37, weight=w,
+                                   label_smoothing=0.1)
+                for a, b in [(0, 20), (20, 37)]
+            ], axis=1)
+            np.testing.assert_allclose(shard_loss, row_loss.sum() / denominator, rtol=1e-12)
+            np.testing.assert_allclose(shard_grad, row_grad / denominator, rtol=1e-11, atol=1e-16)
+        else:
+            try:
+                _shards.row_stats(x, y)
+            except RuntimeError as error:
+                assert "need the numba or the cython backend" in str(error)
+            else:
+                raise SystemExit("no RuntimeError from the shard phases without numba and cython")
         fx.set_num_threads(1)
         assert fx.get_num_threads() == 1
         assert "numba" not in sys.modules or sys.modules["numba"] is None
