@@ -471,13 +471,14 @@ def test_env_var_selects_default_backend(monkeypatch, spy, backend):
 def test_env_var_empty_means_default(monkeypatch, spy):
     monkeypatch.setenv("FASTXENT_BACKEND", "")
     fx.cross_entropy(_logits((3, 4)), np.array([0, 1, 2]))
-    assert spy == [fx.available_backends()[0]]
+    assert spy == [_dispatch.default_backend(4)]
 
 
 def test_env_var_unset_means_fastest(monkeypatch, spy):
+    """The fastest for the class count: cython (when built) up to SMALL_C_CLASSES, numba above."""
     monkeypatch.delenv("FASTXENT_BACKEND", raising=False)
     fx.cross_entropy(_logits((3, 4)), np.array([0, 1, 2]))
-    assert spy == [fx.available_backends()[0]]
+    assert spy == [_dispatch.default_backend(4)]
 
 
 @pytest.mark.parametrize("value", ["bogus", "NUMBA", "torch"])
@@ -526,3 +527,18 @@ def test_set_num_threads_valid_round_trip():
     finally:
         fx.set_num_threads(before)
     assert fx.get_num_threads() == before
+
+
+def test_default_backend_depends_on_the_class_count(monkeypatch, spy):
+    monkeypatch.delenv("FASTXENT_BACKEND", raising=False)
+    small, large = _dispatch.SMALL_C_CLASSES, _dispatch.SMALL_C_CLASSES + 1
+    loaded = fx.available_backends()
+    expected_small = next(b for b in ("cython", "numba", "numpy") if b in loaded)
+    expected_large = loaded[0]
+    for n_classes, expected in ((small, expected_small), (large, expected_large)):
+        spy.clear()
+        fx.cross_entropy(_logits((3, n_classes)), np.array([0, 1, 2]))
+        assert spy == [expected], n_classes
+    spy.clear()
+    fx.softmax(_logits((3, small)))  # the softmax family keeps the one preference
+    assert spy == [loaded[0]]
