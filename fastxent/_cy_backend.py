@@ -13,11 +13,10 @@ parallel loop. Nothing here imports numba.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from . import _cy_xent  # type: ignore[attr-defined]  # the compiled extension: no stub
+from ._spec import kernel_weight
 
 LOSS, GRAD, IN_PLACE, STATS, SHARD_GRAD = _cy_xent.MODES
 STAT_M, STAT_S, STAT_TARGET, STAT_A, STAT_B = _cy_xent.STAT_COLUMNS
@@ -39,19 +38,6 @@ get_num_threads = _cy_xent.get_num_threads
 simd_level = _cy_xent.simd_level
 exp_array = _cy_xent.exp_array  # the exponential alone, for its accuracy tests
 log_array = _cy_xent.log_array  # the logarithm alone, likewise
-
-
-# The kernels read ``weight`` only when ``params.weighted``; without weights they get ones
-# that are never read, so that every pointer the C code forms points into a real array.
-@functools.lru_cache(maxsize=16)
-def _unit_weight(n_classes: int, dtype: np.dtype) -> np.ndarray:
-    ones = np.ones(n_classes, dtype)
-    ones.flags.writeable = False
-    return ones
-
-
-def _kernel_weight(weight, x):
-    return weight if weight.shape[0] != 0 else _unit_weight(x.shape[1], x.dtype)
 
 
 _NO_ROWDATA = np.empty((1, N_STATS), np.float64)
@@ -76,7 +62,7 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
         mode = IN_PLACE
     if rowdata is None:
         rowdata = _NO_ROWDATA
-    kernel_function(x, target, _kernel_weight(weight, x), params, mode, lanes, loss, grad, rowdata)
+    kernel_function(x, target, kernel_weight(weight, x), params, mode, lanes, loss, grad, rowdata)
 
 
 def xent_index(x, y, weight, params, loss, grad=None):

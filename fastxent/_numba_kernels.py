@@ -50,7 +50,6 @@ Labels are checked by ``label_stats`` before any kernel writes, so a bad label n
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import threading
@@ -76,6 +75,7 @@ from ._jit import (
     two_to_the_rounded,
     wide_vectors,
 )
+from ._spec import kernel_weight
 
 math = kernel_math  # noqa: F811 - the math module itself when compiled (see _jit.kernel_math)
 
@@ -923,25 +923,6 @@ def _run_chunked(kernel_function, elements_per_iteration, args):
         _set_chunksize(previous)
 
 
-# The kernels take ``weight`` as a real (C,) array and ``weighted`` saying whether to use
-# it, never a length-0 stand-in. A loop that writes the gradient row while it reads
-# ``weight[c]`` (in the branch it may take) is vectorised by LLVM behind a runtime check
-# that the arrays do not overlap. For a length-0 array that check depends on where malloc
-# happened to put it: when it failed, the row ran the scalar loop, which sums in another
-# order, and the gradient changed in its last bits from call to call. A real (C,) array
-# never overlaps the gradient, so every row takes the vector loop.
-@functools.lru_cache(maxsize=16)
-def _unit_weight(n_classes: int, dtype: np.dtype) -> np.ndarray:
-    ones = np.ones(n_classes, dtype)
-    ones.flags.writeable = False
-    return ones
-
-
-def _kernel_weight(weight, x):
-    """The caller's weight, or for none ones that are never read (see above)."""
-    return weight if weight.shape[0] != 0 else _unit_weight(x.shape[1], x.dtype)
-
-
 # Per-thread scratch: a row (or 16 transposed rows) of the compute dtype per kernel thread,
 # and the lane state of the small-C layout. Kept per Python thread and reused, so a call
 # neither allocates nor page-faults it anew; two Python threads never share one.
@@ -1005,7 +986,7 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
         block_rows * n_classes,
         x,
         target,
-        _kernel_weight(weight, x),
+        kernel_weight(weight, x),
         params,
         np.int64(mode),
         small,

@@ -19,9 +19,12 @@ What is decided at compile time and what at run time (see docs/DESIGN.md for the
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
+
+import numpy as np
 
 Reduction = Literal["mean", "sum", "none"]
 TargetKind = Literal["index", "probability"]
@@ -143,3 +146,23 @@ class LossSpec:
         """Whether "mean" divides by the row count N (probability targets) rather than by
         ``D = sum_i k_i w[y_i]`` (class indices)."""
         return self.target_kind == "probability"
+
+
+# The compiled kernels (numba and Cython) take ``weight`` as a real (C,) array and
+# ``Params.weighted`` saying whether to use it, never a length-0 stand-in. A loop that
+# writes the gradient row while it reads ``weight[c]`` (in the branch it may take) is
+# vectorised behind a run-time check that the arrays do not overlap. For a length-0 array
+# that check depends on where malloc happened to put it: when it failed, the row ran the
+# scalar loop, which sums in another order, and the gradient changed in its last bits from
+# call to call. A real (C,) array never overlaps the gradient, so every row takes the vector
+# loop; in the Cython kernels every pointer formed then points into a real array.
+@functools.lru_cache(maxsize=16)
+def _unit_weight(n_classes: int, dtype: np.dtype) -> np.ndarray:
+    ones = np.ones(n_classes, dtype)
+    ones.flags.writeable = False
+    return ones
+
+
+def kernel_weight(weight: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The caller's weight, or for none (length 0) ones that are never read (see above)."""
+    return weight if weight.shape[0] != 0 else _unit_weight(x.shape[1], x.dtype)
