@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _cy_xent  # type: ignore[attr-defined]  # the compiled extension: no stub
-from ._spec import kernel_weight
+from ._spec import kernel_weight, no_gradient
 
 LOSS, GRAD, IN_PLACE, STATS, SHARD_GRAD = _cy_xent.MODES
 STAT_M, STAT_S, STAT_TARGET, STAT_A, STAT_B = _cy_xent.STAT_COLUMNS
@@ -41,11 +41,6 @@ log_array = _cy_xent.log_array  # the logarithm alone, likewise
 
 
 _NO_ROWDATA = np.empty((1, N_STATS), np.float64)
-#: the gradient argument of loss only, per dtype: never written (the extension takes a
-#: pointer, not rows). One per process: a fresh (1, C) array per call cost up to 0.2 ms at
-#: C = 32000 with 2 threads (malloc/free at the mmap threshold, and munmap's TLB shootdown
-#: of the other thread)
-_NO_GRAD = {np.dtype(np.float32): np.empty((1, 1), np.float32), np.dtype(np.float64): np.empty((1, 1), np.float64)}
 
 
 def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
@@ -57,7 +52,7 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
         return
     lanes = small_ok and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
     if grad is None:
-        grad = _NO_GRAD[x.dtype]
+        grad = no_gradient(x.dtype)
     elif grad is x and mode == GRAD:
         mode = IN_PLACE
     if rowdata is None:

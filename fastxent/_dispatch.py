@@ -22,12 +22,11 @@ from . import _numpy_backend
 
 #: backends in order of preference for ``backend=None``
 PREFERENCE = ("numba", "cython", "numpy")
-#: the cross-entropy's preference up to ``SMALL_C_CLASSES`` classes: there gcc's code for
-#: the rows-across-lanes layout runs about twice as fast as LLVM's from numba (float32,
-#: 262144 x 10, 2 threads: in place 2.50 ms against 4.95; the copy floor 0.93; see
-#: docs/bench-float32.txt). Above it the two are within about 20% either way.
+#: the cross-entropy's preference where the Cython extension runs its rows-across-lanes
+#: layout (``C <= _cy_backend.SMALL_C``): there gcc's code runs about twice as fast as
+#: LLVM's from numba (float32, 262144 x 10, 2 threads: in place 2.50 ms against 4.95; the
+#: copy floor 0.93; see docs/bench-float32.txt). Above it the two are within about 20%.
 SMALL_C_PREFERENCE = ("cython", "numba", "numpy")
-SMALL_C_CLASSES = 32
 
 #: floating input dtype -> dtype the kernels compute in (and write the gradient in)
 COMPUTE_DTYPE: dict[np.dtype, np.dtype] = {
@@ -154,7 +153,8 @@ def available_backends() -> tuple[str, ...]:
 def default_backend(n_classes: int | None = None) -> str:
     """The backend ``backend=None`` runs when ``$FASTXENT_BACKEND`` is unset: the fastest that
     loaded, for a cross-entropy of ``n_classes`` classes (None: any other function)."""
-    small = n_classes is not None and n_classes <= SMALL_C_CLASSES
+    cython = KERNELS.get("cython")
+    small = n_classes is not None and cython is not None and n_classes <= cython.SMALL_C
     return next(name for name in (SMALL_C_PREFERENCE if small else PREFERENCE) if name in KERNELS)
 
 

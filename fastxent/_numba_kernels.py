@@ -75,7 +75,7 @@ from ._jit import (
     two_to_the_rounded,
     wide_vectors,
 )
-from ._spec import kernel_weight
+from ._spec import kernel_weight, no_gradient
 
 math = kernel_math  # noqa: F811 - the math module itself when compiled (see _jit.kernel_math)
 
@@ -959,9 +959,6 @@ def _aligned_empty(size: int, dtype: np.dtype) -> np.ndarray:
 
 
 _NO_ROWDATA = np.empty((1, N_STATS), np.float64)
-#: the gradient argument of the modes that write none, per dtype (the kernel's signature
-#: takes a writable (n, C) array; this one is never read or written)
-_NO_GRAD = {np.dtype(np.float32): np.empty((1, 1), np.float32), np.dtype(np.float64): np.empty((1, 1), np.float64)}
 
 
 def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
@@ -974,7 +971,7 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
     width = (2 if kernel_function is _xent_probability_kernel else 1) * LANES * (n_classes + 1) if small else n_classes
     scratch, lanes = _scratch(x.dtype, width)
     if grad is None:
-        grad = _NO_GRAD[x.dtype]  # never written (a fresh one cost ~0.15 ms a call at C = 32000)
+        grad = no_gradient(x.dtype)
     if grad is x:  # in place: the kernel reads a read-only view and writes the array itself
         x = _frozen(x)
         if mode == GRAD:
