@@ -10,6 +10,7 @@ The class axis is the last axis. See ``help(fx.cross_entropy)`` for the formulas
 from __future__ import annotations
 
 from ._api import (
+    CrossEntropyStats,
     TargetOutOfRangeError,
     cross_entropy,
     cross_entropy_grad,
@@ -25,6 +26,7 @@ from ._threads import get_num_threads, set_num_threads
 __version__ = "0.1.0"
 
 __all__ = [
+    "CrossEntropyStats",
     "TargetOutOfRangeError",
     "available_backends",
     "cross_entropy",

@@ -8,19 +8,55 @@ written out in the README and in ``_reference.py``.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _dispatch
-from ._spec import LossSpec, Reduction, TargetKind, check_ignore_index, check_label_smoothing, check_reduction
+from ._spec import (
+    N_OUTS,
+    OUT_CORRECT,
+    OUT_ENTROPY,
+    OUT_LSE,
+    OUT_Z,
+    LossSpec,
+    Reduction,
+    TargetKind,
+    check_ignore_index,
+    check_label_smoothing,
+    check_logit_scale,
+    check_reduction,
+    check_softcap,
+    check_z_loss,
+)
 
 _INT64 = np.iinfo(np.int64)
 
 
 class TargetOutOfRangeError(IndexError, ValueError):
     """A class-index target outside ``[0, C)`` that is not ``ignore_index``."""
+
+
+class CrossEntropyStats(NamedTuple):
+    """Row statistics of a cross-entropy call (``return_stats=True``), from the same pass.
+
+    All of them are of the logits the loss sees, ``x' = c tanh(a x / c)`` (``a x`` without a
+    cap; ``x`` itself by default).
+    """
+
+    #: ``lse_i = m_i + log sum_c exp(x'_ic - m_i)`` per row, float64, shape ``logits.shape[:-1]``
+    #: (ignored rows too; NaN for a row whose max is infinite, whose loss is NaN as well)
+    lse: NDArray[np.float64]
+    #: the z-loss part of the returned loss, reduced as the loss (a scalar of the logits'
+    #: dtype, or per row for "none"); 0 without ``z_loss``
+    z_loss: Any
+    #: the fraction of the rows not ignored whose first ``argmax_c x'_c`` is the target (ties
+    #: go to the first index, a NaN is the max, as ``torch.argmax``); NaN when every row is
+    #: ignored; None for probability targets
+    accuracy: float | None
+    #: ``-sum_c p_c log p_c`` of ``p = softmax(x')`` per row (``0 log 0 = 0``), float64
+    entropy: NDArray[np.float64]
 
 
 # --- validation ----------------------------------------------------------------------
@@ -131,8 +167,22 @@ def _gradient_rows(x: np.ndarray, x2: np.ndarray, out: np.ndarray | None) -> np.
 # --- the cross-entropy driver --------------------------------------------------------
 
 
-def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, backend, want_grad, out):
-    """Validate, run one fused kernel, reduce. Returns ``(loss, grad or None)``."""
+def _cross_entropy(
+    logits,
+    target,
+    weight,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    backend,
+    want_grad,
+    out,
+    z_loss=0.0,
+    logit_scale=1.0,
+    softcap=None,
+    return_stats=False,
+):
+    """Validate, run one fused kernel, reduce. Returns ``(loss, grad or None, stats or None)``."""
     x = _as_logits(logits)
     dtype = _dispatch.compute_dtype(x.dtype)
     kernels = _dispatch.kernels_for(backend, n_classes=x.shape[-1])  # the fastest for this C
@@ -140,6 +190,9 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     check_reduction(reduction)
     check_label_smoothing(label_smoothing)
     check_ignore_index(ignore_index)
+    check_z_loss(z_loss)
+    check_logit_scale(logit_scale)
+    check_softcap(softcap)
     t = np.asarray(target)
     if t.dtype.kind not in "iuf":
         raise TypeError(
@@ -147,7 +200,16 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
             f"got dtype {t.dtype}"
         )
     kind: TargetKind = "probability" if t.dtype.kind == "f" else "index"
-    spec = LossSpec.create(kind, reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index)
+    spec = LossSpec.create(
+        kind,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        z_loss=z_loss,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        return_stats=bool(return_stats),
+    )
     batch_shape, n_classes = x.shape[:-1], x.shape[-1]
     if n_classes == 0:
         raise ValueError(f"logits must have at least one class (last axis), got shape {x.shape}")
@@ -166,6 +228,8 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         first_bad, denominator = kernels.label_stats(labels, n_classes, spec.ignore_index, w)
         if first_bad >= 0:
             _raise_out_of_range(labels, first_bad, batch_shape, n_classes, spec.ignore_index)
+        # K, the rows not ignored: the z-loss's and the accuracy's denominator (D without weights)
+        n_kept = float(np.count_nonzero(labels != spec.ignore_index)) if spec.row_outputs else denominator
     else:
         if t.shape != x.shape:
             raise ValueError(
@@ -173,7 +237,7 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
                 "class indices must be an integer array"
             )
         labels = None
-        denominator = float(math.prod(batch_shape))
+        denominator = n_kept = float(math.prod(batch_shape))
     if want_grad and out is not None and (np.may_share_memory(out, t) or np.may_share_memory(out, w)):
         raise ValueError("out must not share memory with the target or the weight")
 
@@ -182,39 +246,78 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     grad2 = _gradient_rows(x, x2, out) if want_grad else None
 
     row_loss = np.empty(n, np.float64)
+    # the per-row outputs (lse, z-loss term, entropy, argmax test): NaN until written
+    row_out = np.full((n, N_OUTS), np.nan) if spec.row_outputs else None
     reduce_mean = spec.reduction == "mean"
     if reduce_mean and denominator == 0:  # all rows ignored, N = 0, or zero weights
-        loss_value = math.nan
+        loss_value = z_value = math.nan
         if grad2 is not None:
             grad2.fill(0)
+        if row_out is not None:
+            row_out[:, OUT_Z] = 0.0
+            if spec.return_stats and n:  # the statistics do not depend on the denominator
+                _run_rows(kernels, spec, x2, labels, t, dtype, w, n_classes, weight_total, 1.0, 1.0, row_loss, None, row_out)
+                z_value = float(np.sum(row_out[:, OUT_Z])) / n_kept if n_kept else math.nan
+        row_loss.fill(0.0)
     else:
-        params = spec.params(
-            n_classes=n_classes,
-            weight_total=weight_total,
-            grad_scale=1.0 / denominator if reduce_mean else 1.0,
-            weighted=w.shape[0] != 0,
-        )
-        x_in = x2 if grad2 is x2 else _read_only(x2)  # in place: the kernel writes over x2
-        if labels is not None:
-            kernels.xent_index(x_in, labels, w, params, row_loss, grad2)
-        else:
-            kernels.xent_probability(x_in, _read_only(_rows(t, dtype)), w, params, row_loss, grad2)
+        z_grad_scale = 1.0 / n_kept if reduce_mean and n_kept else 1.0
+        grad_scale = 1.0 / denominator if reduce_mean else 1.0
+        _run_rows(kernels, spec, x2, labels, t, dtype, w, n_classes, weight_total, grad_scale, z_grad_scale, row_loss, grad2, row_out)
         loss_value = float(np.sum(row_loss))  # pairwise in float64: the same for any thread count
+        z_value = float(np.sum(row_out[:, OUT_Z])) if row_out is not None else 0.0
         if reduce_mean:
             loss_value /= denominator
+            z_value = z_value / n_kept if n_kept else math.nan
+        loss_value += z_value  # the z-loss has its own denominator K: added after the division
 
     if spec.reduction == "none":
+        if row_out is not None:
+            row_loss += row_out[:, OUT_Z]
         loss = row_loss.astype(x.dtype).reshape(batch_shape)
     else:
         loss = x.dtype.type(loss_value)
+    stats = _stats(spec, row_out, labels, n_kept, z_value, x.dtype, batch_shape) if spec.return_stats else None
     if grad2 is None:
-        return loss, None
+        return loss, None, stats
     grad = out if out is not None else None
     if grad is None:
         grad = grad2.reshape(x.shape) if grad2.dtype == x.dtype else grad2.reshape(x.shape).astype(x.dtype)
     elif not np.shares_memory(grad, grad2):
         grad[...] = grad2.reshape(x.shape)
-    return loss, grad
+    return loss, grad, stats
+
+
+def _run_rows(kernels, spec, x2, labels, t, dtype, w, n_classes, weight_total, grad_scale, z_grad_scale, row_loss, grad2, row_out):
+    """One fused kernel call over every row."""
+    params = spec.params(
+        n_classes=n_classes,
+        weight_total=weight_total,
+        grad_scale=grad_scale,
+        weighted=w.shape[0] != 0,
+        z_grad_scale=z_grad_scale,
+    )
+    x_in = x2 if grad2 is x2 else _read_only(x2)  # in place: the kernel writes over x2
+    if labels is not None:
+        kernels.xent_index(x_in, labels, w, params, row_loss, grad2, row_out)
+    else:
+        kernels.xent_probability(x_in, _read_only(_rows(t, dtype)), w, params, row_loss, grad2, row_out)
+
+
+def _stats(spec, row_out, labels, n_kept, z_value, dtype, batch_shape) -> CrossEntropyStats:
+    if spec.reduction == "none":
+        z_part = row_out[:, OUT_Z].astype(dtype).reshape(batch_shape)
+    else:
+        z_part = dtype.type(z_value)
+    accuracy = None
+    if labels is not None:
+        correct = float(np.sum(row_out[:, OUT_CORRECT]))
+        accuracy = correct / n_kept if n_kept else math.nan
+    return CrossEntropyStats(
+        lse=row_out[:, OUT_LSE].reshape(batch_shape),
+        z_loss=z_part,
+        accuracy=accuracy,
+        entropy=row_out[:, OUT_ENTROPY].reshape(batch_shape),
+    )
 
 
 _SHARED_DOC = """
@@ -236,6 +339,16 @@ _SHARED_DOC = """
         the number of rows N for probabilities; "none" returns one loss per row.
     label_smoothing : float in [0, 1], default 0.0
         ``eps``: the target becomes ``(1-eps) * onehot + eps/C``.
+    z_loss : float >= 0, default 0.0
+        ``s``: each row not ignored adds ``s * lse_i**2`` (PaLM's z-loss; Liger-Kernel's
+        ``lse_square_scale``), ``lse_i`` the log-sum-exp of ``x'``. Under "mean" the z-loss
+        sum is divided by the number K of rows not ignored, even with class weights (as
+        Liger-Kernel and flash-attention). Gradient: ``2 s lse_i softmax(x')_ic``.
+    logit_scale : float, default 1.0
+        ``a``: the loss sees ``a * x`` (flash-attention's ``logit_scale``).
+    softcap : float > 0, optional
+        ``c``: the loss sees ``x' = c * tanh(a * x / c)`` (Gemma 2's final-logit soft-capping).
+        The gradient is with respect to ``x``: the one of ``x'`` times ``a (1 - tanh(a x / c)**2)``.
     backend : {"numba", "cython", "numpy"}, optional
         Default: ``$FASTXENT_BACKEND``, else the fastest available.
 """
@@ -262,10 +375,17 @@ def cross_entropy(
     ignore_index: int = -100,
     reduction: Reduction = "mean",
     label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    return_stats: bool = False,
     backend: str | None = None,
-) -> np.floating | NDArray[np.floating]:
-    loss, _ = _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, backend, False, None)
-    return loss
+) -> Any:
+    loss, _, stats = _cross_entropy(
+        logits, target, weight, ignore_index, reduction, label_smoothing, backend, False, None,
+        z_loss, logit_scale, softcap, return_stats,
+    )  # fmt: skip
+    return (loss, stats) if return_stats else loss
 
 
 def cross_entropy_grad(
@@ -276,10 +396,16 @@ def cross_entropy_grad(
     ignore_index: int = -100,
     reduction: Reduction = "mean",
     label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     backend: str | None = None,
     out: np.ndarray | None = None,
 ) -> NDArray[np.floating]:
-    _, grad = _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, backend, True, out)
+    _, grad, _ = _cross_entropy(
+        logits, target, weight, ignore_index, reduction, label_smoothing, backend, True, out,
+        z_loss, logit_scale, softcap, False,
+    )  # fmt: skip
     return grad
 
 
@@ -291,10 +417,18 @@ def cross_entropy_with_grad(
     ignore_index: int = -100,
     reduction: Reduction = "mean",
     label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    return_stats: bool = False,
     backend: str | None = None,
     out: np.ndarray | None = None,
-) -> tuple[np.floating | NDArray[np.floating], NDArray[np.floating]]:
-    return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, backend, True, out)
+) -> Any:
+    loss, grad, stats = _cross_entropy(
+        logits, target, weight, ignore_index, reduction, label_smoothing, backend, True, out,
+        z_loss, logit_scale, softcap, return_stats,
+    )  # fmt: skip
+    return (loss, grad, stats) if return_stats else (loss, grad)
 
 
 cross_entropy.__doc__ = (
@@ -307,11 +441,16 @@ cross_entropy.__doc__ = (
     - probabilities: ``l_i = -sum_c w_c t'_ic (x_ic - lse_i)`` with ``t' = (1-eps) t + eps/C``.
     """
     + _SHARED_DOC
-    + """
+    + """    return_stats : bool, default False
+        Return ``(loss, stats)``: see below.
+
     Returns
     -------
     loss : NumPy scalar of the logits' dtype ("mean", "sum"), or ndarray of shape
         ``logits.shape[:-1]`` ("none"). Row sums accumulate in float64 in a fixed order.
+    stats : CrossEntropyStats, with ``return_stats=True`` only: then ``(loss, stats)``.
+        Per-row ``lse`` and ``entropy`` of ``x'``, the reduced ``z_loss`` part of the loss,
+        and the token ``accuracy`` (class indices), all from the same pass.
     """
     + _SHARED_RAISES
 )
@@ -345,9 +484,12 @@ cross_entropy_with_grad.__doc__ = (
     + """    out : ndarray, optional
         As in :func:`cross_entropy_grad`; ``out=logits`` computes the gradient in place.
 
+    return_stats : bool, default False
+        Also return a :class:`CrossEntropyStats` (see :func:`cross_entropy`).
+
     Returns
     -------
-    (loss, grad)
+    (loss, grad), or (loss, grad, stats) with ``return_stats=True``.
     """
     + _SHARED_RAISES
 )

@@ -10,24 +10,53 @@ from __future__ import annotations
 import numpy as np
 
 from . import _reference
+from ._spec import OUT_CORRECT, OUT_ENTROPY, OUT_LSE, OUT_Z
 
 
 def _weight_or_none(weight):
     return weight if weight.shape[0] != 0 else None
 
 
-def xent_index(x, y, weight, params, loss, grad=None):
-    row_loss, row_grad = _reference.index_rows(x, y, _weight_or_none(weight), params.ignore_index, params.eps)
+def _rows(x, target, weight, params, loss, grad, row_out, index):
+    """Both target kinds, through the reference's ``cross_entropy`` on the rows: reduction
+    "none" gives per-row losses and the gradient of their sum, which the kernels' scales
+    (``grad_scale``, ``z_grad_scale``) turn into the caller's."""
+    options = dict(
+        weight=_weight_or_none(weight),
+        label_smoothing=params.eps,
+        logit_scale=params.logit_scale,
+        softcap=params.softcap if params.softcap > 0 else None,
+    )
+    if index:
+        options["ignore_index"] = params.ignore_index
+    row_loss, row_grad, stats = _reference.cross_entropy(x, target, reduction="none", return_stats=True, **options)
+    if params.z_loss != 0:  # the z-loss's gradient alone, to scale it by its own factor
+        _, z_grad = _reference.cross_entropy(x, target, reduction="none", z_loss=params.z_loss, **options)
+        z_grad = z_grad - row_grad
     loss[:] = row_loss
     if grad is not None:
-        grad[...] = row_grad * params.grad_scale
+        scaled = row_grad * params.grad_scale
+        if params.z_loss != 0:
+            scaled += z_grad * params.z_grad_scale
+        grad[...] = scaled
+    if row_out is not None and params.row_outputs:
+        kept = target != params.ignore_index if index else np.ones(x.shape[0], bool)
+        row_out[:, OUT_LSE] = stats["lse"]
+        row_out[:, OUT_Z] = np.where(kept, params.z_loss * stats["lse"] ** 2, 0.0)
+        row_out[:, OUT_ENTROPY] = stats["entropy"]
+        if index:
+            transformed, _ = _reference.transform(x, params.logit_scale, options["softcap"])
+            row_out[:, OUT_CORRECT] = kept & (np.argmax(transformed, axis=-1) == target)
+        else:
+            row_out[:, OUT_CORRECT] = 0.0
 
 
-def xent_probability(x, t, weight, params, loss, grad=None):
-    row_loss, row_grad = _reference.probability_rows(x, t, _weight_or_none(weight), params.eps)
-    loss[:] = row_loss
-    if grad is not None:
-        grad[...] = row_grad * params.grad_scale
+def xent_index(x, y, weight, params, loss, grad=None, row_out=None):
+    _rows(x, y, weight, params, loss, grad, row_out, True)
+
+
+def xent_probability(x, t, weight, params, loss, grad=None, row_out=None):
+    _rows(x, t, weight, params, loss, grad, row_out, False)
 
 
 def logsumexp_rows(x, out):

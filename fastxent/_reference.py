@@ -80,27 +80,78 @@ def probability_rows(x, t, weight, eps):
     return loss, grad
 
 
-def cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
-    """Loss and gradient of ``torch.nn.functional.cross_entropy`` for 2-D logits, in float64.
-
-    Returns ``(loss, grad)``: ``loss`` is a float ("mean", "sum") or an ``(n,)`` array
-    ("none"); ``grad`` is the gradient of the returned loss (of the sum of rows for "none").
-    """
+def transform(x, logit_scale=1.0, softcap=None):
+    """``(x', dx'/dx)``: the logits the loss sees, ``c tanh(a x / c)`` (``a x`` without a cap)."""
     x = np.asarray(x, dtype=np.float64)
+    if softcap is None:
+        return logit_scale * x, np.full_like(x, logit_scale)
+    th = np.tanh(logit_scale * x / softcap)
+    return softcap * th, logit_scale * (1.0 - th * th)
+
+
+def entropy(x):
+    """``-sum_c p_c log p_c`` of ``p = softmax(x)`` per row, with ``0 log 0 = 0``."""
+    lsm = log_softmax(x)
+    with np.errstate(invalid="ignore"):
+        return -np.sum(np.where(lsm == -np.inf, 0.0, np.exp(lsm) * lsm), axis=-1)
+
+
+def cross_entropy(
+    x,
+    target,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    logit_scale=1.0,
+    softcap=None,
+    return_stats=False,
+):
+    """Loss and gradient of ``torch.nn.functional.cross_entropy`` for 2-D logits, in float64,
+    with the extensions (docs/SEMANTICS.md): the loss sees ``x' = c tanh(a x / c)``, and each
+    kept row adds ``z_loss * lse_i**2`` (under "mean" divided by the kept rows K, not by D).
+
+    Returns ``(loss, grad)``, or ``(loss, grad, stats)`` with ``return_stats``: ``loss`` is a
+    float ("mean", "sum") or an ``(n,)`` array ("none"); ``grad`` is the gradient of the
+    returned loss (of the sum of rows for "none") with respect to ``x``; ``stats`` a dict of
+    ``lse``, ``z_loss`` (reduced as the loss), ``accuracy`` (None for probabilities), ``entropy``.
+    """
+    xt, dxt = transform(x, logit_scale, softcap)
     target = np.asarray(target)
-    n = x.shape[0]
+    n = xt.shape[0]
     if np.issubdtype(target.dtype, np.floating):
-        loss, grad = probability_rows(x, target, weight, label_smoothing)
+        loss, grad = probability_rows(xt, target, weight, label_smoothing)
+        kept = np.ones(n, bool)
         denominator = float(n)
     else:
-        loss, grad = index_rows(x, target, weight, ignore_index, label_smoothing)
+        loss, grad = index_rows(xt, target, weight, ignore_index, label_smoothing)
         kept = target != ignore_index
         w_y = 1.0 if weight is None else np.asarray(weight, np.float64)[np.where(kept, target, 0)]
         denominator = float(np.sum(kept * w_y))
+    with np.errstate(invalid="ignore", over="ignore"):
+        m = np.max(xt, axis=-1)
+        lse = m + np.log(np.sum(np.exp(xt - m[:, None]), axis=-1))  # NaN where m is infinite
+        z = np.where(kept, z_loss * lse * lse, 0.0)
+        z_grad = np.where(kept, 2.0 * z_loss * lse, 0.0)[:, None] * np.exp(log_softmax(xt))
+    if z_loss == 0:
+        z_grad = np.zeros_like(grad)
+    n_kept = float(np.count_nonzero(kept))
     if reduction == "none":
-        return loss, grad
-    if reduction == "sum":
-        return float(np.sum(loss)), grad
-    if denominator == 0:  # N = 0, every row ignored, or zero weights: NaN loss, zero gradient
-        return float("nan"), np.zeros_like(grad)
-    return float(np.sum(loss)) / denominator, grad / denominator
+        total, grad, z_part = loss + z, grad + z_grad, z
+    elif reduction == "sum":
+        total, grad, z_part = float(np.sum(loss) + np.sum(z)), grad + z_grad, float(np.sum(z))
+    elif denominator == 0:  # N = 0, every row ignored, or zero weights: NaN loss, zero gradient
+        total, grad, z_part = float("nan"), np.zeros_like(grad), float(np.sum(z)) / n_kept if n_kept else float("nan")
+    else:
+        total = float(np.sum(loss)) / denominator + float(np.sum(z)) / n_kept
+        grad, z_part = grad / denominator + z_grad / n_kept, float(np.sum(z)) / n_kept
+    grad = grad * dxt
+    if not return_stats:
+        return total, grad
+    accuracy = None
+    if not np.issubdtype(target.dtype, np.floating):
+        correct = kept & (np.argmax(xt, axis=-1) == target)  # first index of the max, NaN first
+        accuracy = float(np.count_nonzero(correct)) / n_kept if n_kept else float("nan")
+    stats = {"lse": lse, "z_loss": z_part, "accuracy": accuracy, "entropy": entropy(xt)}
+    return total, grad, stats

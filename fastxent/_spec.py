@@ -20,6 +20,7 @@ What is decided at compile time and what at run time (see docs/DESIGN.md for the
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -29,6 +30,12 @@ import numpy as np
 Reduction = Literal["mean", "sum", "none"]
 TargetKind = Literal["index", "probability"]
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+#: the columns of the per-row outputs that the fused modes write when ``Params.row_outputs``
+#: (``rowdata`` (n, N_OUTS) float64): ``lse = m' + log s'`` of the transformed logits; the
+#: z-loss term ``s lse**2`` (0 on ignored rows); the entropy of ``softmax(x')``; 1.0 when the
+#: first index of ``max x'`` is the target (class indices, else 0)
+OUT_LSE, OUT_Z, OUT_ENTROPY, OUT_CORRECT = 0, 1, 2, 3
+N_OUTS = 4
 DEFAULT_IGNORE_INDEX = -100
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -60,6 +67,22 @@ class Params(NamedTuple):
     grad_scale: float
     #: whether ``weight`` holds class weights (else it is ones that are never read)
     weighted: bool
+    #: ``s``, the z-loss coefficient: ``s lse**2`` per kept row (0: none)
+    z_loss: float
+    #: the z-loss gradient's factor: ``1/K`` for "mean" (K = the rows not ignored), 1 otherwise
+    z_grad_scale: float
+    #: ``a``, the logit scale: the loss sees ``a x`` (1: none)
+    logit_scale: float
+    #: ``c``, the tanh soft cap: the loss sees ``c tanh(a x / c)`` (0: none)
+    softcap: float
+    #: whether the loss sees transformed logits ``x'`` (``a != 1`` or a cap)
+    transformed: bool
+    #: whether the fused modes write the per-row outputs ``rowdata[:, OUT_*]`` (lse, the
+    #: z-loss term, entropy, whether the argmax is the target): z-loss or statistics wanted
+    row_outputs: bool
+    #: whether the entropy and the argmax test are computed (``return_stats``); also makes
+    #: ignored rows compute their lse and entropy
+    stats: bool
 
 
 def check_reduction(reduction: Any) -> Reduction:
@@ -79,6 +102,38 @@ def check_label_smoothing(label_smoothing: Any) -> float:
     if not 0.0 <= eps <= 1.0:  # also rejects NaN; PyTorch silently treats eps < 0 as 0
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     return eps
+
+
+def _finite_float(value: Any, name: str) -> float:
+    try:
+        if isinstance(value, str | bytes):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return number
+
+
+def check_z_loss(z_loss: Any) -> float:
+    value = _finite_float(z_loss, "z_loss")
+    if value < 0:  # s lse**2 with s < 0 rewards large normalisers without bound
+        raise ValueError(f"z_loss must be >= 0, got {z_loss!r}")
+    return value
+
+
+def check_logit_scale(logit_scale: Any) -> float:
+    return _finite_float(logit_scale, "logit_scale")
+
+
+def check_softcap(softcap: Any) -> float | None:
+    if softcap is None:
+        return None
+    value = _finite_float(softcap, "softcap")
+    if value <= 0:  # c tanh(x / c) needs c > 0 (Gemma 2 uses 30)
+        raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
+    return value
 
 
 def check_ignore_index(ignore_index: Any) -> int:
@@ -103,6 +158,10 @@ class LossSpec:
     reduction: Reduction = "mean"
     label_smoothing: float = 0.0
     ignore_index: int = DEFAULT_IGNORE_INDEX
+    z_loss: float = 0.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    return_stats: bool = False
 
     @classmethod
     def create(
@@ -112,10 +171,17 @@ class LossSpec:
         reduction: Any = "mean",
         label_smoothing: Any = 0.0,
         ignore_index: Any = DEFAULT_IGNORE_INDEX,
+        z_loss: Any = 0.0,
+        logit_scale: Any = 1.0,
+        softcap: Any = None,
+        return_stats: bool = False,
     ) -> LossSpec:
         reduction = check_reduction(reduction)
         eps = check_label_smoothing(label_smoothing)
         ignore_index = check_ignore_index(ignore_index)
+        z = check_z_loss(z_loss)
+        scale = check_logit_scale(logit_scale)
+        cap = check_softcap(softcap)
         if target_kind == "probability" and ignore_index >= 0:
             # as torch, which raises "ignore_index is not supported for floating point target"
             # for any ignore_index >= 0 (a negative one can name no class, and is accepted)
@@ -123,10 +189,27 @@ class LossSpec:
                 f"ignore_index={ignore_index} is not supported for probability (floating) targets: "
                 "it applies to class indices only (leave it at its default, -100)"
             )
-        return cls(target_kind, reduction, eps, ignore_index)
+        return cls(target_kind, reduction, eps, ignore_index, z, scale, cap, bool(return_stats))
+
+    @property
+    def transformed(self) -> bool:
+        """Whether the loss sees ``x' = a x`` or ``c tanh(a x / c)`` rather than ``x``."""
+        return self.logit_scale != 1.0 or self.softcap is not None
+
+    @property
+    def row_outputs(self) -> bool:
+        """Whether the kernels write the per-row outputs (``OUT_*``)."""
+        return self.z_loss != 0.0 or self.return_stats
 
     def params(
-        self, *, n_classes: int, weight_total: float, grad_scale: float, weighted: bool, class_start: int = 0
+        self,
+        *,
+        n_classes: int,
+        weight_total: float,
+        grad_scale: float,
+        weighted: bool,
+        class_start: int = 0,
+        z_grad_scale: float = 1.0,
     ) -> Params:
         """The kernels' record for ``n_classes`` classes in all (the full class axis)."""
         eps = self.label_smoothing
@@ -140,6 +223,13 @@ class LossSpec:
             weight_total=float(weight_total),
             grad_scale=float(grad_scale),
             weighted=bool(weighted),
+            z_loss=float(self.z_loss),
+            z_grad_scale=float(z_grad_scale),
+            logit_scale=float(self.logit_scale),
+            softcap=float(self.softcap) if self.softcap is not None else 0.0,
+            transformed=self.transformed,
+            row_outputs=self.row_outputs,
+            stats=bool(self.return_stats),
         )
 
     def denominator_is_rows(self) -> bool:
