@@ -249,6 +249,22 @@ def _cross_entropy(
     # the per-row outputs (lse, z-loss term, entropy, argmax test): NaN until written
     row_out = np.full((n, N_OUTS), np.nan) if spec.row_outputs else None
     reduce_mean = spec.reduction == "mean"
+
+    def run_rows(grad_scale: float, z_grad_scale: float, grad: np.ndarray | None) -> None:
+        """One fused kernel call over every row."""
+        params = spec.params(
+            n_classes=n_classes,
+            weight_total=weight_total,
+            grad_scale=grad_scale,
+            weighted=w.shape[0] != 0,
+            z_grad_scale=z_grad_scale,
+        )
+        x_in = x2 if grad is x2 else _read_only(x2)  # in place: the kernel writes over x2
+        if labels is not None:
+            kernels.xent_index(x_in, labels, w, params, row_loss, grad, row_out)
+        else:
+            kernels.xent_probability(x_in, _read_only(_rows(t, dtype)), w, params, row_loss, grad, row_out)
+
     if reduce_mean and denominator == 0:  # all rows ignored, N = 0, or zero weights
         loss_value = z_value = math.nan
         if grad2 is not None:
@@ -256,13 +272,13 @@ def _cross_entropy(
         if row_out is not None:
             row_out[:, OUT_Z] = 0.0
             if spec.return_stats and n:  # the statistics do not depend on the denominator
-                _run_rows(kernels, spec, x2, labels, t, dtype, w, n_classes, weight_total, 1.0, 1.0, row_loss, None, row_out)
+                run_rows(1.0, 1.0, None)
                 z_value = float(np.sum(row_out[:, OUT_Z])) / n_kept if n_kept else math.nan
         row_loss.fill(0.0)
     else:
         z_grad_scale = 1.0 / n_kept if reduce_mean and n_kept else 1.0
         grad_scale = 1.0 / denominator if reduce_mean else 1.0
-        _run_rows(kernels, spec, x2, labels, t, dtype, w, n_classes, weight_total, grad_scale, z_grad_scale, row_loss, grad2, row_out)
+        run_rows(grad_scale, z_grad_scale, grad2)
         loss_value = float(np.sum(row_loss))  # pairwise in float64: the same for any thread count
         z_value = float(np.sum(row_out[:, OUT_Z])) if row_out is not None else 0.0
         if reduce_mean:
@@ -285,22 +301,6 @@ def _cross_entropy(
     elif not np.shares_memory(grad, grad2):
         grad[...] = grad2.reshape(x.shape)
     return loss, grad, stats
-
-
-def _run_rows(kernels, spec, x2, labels, t, dtype, w, n_classes, weight_total, grad_scale, z_grad_scale, row_loss, grad2, row_out):
-    """One fused kernel call over every row."""
-    params = spec.params(
-        n_classes=n_classes,
-        weight_total=weight_total,
-        grad_scale=grad_scale,
-        weighted=w.shape[0] != 0,
-        z_grad_scale=z_grad_scale,
-    )
-    x_in = x2 if grad2 is x2 else _read_only(x2)  # in place: the kernel writes over x2
-    if labels is not None:
-        kernels.xent_index(x_in, labels, w, params, row_loss, grad2, row_out)
-    else:
-        kernels.xent_probability(x_in, _read_only(_rows(t, dtype)), w, params, row_loss, grad2, row_out)
 
 
 def _stats(spec, row_out, labels, n_kept, z_value, dtype, batch_shape) -> CrossEntropyStats:

@@ -243,4 +243,6 @@ if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (the coverage run): plain-Py
         with np.errstate(over="ignore"):
             return float(np.exp(np.float64(v)))
 
-    kernel_math = SimpleNamespace(log=_ieee_log, exp=_ieee_exp, isinf=math.isinf, factorial=math.factorial)
+    kernel_math = SimpleNamespace(
+        log=_ieee_log, exp=_ieee_exp, tanh=math.tanh, isinf=math.isinf, factorial=math.factorial
+    )

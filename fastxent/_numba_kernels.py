@@ -75,7 +75,7 @@ from ._jit import (
     two_to_the_rounded,
     wide_vectors,
 )
-from ._spec import kernel_weight, no_gradient
+from ._spec import OUT_CORRECT, OUT_ENTROPY, OUT_LSE, OUT_Z, kernel_weight, no_gradient
 
 math = kernel_math  # noqa: F811 - the math module itself when compiled (see _jit.kernel_math)
 
@@ -235,6 +235,95 @@ def log_array(s, out):
     """``out[j] = fast_log(s[j])``: the logarithm alone, for its accuracy test."""
     for j in range(s.shape[0]):
         out[j] = fast_log(s[j])
+
+
+# --- the vectorisable hyperbolic tangent (the soft cap) ------------------------------
+# tanh(u), in the logits' dtype, branch-free: for |u| < 0.625 the odd polynomial
+# u + u z P(z), z = u*u, P a least-squares fit on Chebyshev nodes of (tanh(u)/u - 1)/z
+# (float32: degree 4, 0.65 ulp; float64: degree 10, 1 ulp; the fit: docs/DESIGN.md); above,
+# (1 - E) / (1 + E) with E = exp(-2|u|) <= exp(-1.25) (no cancellation; E = 0 for |u| = inf,
+# so tanh(+-inf) = +-1), signed as u. Both are computed and one selected, so the loop over
+# a row vectorises; a NaN fails ``|u| < 0.625`` and propagates through E. < 2 ulp in all
+# (tests/test_options.py). numba's math.tanh is a scalar libm call per element.
+_TANH_SMALL = 0.625
+_TANH32_P = tuple(
+    _F32(v)
+    for v in (
+        -0.3333328128411301,
+        0.13331431753507272,
+        -0.05373915650349337,
+        0.02063786148878682,
+        -0.005704042524499357,
+    )
+)
+_TANH64_P = (
+    -0.3333333333333285,
+    0.1333333333326181,
+    -0.05396825393125143,
+    0.02186948757690888,
+    -0.008863221019915003,
+    0.003591989330005907,
+    -0.0014549596701377823,
+    0.0005863189498796016,
+    -0.00022856857843357728,
+    7.714872124279487e-05,
+    -1.6074411107765176e-05,
+)
+
+
+def fast_tanh(u):
+    """``tanh(u)``, vectorisable; typed by ``u`` (float32 or float64)."""
+    return math.tanh(u)
+
+
+@overload(fast_tanh, jit_options={"fastmath": set(EXP_FASTMATH), "error_model": ERROR_MODEL})
+def _fast_tanh_overload(u):
+    if u == types.float32:
+        p0, p1, p2, p3, p4 = _TANH32_P
+        one, two, small = _F32(1.0), _F32(2.0), _F32(_TANH_SMALL)
+
+        def tanh32(u):
+            t = abs(u)
+            z = u * u
+            poly = u + u * z * ((((p4 * z + p3) * z + p2) * z + p1) * z + p0)
+            e = fast_exp(-two * t)
+            big = (one - e) / (one + e)
+            big = -big if u < 0 else big
+            return poly if t < small else big
+
+        return tanh32
+    if u == types.float64:
+        p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10 = _TANH64_P
+
+        def tanh64(u):
+            t = abs(u)
+            z = u * u
+            q = p10
+            q = q * z + p9
+            q = q * z + p8
+            q = q * z + p7
+            q = q * z + p6
+            q = q * z + p5
+            q = q * z + p4
+            q = q * z + p3
+            q = q * z + p2
+            q = q * z + p1
+            q = q * z + p0
+            poly = u + u * z * q
+            e = fast_exp(-2.0 * t)
+            big = (1.0 - e) / (1.0 + e)
+            big = -big if u < 0 else big
+            return poly if t < _TANH_SMALL else big
+
+        return tanh64
+    return None
+
+
+@kernel(parallel=False)
+def tanh_array(u, out):
+    """``out[j] = fast_tanh(u[j])``: the tangent alone, for its accuracy test."""
+    for j in range(u.shape[0]):
+        out[j] = fast_tanh(u[j])
 
 
 # --- per-row steps -------------------------------------------------------------------
@@ -413,34 +502,211 @@ def probability_grad_row(g, e, t, a, weight, p):
             g[c] = np.float64(e[c]) * a - p.grad_scale * (p.keep * np.float64(t[c]) + p.spread)
 
 
+def transform_row_max(row, out, p):
+    """Steps (0) and (1), ``p.transformed``: ``x'_c = c tanh(a x_c / c)`` (``a x_c`` without a
+    cap) into ``out`` (the thread's x' row), in the logits' dtype; returns ``m = max_c x'_c``,
+    taken in the same loop (the overload below does the work; this body runs only under
+    NUMBA_DISABLE_JIT)."""
+    dt = out.dtype.type
+    if p.softcap > 0:
+        out[:] = dt(p.softcap) * np.tanh(row * dt(p.logit_scale / p.softcap))
+    else:
+        out[:] = row * dt(p.logit_scale)
+    return np.max(out)
+
+
+# One loop writes x' and takes its max by the integer keys of _row_max_long (a float max
+# would not vectorise): the x' row is then read again by step (2) only.
+@overload(transform_row_max, jit_options={"fastmath": set(FASTMATH), "error_model": ERROR_MODEL})
+def _transform_row_max_overload(row, out, p):
+    if out.dtype == types.float32:
+        int_type, shift, magnitude = np.int32, np.int32(31), np.int32(0x7FFFFFFF)
+    elif out.dtype == types.float64:
+        int_type, shift, magnitude = np.int64, np.int64(63), np.int64(0x7FFFFFFFFFFFFFFF)
+    else:
+        return None
+    lowest = int_type(np.iinfo(int_type).min)
+    dt = out.dtype
+
+    def transform_row_max_by_keys(row, out, p):
+        best = lowest
+        if p.softcap > 0:
+            cap = dt(p.softcap)
+            scale = dt(p.logit_scale / p.softcap)  # a / c in float64, then rounded once
+            for c in range(row.shape[0]):
+                v = cap * fast_tanh(row[c] * scale)
+                out[c] = v
+                i = float_as_int(v)
+                key = int_type(i ^ int_type(int_type(i >> shift) & magnitude))
+                best = key if key > best else best
+        else:
+            a = dt(p.logit_scale)
+            for c in range(row.shape[0]):
+                v = row[c] * a
+                out[c] = v
+                i = float_as_int(v)
+                key = int_type(i ^ int_type(int_type(i >> shift) & magnitude))
+                best = key if key > best else best
+        return int_as_float(int_type(best ^ int_type(int_type(best >> shift) & magnitude)))
+
+    return transform_row_max_by_keys
+
+
+@helper
+def chain_factor(p):
+    """``(a, 1/c)``, so that ``dx'/dx = a - a (x' / c)**2`` with or without a cap (1/c = 0)."""
+    return p.logit_scale, (1.0 / p.softcap if p.softcap > 0 else 0.0)
+
+
+@outlined_helper
+def index_grad_row_chain(g, e, y_local, a, y_term, weight, p, xt):
+    """Steps (4) and (4'), ``p.transformed``, class-index targets, in one loop:
+    ``g_c = (e_c a - b w_c) dx'_c/dx_c``, ``dx'/dx = a_s (1 - th**2)`` with ``th = x'_c / c``
+    (Liger-Kernel's; its absolute error is that of ``th``) or ``a_s``; then the target's term
+    ``g_y -= y_term dx'_y/dx_y``. ``weight`` is a real (C,) array (ones when unweighted) and
+    ``b = 0`` without smoothing, so one loop serves every option. ``e`` of length 0: the
+    exponentials are in ``g`` itself (GRAD): two arguments naming one row would fail LLVM's
+    run-time overlap check and run the scalar loop."""
+    wide_vectors()
+    dt = g.dtype.type
+    scale, inv_cap = chain_factor(p)
+    a_t, s_t, k_t = dt(a), dt(scale), dt(inv_cap)
+    b = dt(p.grad_scale * p.spread) if p.smoothing else dt(0.0)
+    if e.shape[0] == 0:
+        for c in range(g.shape[0]):
+            th = xt[c] * k_t
+            g[c] = (g[c] * a_t - b * weight[c]) * (s_t - s_t * th * th)
+    else:
+        for c in range(g.shape[0]):
+            th = xt[c] * k_t
+            g[c] = (e[c] * a_t - b * weight[c]) * (s_t - s_t * th * th)
+    if y_local >= 0:
+        th = xt[y_local] * k_t
+        g[y_local] -= dt(y_term) * (s_t - s_t * th * th)
+
+
+@outlined_helper
+def probability_grad_row_chain(g, e, t, a, weight, p, xt):
+    """Steps (4) and (4'), probability targets: ``g_c = (e_c A' - grad_scale w_c t'_c)
+    dx'_c/dx_c``, the difference in float64 as probability_grad_row; ``e`` as in
+    index_grad_row_chain."""
+    wide_vectors()
+    dt = g.dtype.type
+    scale, inv_cap = chain_factor(p)
+    s_t, k_t = dt(scale), dt(inv_cap)
+    if e.shape[0] == 0:
+        for c in range(g.shape[0]):
+            th = xt[c] * k_t
+            diff = np.float64(g[c]) * a - p.grad_scale * (weight[c] * (p.keep * np.float64(t[c]) + p.spread))
+            g[c] = dt(diff) * (s_t - s_t * th * th)
+    else:
+        for c in range(g.shape[0]):
+            th = xt[c] * k_t
+            diff = np.float64(e[c]) * a - p.grad_scale * (weight[c] * (p.keep * np.float64(t[c]) + p.spread))
+            g[c] = dt(diff) * (s_t - s_t * th * th)
+
+
+@outlined_helper
+def row_sum_exp_entropy(row, m, e_out):
+    """Step (2) with the entropy's sum, ``p.stats``: ``e_c`` into ``e_out``, then in one loop
+    ``s = sum_c e_c`` and ``h = sum_c e_c (m - x_c)`` (0 where ``e_c = 0``: 0 log 0 = 0),
+    both in float64; the entropy is ``log s + h / s``."""
+    wide_vectors()
+    for c in range(row.shape[0]):
+        e_out[c] = fast_exp(row[c] - m)
+    s = 0.0
+    h = 0.0
+    for c in range(row.shape[0]):
+        ec = e_out[c]
+        s += np.float64(ec)
+        h += np.float64(ec) * (np.float64(m) - np.float64(row[c])) if ec > 0 else 0.0
+    return s, h
+
+
+@helper
+def first_max_is(row, m, s, y_local):
+    """Whether the first index of ``max_c row_c`` is ``y_local`` (``torch.argmax``: ties go to
+    the first index, a NaN is the max). Vectorised as ``row_y == m`` and no ``c < y`` with
+    ``row_c == m``; only a row whose sum is NaN (a NaN, or an infinite max) scans for a NaN."""
+    if y_local < 0:
+        return False
+    if s != s:
+        for c in range(row.shape[0]):
+            if row[c] != row[c]:
+                return c == y_local
+    if row[y_local] != m:
+        return False
+    earlier = 0
+    for c in range(y_local):
+        earlier += 1 if row[c] == m else 0
+    return earlier == 0
+
+
+@outlined_helper
+def row_outputs(i, row, m, s, h, y_local, kept, a, p, rowdata):
+    """Step (3'), ``p.row_outputs``: ``lse = m + log s`` and the z-loss term ``z lse**2`` of
+    a kept row into ``rowdata[i, OUT_*]``; with ``p.stats`` the entropy ``log s + h / s`` (``h``
+    from row_sum_exp_entropy) and the argmax test. Returns the gradient coefficient ``a``
+    plus the z-loss's ``z_grad_scale 2 z lse / s`` (so that step (4) adds ``2 z lse p_c``)."""
+    log_s = fast_log(s)
+    lse = np.float64(m) + log_s
+    rowdata[i, OUT_LSE] = lse
+    z_term = 0.0
+    if kept and p.z_loss != 0:
+        z_term = p.z_loss * lse * lse
+        a += p.z_grad_scale * 2.0 * p.z_loss * lse / s
+    rowdata[i, OUT_Z] = z_term
+    if p.stats:
+        rowdata[i, OUT_ENTROPY] = log_s + h / s
+        rowdata[i, OUT_CORRECT] = 1.0 if kept and first_max_is(row, m, s, y_local) else 0.0
+    return a
+
+
 # --- one row at a time (lanes across the classes) ------------------------------------
 
 
 @helper
-def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e):
-    """Steps (1)-(4) for row i with a class-index target; ``e`` is the thread's scratch row."""
+def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt):
+    """Steps (0)-(4) for row i with a class-index target; ``e`` is the thread's scratch row,
+    ``xt_out``/``xt`` its x' row, written and read under two names (see the kernels)."""
     row = x[i]
     n_classes = row.shape[0]
     label = y[i]
     ignored = label == p.ignore_index
-    if ignored and mode != STATS:  # ignored rows: loss 0, gradient 0, y_i never read
+    if ignored and mode != STATS and not p.stats:  # ignored rows: loss 0, gradient 0, y_i never read
         loss[i] = 0.0
         if mode != LOSS:
             grad[i, :] = 0
+        if p.row_outputs:
+            rowdata[i, OUT_LSE] = 0.0
+            rowdata[i, OUT_Z] = 0.0
         return
+    m = row[0]  # (defined on every path: a variable set in one branch only would be
+    # carried across the prange iterations, which numba's reduction analysis cannot follow)
+    if p.transformed:  # (0) and (1): from here on, the row is x'
+        m = transform_row_max(row, xt_out, p)
+        row = xt
     if mode == GRAD:  # the exponentials go straight into the gradient row (see the docstring)
         e = grad[i]
     y_local = label - p.class_start
     if ignored or y_local < 0 or y_local >= n_classes:
-        y_local = -1  # the target is not among these columns (a class shard)
+        y_local = -1  # the target is not among these columns (a class shard), or ignored
     if mode == SHARD_GRAD:  # (4) from the merged statistics
         m = x.dtype.type(rowdata[i, COEF_M])
         row_sum_exp(row, m, e)
-        index_grad_row(grad[i], e, y_local, rowdata[i, COEF_A], rowdata[i, COEF_Y], weight, p)
+        if p.transformed:  # (e is the scratch row here: SHARD_GRAD writes the gradient apart)
+            index_grad_row_chain(grad[i], e, y_local, rowdata[i, COEF_A], rowdata[i, COEF_Y], weight, p, row)
+        else:
+            index_grad_row(grad[i], e, y_local, rowdata[i, COEF_A], rowdata[i, COEF_Y], weight, p)
         return
-    m = row_max(row)  # (1)
+    if not p.transformed:
+        m = row_max(row)  # (1)
     x_y = np.float64(row[y_local]) if y_local >= 0 else 0.0
-    s = row_sum_exp(row, m, e)  # (2); loss only: e is the thread's scratch row
+    h = 0.0
+    if p.stats:  # (2) with the entropy's sum
+        s, h = row_sum_exp_entropy(row, m, e)
+    else:
+        s = row_sum_exp(row, m, e)  # (2); loss only: e is the thread's scratch row
     sw = row_smoothing_sum(row, m, weight, p.weighted) if p.smoothing else 0.0
     if mode == STATS:
         rowdata[i, STAT_M] = m
@@ -451,30 +717,54 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e):
         return
     # m - x_y is exact in float64 (np.float64, not float(): numba's float() of a float32
     # stays float32)
-    w_y = np.float64(weight[y_local]) if p.weighted else 1.0
+    w_y = np.float64(weight[y_local]) if p.weighted and y_local >= 0 else 1.0
     row_loss, a, y_term = index_finish(np.float64(m) - x_y, s, sw, w_y, p)  # (3)
+    if p.row_outputs:  # (3'): lse, the z-loss, the statistics (ignored rows too, for those)
+        a = row_outputs(i, row, m, s, h, y_local, not ignored, a, p, rowdata)
+    if ignored:  # reached with p.stats only: the statistics are written, nothing else
+        loss[i] = 0.0
+        if mode != LOSS:
+            grad[i, :] = 0
+        return
     loss[i] = row_loss
-    if mode == GRAD:  # (4), one name of the row: e is grad[i]
+    if mode == LOSS:
+        return
+    if p.transformed:  # (4) and (4'): the chain rule through x', in one loop
+        index_grad_row_chain(grad[i], e[:0] if mode == GRAD else e, y_local, a, y_term, weight, p, row)
+    elif mode == GRAD:  # (4), one name of the row: e is grad[i]
         g = grad[i]
         index_grad_row(g, g, y_local, a, y_term, weight, p)
-    elif mode == IN_PLACE:
+    else:  # IN_PLACE
         index_grad_row(grad[i], e, y_local, a, y_term, weight, p)
 
 
 @helper
-def _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, e):
-    """Steps (1)-(4) for row i with a probability target."""
+def _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, e, xt_out, xt):
+    """Steps (0)-(4) for row i with a probability target."""
     row = x[i]
     ti = t[i]
+    m = row[0]  # (defined on every path: a variable set in one branch only would be
+    # carried across the prange iterations, which numba's reduction analysis cannot follow)
+    if p.transformed:  # (0) and (1): from here on, the row is x'
+        m = transform_row_max(row, xt_out, p)
+        row = xt
     if mode == GRAD:  # the exponentials go straight into the gradient row
         e = grad[i]
     if mode == SHARD_GRAD:
         m = x.dtype.type(rowdata[i, COEF_M])
         row_sum_exp(row, m, e)
-        probability_grad_row(grad[i], e, ti, rowdata[i, COEF_A], weight, p)
+        if p.transformed:
+            probability_grad_row_chain(grad[i], e, ti, rowdata[i, COEF_A], weight, p, row)
+        else:
+            probability_grad_row(grad[i], e, ti, rowdata[i, COEF_A], weight, p)
         return
-    m = row_max(row)  # (1)
-    s = row_sum_exp(row, m, e)  # (2)
+    if not p.transformed:
+        m = row_max(row)  # (1)
+    h = 0.0
+    if p.stats:  # (2) with the entropy's sum
+        s, h = row_sum_exp_entropy(row, m, e)
+    else:
+        s = row_sum_exp(row, m, e)  # (2)
     a_sum, b_sum = row_target_sums(row, m, ti, weight, p)
     if mode == STATS:
         rowdata[i, STAT_M] = m
@@ -484,11 +774,17 @@ def _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, e):
         rowdata[i, STAT_B] = b_sum
         return
     row_loss, a = probability_finish(s, a_sum, b_sum, p)  # (3)
+    if p.row_outputs:  # (3')
+        a = row_outputs(i, row, m, s, h, -1, True, a, p, rowdata)
     loss[i] = row_loss
-    if mode == GRAD:  # (4), one name of the row: e is grad[i]
+    if mode == LOSS:
+        return
+    if p.transformed:  # (4) and (4')
+        probability_grad_row_chain(grad[i], e[:0] if mode == GRAD else e, ti, a, weight, p, row)
+    elif mode == GRAD:  # (4), one name of the row: e is grad[i]
         g = grad[i]
         probability_grad_row(g, g, ti, a, weight, p)
-    elif mode == IN_PLACE:
+    else:  # IN_PLACE
         probability_grad_row(grad[i], e, ti, a, weight, p)
 
 
@@ -677,41 +973,43 @@ def _probability_lanes(r0, k, x, t, weight, p, mode, loss, grad, buf, tbuf, lane
 
 
 @helper
-def _index_rows(r0, r1, x, y, weight, p, mode, loss, grad, rowdata, buf):
+def _index_rows(r0, r1, x, y, weight, p, mode, loss, grad, rowdata, buf, xt_out, xt):
     for i in range(r0, r1):
-        _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, buf)
+        _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, buf, xt_out, xt)
 
 
 @outlined_helper
-def _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf):
+def _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf, xt_out, xt):
     wide_vectors()
     for i in range(r0, r1):
-        _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, buf)
+        _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, buf, xt_out, xt)
 
 
 @kernel
-def _xent_index_kernel(x, y, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes):
+def _xent_index_kernel(x, y, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes, xt_out, xt):
     n = x.shape[0]
     for b in prange((n + block_rows - 1) // block_rows):
         wide_vectors()
         thread = numba.get_thread_id()
         buf = scratch[thread]
+        xt_row = thread * (xt.shape[0] // scratch.shape[0])  # see _transformed_rows
         r0 = b * block_rows
         r1 = min(n, r0 + block_rows)
         if small:
             for g0 in range(r0, r1, LANES):
                 _index_lanes(g0, min(LANES, r1 - g0), x, y, weight, p, mode, loss, grad, buf, lanes[thread])
         else:
-            _index_rows(r0, r1, x, y, weight, p, mode, loss, grad, rowdata, buf)
+            _index_rows(r0, r1, x, y, weight, p, mode, loss, grad, rowdata, buf, xt_out[xt_row], xt[xt_row])
 
 
 @kernel
-def _xent_probability_kernel(x, t, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes):
+def _xent_probability_kernel(x, t, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes, xt_out, xt):
     n, n_classes = x.shape
     for b in prange((n + block_rows - 1) // block_rows):
         wide_vectors()
         thread = numba.get_thread_id()
         buf = scratch[thread]
+        xt_row = thread * (xt.shape[0] // scratch.shape[0])  # see _transformed_rows
         r0 = b * block_rows
         r1 = min(n, r0 + block_rows)
         if small:
@@ -732,7 +1030,7 @@ def _xent_probability_kernel(x, t, weight, p, mode, small, block_rows, loss, gra
                     lanes[thread],
                 )
         else:
-            _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf)
+            _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf, xt_out[xt_row], xt[xt_row])
 
 
 @kernel(parallel=False)
@@ -936,7 +1234,7 @@ def _scratch(dtype: np.dtype, width: int) -> tuple[np.ndarray, np.ndarray]:
     threads = max(1, int(numba.config.NUMBA_NUM_THREADS))
     per_line = _CACHE_LINE // dtype.itemsize
     padded = (width + 2 * per_line - 1) // per_line * per_line  # >= width + one line, whole lines
-    cache = _SCRATCH.__dict__.setdefault("by_dtype", {})
+    cache = _SCRATCH.__dict__.setdefault("rows", {})
     flat = cache.get(dtype)
     if flat is None or flat.shape[0] < threads * padded:
         flat = _aligned_empty(max(threads * padded, 1 << 12), dtype)
@@ -952,6 +1250,20 @@ def _scratch(dtype: np.dtype, width: int) -> tuple[np.ndarray, np.ndarray]:
 _CACHE_LINE = 64
 
 
+def _transformed_rows(dtype: np.dtype, n_classes: int, threads: int) -> np.ndarray:
+    """The x' rows of step (0): (threads * k, C) exactly C wide (a row of x' is then typed
+    and sized as a row of x), of which each kernel thread uses row ``thread * k``; the k - 1
+    rows between keep two threads' rows off one cache line."""
+    k = 1 + -(-_CACHE_LINE // (n_classes * dtype.itemsize))
+    cache = _SCRATCH.__dict__.setdefault("transformed", {})
+    flat = cache.get(dtype)
+    size = threads * k * n_classes
+    if flat is None or flat.shape[0] < size:
+        flat = _aligned_empty(max(size, 1 << 12), dtype)
+        cache[dtype] = flat
+    return flat[:size].reshape(threads * k, n_classes)
+
+
 def _aligned_empty(size: int, dtype: np.dtype) -> np.ndarray:
     raw = np.empty(size * dtype.itemsize + _CACHE_LINE, np.uint8)
     offset = -raw.ctypes.data % _CACHE_LINE
@@ -965,11 +1277,16 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
     n_classes = x.shape[1]
     if x.shape[0] == 0:
         return
-    small = small_ok and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
+    # the lanes layout has none of the extensions (x', z-loss, statistics): rows at a time
+    plain = not (params.transformed or params.row_outputs)
+    small = small_ok and plain and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
     block_rows = rows_per_block(n_classes)
     # a row; or the lanes' rows transposed and their max (probability targets: twice)
     width = (2 if kernel_function is _xent_probability_kernel else 1) * LANES * (n_classes + 1) if small else n_classes
     scratch, lanes = _scratch(x.dtype, width)
+    # the x' rows, written under one name and read under another, read-only, so that a row
+    # of x and a row of x' have one numba type (and the steps after (0) one specialisation)
+    xt_out = _transformed_rows(x.dtype, n_classes, scratch.shape[0]) if params.transformed else scratch
     if grad is None:
         grad = no_gradient(x.dtype)
     if grad is x:  # in place: the kernel reads a read-only view and writes the array itself
@@ -993,21 +1310,25 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
         rowdata,
         scratch,
         lanes,
+        xt_out,
+        _frozen(xt_out),
     )
 
 
-def xent_index(x, y, weight, params, loss, grad=None):
+def xent_index(x, y, weight, params, loss, grad=None, row_out=None):
     """Cross-entropy rows for class-index targets: per-row losses into ``loss`` (n,)
     float64, and the gradient (scaled by ``params.grad_scale``) into ``grad`` unless it is
     None. ``grad`` may be ``x`` itself (in place). x (n, C) float; y (n,) int64, every
-    non-ignored value in [0, C) (checked by the caller); weight (C,) or length 0."""
-    _xent(_xent_index_kernel, x, y, weight, params, GRAD if grad is not None else LOSS, loss, grad, None, True)
+    non-ignored value in [0, C) (checked by the caller); weight (C,) or length 0. With
+    ``params.row_outputs``, ``row_out`` (n, N_OUTS) float64 gets the columns ``OUT_*``."""
+    mode = GRAD if grad is not None else LOSS
+    _xent(_xent_index_kernel, x, y, weight, params, mode, loss, grad, row_out, True)
 
 
-def xent_probability(x, t, weight, params, loss, grad=None):
+def xent_probability(x, t, weight, params, loss, grad=None, row_out=None):
     """Cross-entropy rows for probability targets t (n, C) of x's dtype; as xent_index."""
     mode = GRAD if grad is not None else LOSS
-    _xent(_xent_probability_kernel, x, t, weight, params, mode, loss, grad, None, True)
+    _xent(_xent_probability_kernel, x, t, weight, params, mode, loss, grad, row_out, True)
 
 
 def row_stats(kind, x, target, weight, params, stats):

@@ -93,7 +93,9 @@ __all__ = ["CrossEntropyLoss", "InplaceBackwardError", "cross_entropy"]
 
 _NATIVE = (torch.float32, torch.float64)  # dtypes the kernels run on directly
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_NO_GRADS = (None,) * 6  # target, weight, ignore_index, reduction, label_smoothing, inplace
+_NO_GRADS = (None,) * 7  # target, weight, ignore_index, reduction, label_smoothing, inplace, extensions
+#: the extensions' defaults: (z_loss, logit_scale, softcap)
+_PLAIN = (0.0, 1.0, None)
 
 
 class InplaceBackwardError(RuntimeError):
@@ -210,7 +212,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
     """Loss in forward, its gradient kept from the same fused pass; backward only scales it."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, inplace):
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, inplace, extensions):
         dtype = _compute_dtype(input.dtype)
         x = _class_last(input.detach())
         if inplace:  # checked by the caller: class-last contiguous, native dtype
@@ -227,6 +229,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
             ignore_index=ignore_index,
             reduction=reduction,
             label_smoothing=label_smoothing,
+            z_loss=extensions[0],
+            logit_scale=extensions[1],
+            softcap=extensions[2],
             out=arr if own else None,
         )
         g = buf if own else torch.from_numpy(grad)
@@ -241,7 +246,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
             ctx.applied = None  # the grad_output of the first backward (the buffer's scale)
             ctx.fallback = None
         else:  # only for a create_graph=True backward; dropped by a first-order backward
-            ctx.fallback = (input, target, weight, ignore_index, label_smoothing)
+            ctx.fallback = (input, target, weight, ignore_index, label_smoothing, extensions)
             ctx.input_version = input._version
         ctx.save_for_backward(g)
         return _loss_tensor(loss, input.dtype)
@@ -301,20 +306,13 @@ def _torch_backward(ctx, grad_output: Tensor) -> Tensor:
             "graph is not supported (the reference to the logits was released); call the create_graph=True "
             "backward first, or recompute the loss"
         )
-    input, target, weight, ignore_index, label_smoothing = ctx.fallback
+    input, target, weight, ignore_index, label_smoothing, extensions = ctx.fallback
     if input._version != ctx.input_version:
         raise RuntimeError(
             "fastxent.torch.cross_entropy: the logits were modified in place after the forward "
             f"(version {input._version}, expected {ctx.input_version}); a create_graph=True backward needs them"
         )
-    loss = F.cross_entropy(
-        input,
-        target,
-        weight,
-        ignore_index=ignore_index,
-        reduction=ctx.reduction,
-        label_smoothing=label_smoothing,
-    )
+    loss = _torch_cross_entropy(input, target, weight, ignore_index, ctx.reduction, label_smoothing, extensions)
     (grad,) = torch.autograd.grad(loss, input, grad_output, create_graph=True)
     return grad
 
@@ -322,7 +320,36 @@ def _torch_backward(ctx, grad_output: Tensor) -> Tensor:
 # --- the public functions ------------------------------------------------------------
 
 
-def _loss_only(input, target, weight, ignore_index, reduction, label_smoothing) -> Tensor:
+def _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, extensions) -> Tensor:
+    """The loss with PyTorch's own (differentiable) ops: ``F.cross_entropy`` when no extension
+    is set, else the same on ``x' = c tanh(a x / c)`` plus the z-loss ``s lse**2`` per kept
+    row, "mean" dividing it by the kept rows (Liger-Kernel's and flash-attention's forward)."""
+    z_loss, logit_scale, softcap = extensions
+    options = {"ignore_index": ignore_index, "label_smoothing": label_smoothing}
+    if extensions == _PLAIN:
+        return F.cross_entropy(input, target, weight, reduction=reduction, **options)
+    class_dim = 0 if input.dim() == 1 else 1
+    x = input * logit_scale if logit_scale != 1.0 else input
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    if z_loss == 0.0:
+        return F.cross_entropy(x, target, weight, reduction=reduction, **options)
+    ce = F.cross_entropy(x, target, weight, reduction="none", **options)
+    lse = torch.logsumexp(x, dim=class_dim)
+    kept = torch.ones_like(lse, dtype=torch.bool) if target.is_floating_point() else target != ignore_index
+    z = torch.where(kept, z_loss * lse * lse, torch.zeros_like(lse))
+    if reduction == "none":
+        return ce + z
+    if reduction == "sum":
+        return ce.sum() + z.sum()
+    if target.is_floating_point() or weight is None:
+        ce_denominator = kept.sum()
+    else:
+        ce_denominator = (weight[torch.where(kept, target, 0)] * kept).sum()
+    return ce.sum() / ce_denominator + z.sum() / kept.sum()
+
+
+def _loss_only(input, target, weight, ignore_index, reduction, label_smoothing, extensions) -> Tensor:
     dtype = _compute_dtype(input.dtype)
     x = _kernel_ready(_class_last(input.detach()), dtype)
     loss = _fx.cross_entropy(
@@ -332,6 +359,9 @@ def _loss_only(input, target, weight, ignore_index, reduction, label_smoothing) 
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,
+        z_loss=extensions[0],
+        logit_scale=extensions[1],
+        softcap=extensions[2],
     )
     return _loss_tensor(loss, input.dtype)
 
@@ -347,6 +377,9 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     inplace_backward: bool = False,
+    z_loss: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> Tensor:
     """``torch.nn.functional.cross_entropy`` computed by fastxent's fused CPU kernel.
 
@@ -368,6 +401,13 @@ def cross_entropy(
         Write the gradient over the logits' storage (no N x C buffer). Refused, with
         :class:`InplaceBackwardError`, for leaf inputs, views of leaves, float16/bfloat16 and
         layouts that are not class-last contiguous; see the module docstring for all checks.
+    z_loss, logit_scale, softcap
+        fastxent's extensions (keyword only; see ``fastxent.cross_entropy``): the loss sees
+        ``x' = c tanh(a x / c)`` (``a x`` without a cap) and each kept row adds
+        ``z_loss * logsumexp(x')**2``, which "mean" divides by the number of kept rows
+        (Liger-Kernel's ``lse_square_scale`` and ``softcap``, flash-attention's ``logit_scale``).
+        Where PyTorch's own op is used (see the module docstring) the same formula is computed
+        with PyTorch's ops.
 
     Returns
     -------
@@ -377,10 +417,9 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
+    extensions = _extensions(z_loss, logit_scale, softcap)
     if _use_torch(input, target, weight, label_smoothing):
-        return F.cross_entropy(
-            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-        )
+        return _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, extensions)
     if ignore_index >= 0 and target.is_floating_point():
         # torch's own check and words (the NumPy API raises a ValueError for the same call)
         raise RuntimeError("ignore_index is not supported for floating point target")
@@ -388,9 +427,16 @@ def cross_entropy(
         if inplace_backward:
             _check_inplace(input)
         return _FusedCrossEntropy.apply(
-            input, target, weight, ignore_index, reduction, float(label_smoothing), bool(inplace_backward)
+            input, target, weight, ignore_index, reduction, float(label_smoothing), bool(inplace_backward), extensions
         )
-    return _loss_only(input, target, weight, ignore_index, reduction, label_smoothing)
+    return _loss_only(input, target, weight, ignore_index, reduction, label_smoothing, extensions)
+
+
+def _extensions(z_loss, logit_scale, softcap) -> tuple[float, float, float | None]:
+    """The extensions, checked (ValueError, as the NumPy API) before any path runs."""
+    from fastxent._spec import check_logit_scale, check_softcap, check_z_loss
+
+    return check_z_loss(z_loss), check_logit_scale(logit_scale), check_softcap(softcap)
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -411,9 +457,13 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         label_smoothing: float = 0.0,
         *,
         inplace_backward: bool = False,
+        z_loss: float = 0.0,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.inplace_backward = inplace_backward
+        self.z_loss, self.logit_scale, self.softcap = _extensions(z_loss, logit_scale, softcap)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy(
@@ -424,7 +474,16 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             inplace_backward=self.inplace_backward,
+            z_loss=self.z_loss,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
         )
 
     def extra_repr(self) -> str:
-        return f"inplace_backward={self.inplace_backward}" if self.inplace_backward else ""
+        parts = [f"inplace_backward={self.inplace_backward}"] if self.inplace_backward else []
+        parts += [f"{name}={value}" for name, value, default in self._extension_items() if value != default]
+        return ", ".join(parts)
+
+    def _extension_items(self):
+        values = (self.z_loss, self.logit_scale, self.softcap)
+        return zip(("z_loss", "logit_scale", "softcap"), values, _PLAIN, strict=True)
