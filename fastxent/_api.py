@@ -20,6 +20,7 @@ from ._spec import (
     OUT_ENTROPY,
     OUT_LSE,
     OUT_Z,
+    STORAGE_NATIVE,
     LossSpec,
     Reduction,
     TargetKind,
@@ -64,8 +65,8 @@ class CrossEntropyStats(NamedTuple):
 
 def _as_logits(logits: ArrayLike) -> np.ndarray:
     x = np.asarray(logits)
-    if x.dtype.kind != "f":
-        raise TypeError(f"logits must be a floating array (float16, float32 or float64), got dtype {x.dtype}")
+    if not _dispatch.is_floating(x.dtype):
+        raise TypeError(f"logits must be a floating array (float16, bfloat16, float32 or float64), got dtype {x.dtype}")
     if x.ndim == 0:
         raise ValueError("logits must have at least one dimension (the class axis, last)")
     return x
@@ -241,9 +242,14 @@ def _cross_entropy(
     if want_grad and out is not None and (np.may_share_memory(out, t) or np.may_share_memory(out, w)):
         raise ValueError("out must not share memory with the target or the weight")
 
-    x2 = _rows(x, dtype)
+    # 16-bit logits on a kernel that reads them natively (class indices): every N x C array
+    # is handled as its 16-bit words (uint16 views), never widened to a float32 copy
+    storage = _dispatch.storage_of(x.dtype, kernels) if kind == "index" else STORAGE_NATIVE
+    words = storage != STORAGE_NATIVE
+    x_in, out_in = (x.view(np.uint16), None if out is None else out.view(np.uint16)) if words else (x, out)
+    x2 = _rows(x_in, x_in.dtype if words else dtype)
     n = x2.shape[0]
-    grad2 = _gradient_rows(x, x2, out) if want_grad else None
+    grad2 = _gradient_rows(x_in, x2, out_in) if want_grad else None
 
     row_loss = np.empty(n, np.float64)
     # the per-row outputs (lse, z-loss term, entropy, argmax test): NaN until written
@@ -258,12 +264,13 @@ def _cross_entropy(
             grad_scale=grad_scale,
             weighted=w.shape[0] != 0,
             z_grad_scale=z_grad_scale,
+            storage=storage,
         )
-        x_in = x2 if grad is x2 else _read_only(x2)  # in place: the kernel writes over x2
+        x_rows = x2 if grad is x2 else _read_only(x2)  # in place: the kernel writes over x2
         if labels is not None:
-            kernels.xent_index(x_in, labels, w, params, row_loss, grad, row_out)
+            kernels.xent_index(x_rows, labels, w, params, row_loss, grad, row_out)
         else:
-            kernels.xent_probability(x_in, _read_only(_rows(t, dtype)), w, params, row_loss, grad, row_out)
+            kernels.xent_probability(x_rows, _read_only(_rows(t, dtype)), w, params, row_loss, grad, row_out)
 
     if reduce_mean and denominator == 0:  # all rows ignored, N = 0, or zero weights
         loss_value = z_value = math.nan
@@ -295,6 +302,8 @@ def _cross_entropy(
     stats = _stats(spec, row_out, labels, n_kept, z_value, x.dtype, batch_shape) if spec.return_stats else None
     if grad2 is None:
         return loss, None, stats
+    if words:  # the 16-bit words are the gradient's own bits
+        grad2 = grad2.view(x.dtype)
     grad = out if out is not None else None
     if grad is None:
         grad = grad2.reshape(x.shape) if grad2.dtype == x.dtype else grad2.reshape(x.shape).astype(x.dtype)

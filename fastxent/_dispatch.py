@@ -19,6 +19,7 @@ from types import ModuleType
 import numpy as np
 
 from . import _numpy_backend
+from ._spec import STORAGE_BF16, STORAGE_F16, STORAGE_NATIVE
 
 #: backends in order of preference for ``backend=None``
 PREFERENCE = ("numba", "cython", "numpy")
@@ -35,6 +36,34 @@ COMPUTE_DTYPE: dict[np.dtype, np.dtype] = {
     np.dtype(np.float64): np.dtype(np.float64),
     np.dtype(np.longdouble): np.dtype(np.float64),  # no long double kernels: float64
 }
+
+try:  # bfloat16 NumPy arrays are ml_dtypes' (an optional dependency: the "bfloat16" extra)
+    import ml_dtypes
+except ImportError:  # pragma: no cover - without it no array can be bfloat16
+    BFLOAT16 = None
+else:
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+    COMPUTE_DTYPE[BFLOAT16] = np.dtype(np.float32)
+
+#: 16-bit storage dtypes that a kernel module with ``STORAGE_16BIT`` reads and writes as
+#: 16-bit words (``Params.storage``), computing in float32: no float32 copy of the logits
+STORAGE: dict[np.dtype, int] = {np.dtype(np.float16): STORAGE_F16}
+if BFLOAT16 is not None:
+    STORAGE[BFLOAT16] = STORAGE_BF16
+
+
+def storage_of(dtype: np.dtype, kernels: ModuleType) -> int:
+    """``Params.storage`` for logits of ``dtype`` on ``kernels``: the 16-bit code where that
+    module reads the words natively, else STORAGE_NATIVE (the API then casts to float32)."""
+    if not getattr(kernels, "STORAGE_16BIT", False):
+        return STORAGE_NATIVE
+    return STORAGE.get(dtype, STORAGE_NATIVE)
+
+
+def is_floating(dtype: np.dtype) -> bool:
+    """NumPy floating dtypes, and bfloat16 (ml_dtypes' dtypes are of kind "V")."""
+    return dtype.kind == "f" or (BFLOAT16 is not None and dtype == BFLOAT16)
+
 
 #: the dtypes with native kernels (every other floating dtype computes in one of them)
 NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -186,8 +215,10 @@ def precompile_plan(backend: str) -> list[tuple[str, np.dtype]]:
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype a floating input is computed in; TypeError for any other dtype."""
-    native = np.dtype(dtype.type) if dtype.kind == "f" else dtype
+    native = np.dtype(dtype.type) if dtype.kind in "fV" else dtype
     try:
         return COMPUTE_DTYPE[native]
     except KeyError:
-        raise TypeError(f"logits must be a floating array (float16, float32 or float64), got dtype {dtype}") from None
+        raise TypeError(
+            f"logits must be a floating array (float16, bfloat16, float32 or float64), got dtype {dtype}"
+        ) from None

@@ -165,6 +165,34 @@ def prefetch_for_write(typingctx, array, index):
     return types.void(array, index), codegen
 
 
+@intrinsic
+def half_to_float(typingctx, bits):
+    """The float32 value of the IEEE half-precision number whose bits are the uint16 ``bits``:
+    LLVM's ``fpext half -> float`` (exact; vectorised as ``vcvtph2ps`` with F16C/AVX-512)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.bitcast(args[0], ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def float_to_half(typingctx, v):
+    """The bits (uint16) of float32 ``v`` rounded to half precision: LLVM's ``fptrunc`` (round
+    to nearest even, overflow to inf, NaN stays NaN; ``vcvtps2ph``)."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.fptrunc(args[0], ir.HalfType())
+        return builder.bitcast(half, ir.IntType(16))
+
+    return types.uint16(v), codegen
+
+
 #: LLVM function attributes that let the vectoriser use 512-bit registers (see wide_vectors)
 _WIDE_VECTOR_ATTRIBUTES = ('"prefer-vector-width"="512"', '"min-legal-vector-width"="512"')
 
@@ -222,6 +250,13 @@ if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (the coverage run): plain-Py
         if value.dtype not in _BITS:  # a Python float is a float64
             value = value.astype(np.float64)
         return value.view(_BITS[value.dtype])[()]
+
+    def half_to_float(bits):  # noqa: F811
+        return np.asarray(bits, np.uint16).view(np.float16).astype(np.float32)[()]
+
+    def float_to_half(v):  # noqa: F811
+        with np.errstate(over="ignore"):
+            return np.asarray(np.float32(v).astype(np.float16)).view(np.uint16)[()]
 
     def prefetch_for_write(array, index):  # noqa: F811 - a hint only
         return None

@@ -66,6 +66,8 @@ from ._jit import (
     exact_helper,
     exp_helper,
     float_as_int,
+    float_to_half,
+    half_to_float,
     helper,
     int_as_float,
     kernel,
@@ -75,7 +77,16 @@ from ._jit import (
     two_to_the_rounded,
     wide_vectors,
 )
-from ._spec import OUT_CORRECT, OUT_ENTROPY, OUT_LSE, OUT_Z, kernel_weight, no_gradient
+from ._spec import (
+    OUT_CORRECT,
+    OUT_ENTROPY,
+    OUT_LSE,
+    OUT_Z,
+    STORAGE_BF16,
+    STORAGE_NATIVE,
+    kernel_weight,
+    no_gradient,
+)
 
 math = kernel_math  # noqa: F811 - the math module itself when compiled (see _jit.kernel_math)
 
@@ -502,12 +513,40 @@ def probability_grad_row(g, e, t, a, weight, p):
             g[c] = np.float64(e[c]) * a - p.grad_scale * (p.keep * np.float64(t[c]) + p.spread)
 
 
+# --- 16-bit storage: bfloat16 and float16 bits, widened in registers ------------------
+#: the kernels read and write 16-bit logits (Params.storage) in their float32 specialisation
+STORAGE_16BIT = True
+
+
+@helper
+def widen16(bits, storage):
+    """The float32 value of the 16-bit word ``bits``: bfloat16 (the top half of a float32:
+    exact) or float16 (exact). Both are computed and one selected (vectorises)."""
+    brain = int_as_float(np.int32(np.int32(bits) << np.int32(16)))
+    return brain if storage == STORAGE_BF16 else half_to_float(bits)
+
+
+@helper
+def narrow16(v, storage):
+    """float32 ``v`` rounded to the nearest even 16-bit word, as torch's ``.to(bfloat16)`` /
+    ``.to(float16)``: bfloat16 by the carry of ``0x7FFF + lsb`` into the top half (a NaN
+    becomes 0x7FC0, as torch), float16 by the hardware conversion."""
+    i = float_as_int(v)
+    lsb = np.int32(np.int32(i >> np.int32(16)) & np.int32(1))
+    rounded = np.int32(np.int32(i + np.int32(0x7FFF)) + lsb)
+    brain = np.uint16(np.int32(rounded >> np.int32(16)) & np.int32(0xFFFF))
+    brain = brain if v == v else np.uint16(0x7FC0)
+    return brain if storage == STORAGE_BF16 else float_to_half(v)
+
+
 def transform_row_max(row, out, p):
     """Steps (0) and (1), ``p.transformed``: ``x'_c = c tanh(a x_c / c)`` (``a x_c`` without a
     cap) into ``out`` (the thread's x' row), in the logits' dtype; returns ``m = max_c x'_c``,
     taken in the same loop (the overload below does the work; this body runs only under
     NUMBA_DISABLE_JIT)."""
     dt = out.dtype.type
+    if row.dtype == np.uint16:
+        row = np.array([widen16(bits, p.storage) for bits in row], out.dtype)
     if p.softcap > 0:
         out[:] = dt(p.softcap) * np.tanh(row * dt(p.logit_scale / p.softcap))
     else:
@@ -519,6 +558,8 @@ def transform_row_max(row, out, p):
 # would not vectorise): the x' row is then read again by step (2) only.
 @overload(transform_row_max, jit_options={"fastmath": set(FASTMATH), "error_model": ERROR_MODEL})
 def _transform_row_max_overload(row, out, p):
+    if row.dtype == types.uint16:  # 16-bit words: the float32 kernels only (see _no_words)
+        return _transform_16bit_row_max if out.dtype == types.float32 else _no_words
     if out.dtype == types.float32:
         int_type, shift, magnitude = np.int32, np.int32(31), np.int32(0x7FFFFFFF)
     elif out.dtype == types.float64:
@@ -552,6 +593,37 @@ def _transform_row_max_overload(row, out, p):
     return transform_row_max_by_keys
 
 
+def _transform_16bit_row_max(row, out, p):
+    """transform_row_max of a row of 16-bit words (``p.storage``): widened, then as above."""
+    best = np.int32(np.iinfo(np.int32).min)
+    shift, magnitude = np.int32(31), np.int32(0x7FFFFFFF)
+    storage = p.storage
+    if p.softcap > 0:
+        cap = np.float32(p.softcap)
+        scale = np.float32(p.logit_scale / p.softcap)
+        for c in range(row.shape[0]):
+            v = cap * fast_tanh(widen16(row[c], storage) * scale)
+            out[c] = v
+            i = float_as_int(v)
+            key = np.int32(i ^ np.int32(np.int32(i >> shift) & magnitude))
+            best = key if key > best else best
+    else:
+        a = np.float32(p.logit_scale)
+        for c in range(row.shape[0]):
+            v = widen16(row[c], storage) * a
+            out[c] = v
+            i = float_as_int(v)
+            key = np.int32(i ^ np.int32(np.int32(i >> shift) & magnitude))
+            best = key if key > best else best
+    return int_as_float(np.int32(best ^ np.int32(np.int32(best >> shift) & magnitude)))
+
+
+def _no_words(row, out, *args):
+    """The 16-bit steps in a float64 kernel: never run (16-bit logits compute in float32),
+    compiled as nothing so that the float64 kernels do not carry their code."""
+    return out[0]
+
+
 @helper
 def chain_factor(p):
     """``(a, 1/c)``, so that ``dx'/dx = a - a (x' / c)**2`` with or without a cap (1/c = 0)."""
@@ -583,6 +655,42 @@ def index_grad_row_chain(g, e, y_local, a, y_term, weight, p, xt):
     if y_local >= 0:
         th = xt[y_local] * k_t
         g[y_local] -= dt(y_term) * (s_t - s_t * th * th)
+
+
+def index_grad_row_words(out, e, y_local, a, y_term, weight, p, xt):
+    """Steps (4), (4') and (4''), 16-bit storage, in one loop: index_grad_row_chain's float32
+    ``g_c`` (the same operations, so the same bits) rounded straight into the 16-bit words
+    ``out``; the target's word is then recomputed with its term. Without a scale or cap
+    ``dx'/dx = 1`` and the product is left out (exact either way). The float32 kernels only
+    (the overload below)."""
+    wide_vectors()
+    dt = e.dtype.type
+    storage = p.storage
+    scale, inv_cap = chain_factor(p)
+    a_t, s_t, k_t = dt(a), dt(scale), dt(inv_cap)
+    b = dt(p.grad_scale * p.spread) if p.smoothing else dt(0.0)
+    if p.softcap > 0 or p.logit_scale != 1.0:
+        for c in range(out.shape[0]):
+            th = xt[c] * k_t
+            out[c] = narrow16(np.float32((e[c] * a_t - b * weight[c]) * (s_t - s_t * th * th)), storage)
+        if y_local >= 0:
+            th = xt[y_local] * k_t
+            d = s_t - s_t * th * th
+            g = (e[y_local] * a_t - b * weight[y_local]) * d
+            out[y_local] = narrow16(np.float32(g - dt(y_term) * d), storage)
+    else:
+        for c in range(out.shape[0]):
+            out[c] = narrow16(np.float32(e[c] * a_t - b * weight[c]), storage)
+        if y_local >= 0:
+            g = e[y_local] * a_t - b * weight[y_local]
+            out[y_local] = narrow16(np.float32(g - dt(y_term)), storage)
+
+
+@overload(index_grad_row_words, jit_options={"fastmath": set(FASTMATH), "error_model": ERROR_MODEL})
+def _index_grad_row_words_overload(out, e, y_local, a, y_term, weight, p, xt):
+    if e.dtype == types.float32:
+        return index_grad_row_words  # (its own body, compiled as the implementation)
+    return lambda out, e, y_local, a, y_term, weight, p, xt: None  # float64: never run
 
 
 @outlined_helper
@@ -666,26 +774,35 @@ def row_outputs(i, row, m, s, h, y_local, kept, a, p, rowdata):
 
 
 @helper
-def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt):
+def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt, x16, grad16):
     """Steps (0)-(4) for row i with a class-index target; ``e`` is the thread's scratch row,
-    ``xt_out``/``xt`` its x' row, written and read under two names (see the kernels)."""
-    row = x[i]
-    n_classes = row.shape[0]
+    ``xt_out``/``xt`` its x' row, written and read under two names (see the kernels).
+    16-bit storage (``p.storage``): the logits are ``x16`` and the gradient ``grad16`` (``x``
+    and ``grad`` are stand-ins never read); the mode is then LOSS or IN_PLACE."""
+    narrow = p.storage != STORAGE_NATIVE
+    row = xt if narrow else x[i]  # (x is a one-row stand-in then)
     label = y[i]
     ignored = label == p.ignore_index
     if ignored and mode != STATS and not p.stats:  # ignored rows: loss 0, gradient 0, y_i never read
         loss[i] = 0.0
         if mode != LOSS:
-            grad[i, :] = 0
+            if narrow:
+                grad16[i, :] = 0
+            else:
+                grad[i, :] = 0
         if p.row_outputs:
             rowdata[i, OUT_LSE] = 0.0
             rowdata[i, OUT_Z] = 0.0
         return
-    m = row[0]  # (defined on every path: a variable set in one branch only would be
+    m = xt[0]  # (defined on every path: a variable set in one branch only would be
     # carried across the prange iterations, which numba's reduction analysis cannot follow)
-    if p.transformed:  # (0) and (1): from here on, the row is x'
+    if narrow:  # (0) and (1): the 16-bit words widened (and transformed) into x'
+        m = transform_row_max(x16[i], xt_out, p)
+        row = xt
+    elif p.transformed:  # (0) and (1): from here on, the row is x'
         m = transform_row_max(row, xt_out, p)
         row = xt
+    n_classes = row.shape[0]
     if mode == GRAD:  # the exponentials go straight into the gradient row (see the docstring)
         e = grad[i]
     y_local = label - p.class_start
@@ -724,12 +841,17 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt):
     if ignored:  # reached with p.stats only: the statistics are written, nothing else
         loss[i] = 0.0
         if mode != LOSS:
-            grad[i, :] = 0
+            if narrow:
+                grad16[i, :] = 0
+            else:
+                grad[i, :] = 0
         return
     loss[i] = row_loss
     if mode == LOSS:
         return
-    if p.transformed:  # (4) and (4'): the chain rule through x', in one loop
+    if narrow:  # (4), (4') in float32, (4'') rounded into the 16-bit words
+        index_grad_row_words(grad16[i], e, y_local, a, y_term, weight, p, row)
+    elif p.transformed:  # (4) and (4'): the chain rule through x', in one loop
         index_grad_row_chain(grad[i], e[:0] if mode == GRAD else e, y_local, a, y_term, weight, p, row)
     elif mode == GRAD:  # (4), one name of the row: e is grad[i]
         g = grad[i]
@@ -740,7 +862,7 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt):
 
 @helper
 def _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, e, xt_out, xt):
-    """Steps (0)-(4) for row i with a probability target."""
+    """Steps (0)-(4) for row i with a probability target (native storage only)."""
     row = x[i]
     ti = t[i]
     m = row[0]  # (defined on every path: a variable set in one branch only would be
@@ -972,10 +1094,11 @@ def _probability_lanes(r0, k, x, t, weight, p, mode, loss, grad, buf, tbuf, lane
 # scalar (measured 1.5x slower at C = 10).
 
 
-@helper
-def _index_rows(r0, r1, x, y, weight, p, mode, loss, grad, rowdata, buf, xt_out, xt):
+@outlined_helper
+def _index_rows(r0, r1, x, y, weight, p, mode, loss, grad, rowdata, buf, xt_out, xt, x16, grad16):
+    wide_vectors()
     for i in range(r0, r1):
-        _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, buf, xt_out, xt)
+        _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, buf, xt_out, xt, x16, grad16)
 
 
 @outlined_helper
@@ -986,8 +1109,10 @@ def _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf, x
 
 
 @kernel
-def _xent_index_kernel(x, y, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes, xt_out, xt):
-    n = x.shape[0]
+def _xent_index_kernel(
+    x, y, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16
+):
+    n = x.shape[0] if p.storage == STORAGE_NATIVE else x16.shape[0]
     for b in prange((n + block_rows - 1) // block_rows):
         wide_vectors()
         thread = numba.get_thread_id()
@@ -999,11 +1124,15 @@ def _xent_index_kernel(x, y, weight, p, mode, small, block_rows, loss, grad, row
             for g0 in range(r0, r1, LANES):
                 _index_lanes(g0, min(LANES, r1 - g0), x, y, weight, p, mode, loss, grad, buf, lanes[thread])
         else:
-            _index_rows(r0, r1, x, y, weight, p, mode, loss, grad, rowdata, buf, xt_out[xt_row], xt[xt_row])
+            _index_rows(
+                r0, r1, x, y, weight, p, mode, loss, grad, rowdata, buf, xt_out[xt_row], xt[xt_row], x16, grad16
+            )
 
 
 @kernel
-def _xent_probability_kernel(x, t, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes, xt_out, xt):
+def _xent_probability_kernel(
+    x, t, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16
+):
     n, n_classes = x.shape
     for b in prange((n + block_rows - 1) // block_rows):
         wide_vectors()
@@ -1277,30 +1406,40 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
     n_classes = x.shape[1]
     if x.shape[0] == 0:
         return
+    x16, grad16 = _NO_WORDS_IN, _NO_WORDS_OUT
+    if x.dtype == np.uint16:  # 16-bit storage: the float32 kernel, reading x16, writing grad16
+        if grad is not None:
+            grad16 = grad
+            grad = None
+            mode = IN_PLACE  # e in the scratch row, the gradient rounded from it into grad16
+        x16 = _frozen(x)
+        x = _NO_LOGITS
+    dtype = x.dtype
     # the lanes layout has none of the extensions (x', z-loss, statistics): rows at a time
     plain = not (params.transformed or params.row_outputs)
     small = small_ok and plain and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
     block_rows = rows_per_block(n_classes)
     # a row; or the lanes' rows transposed and their max (probability targets: twice)
     width = (2 if kernel_function is _xent_probability_kernel else 1) * LANES * (n_classes + 1) if small else n_classes
-    scratch, lanes = _scratch(x.dtype, width)
+    scratch, lanes = _scratch(dtype, width)
     # the x' rows, written under one name and read under another, read-only, so that a row
     # of x and a row of x' have one numba type (and the steps after (0) one specialisation)
-    xt_out = _transformed_rows(x.dtype, n_classes, scratch.shape[0]) if params.transformed else scratch
+    xt_out = _transformed_rows(dtype, n_classes, scratch.shape[0]) if params.transformed else scratch
     if grad is None:
-        grad = no_gradient(x.dtype)
+        grad = no_gradient(dtype)
     if grad is x:  # in place: the kernel reads a read-only view and writes the array itself
         x = _frozen(x)
         if mode == GRAD:
             mode = IN_PLACE
     if rowdata is None:
         rowdata = _NO_ROWDATA
+    weight = weight if weight.shape[0] != 0 else kernel_weight(weight, np.empty((0, n_classes), dtype))
     _run(
         kernel_function,
         block_rows * n_classes,
         x,
         target,
-        kernel_weight(weight, x),
+        weight,
         params,
         np.int64(mode),
         small,
@@ -1312,7 +1451,18 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
         lanes,
         xt_out,
         _frozen(xt_out),
+        x16,
+        grad16,
     )
+
+
+#: the stand-ins of the arrays a call does not use: the 16-bit logits and gradient of native
+#: storage, the float32 logits of 16-bit storage (never read: the kernel's branches)
+_NO_WORDS_IN = np.zeros((1, 1), np.uint16)
+_NO_WORDS_IN.flags.writeable = False
+_NO_WORDS_OUT = np.zeros((1, 1), np.uint16)
+_NO_LOGITS = np.zeros((1, 1), np.float32)
+_NO_LOGITS.flags.writeable = False
 
 
 def xent_index(x, y, weight, params, loss, grad=None, row_out=None):

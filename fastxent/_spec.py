@@ -36,6 +36,8 @@ REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 #: first index of ``max x'`` is the target (class indices, else 0)
 OUT_LSE, OUT_Z, OUT_ENTROPY, OUT_CORRECT = 0, 1, 2, 3
 N_OUTS = 4
+#: ``Params.storage``: the logits in the compute dtype, or as bfloat16 / float16 bits
+STORAGE_NATIVE, STORAGE_BF16, STORAGE_F16 = 0, 1, 2
 DEFAULT_IGNORE_INDEX = -100
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -83,6 +85,10 @@ class Params(NamedTuple):
     #: whether the entropy and the argmax test are computed (``return_stats``); also makes
     #: ignored rows compute their lse and entropy
     stats: bool
+    #: how the logits and the gradient are stored: ``STORAGE_NATIVE`` (the compute dtype
+    #: itself), ``STORAGE_BF16`` or ``STORAGE_F16`` (16-bit words, widened to float32 in
+    #: registers and the gradient rounded back; kernels with ``STORAGE_16BIT`` only)
+    storage: int
 
 
 def check_reduction(reduction: Any) -> Reduction:
@@ -210,6 +216,7 @@ class LossSpec:
         weighted: bool,
         class_start: int = 0,
         z_grad_scale: float = 1.0,
+        storage: int = STORAGE_NATIVE,
     ) -> Params:
         """The kernels' record for ``n_classes`` classes in all (the full class axis)."""
         eps = self.label_smoothing
@@ -227,9 +234,10 @@ class LossSpec:
             z_grad_scale=float(z_grad_scale),
             logit_scale=float(self.logit_scale),
             softcap=float(self.softcap) if self.softcap is not None else 0.0,
-            transformed=self.transformed,
+            transformed=self.transformed or storage != STORAGE_NATIVE,  # 16-bit: widened into x'
             row_outputs=self.row_outputs,
             stats=bool(self.return_stats),
+            storage=int(storage),
         )
 
     def denominator_is_rows(self) -> bool:
