@@ -33,7 +33,8 @@ How the module is organised
   it, so no two threads write one line). Per block, ``_block`` picks the dtype (the one
   place the untyped pointers become ``float`` or ``double``, through the fused type of the
   scratch pointer) and the block function of the operation and layout.
-- **The block functions** (``_index_rows``, ``_index_lane_groups``, ``_probability_rows``,
+- **The block functions** (``_index_rows``, ``_index_rows_with_options``,
+  ``_index_lane_groups``, ``_probability_rows``, ``_probability_rows_with_options``,
   ``_probability_lane_groups``, the softmax family) are the multiversioned ones (``FX_HOT``,
   see below); each inlines its per-row or per-lane-group phases, which are small
   ``cdef inline`` functions with the numba helpers' names: ``_row_max``, ``_row_sum_exp``,
@@ -85,9 +86,10 @@ The OPTIONS of the loss (``Params``; the row layout only, in LOSS, GRAD and IN_P
   ``stats`` ignored rows compute their lse and entropy too (loss, gradient, ``OUT_Z`` and
   ``OUT_CORRECT`` 0); without it they write ``OUT_LSE = OUT_Z = 0``.
 
-The block functions pick, once per block, a copy of the row code with the options or one
-without (``options``, a constant in each copy, as the mode): the plain copies are the code
-of before, bit for bit and as fast.
+With any of them on, ``_block`` runs the block functions ``_index_rows_with_options`` /
+``_probability_rows_with_options``, whose copies of the row code have ``options`` a constant
+True (as the mode is a constant); the plain block functions have it a constant False, and
+are the code of before, bit for bit and as fast.
 
 Accumulators (``s``, ``sw``, ``A``, ``B``) and the per-row loss are float64 for both
 dtypes; the exponentials and the gradient are computed in the input dtype.
@@ -1186,35 +1188,43 @@ cdef inline void _probability_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *tas
 
 cdef fx_hot_void _index_rows(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
                              floating *scratch) noexcept nogil:
-    """Rows [start, stop) with class-index targets, one at a time. ``scratch``: a row for the
-    transformed logits x' (``Params.transformed``), else NULL (the plain row layout needs
-    none; its type picks the specialisation)."""
+    """Rows [start, stop) with class-index targets, one at a time, without the options
+    (``scratch`` is NULL: the plain row layout needs none; its type picks the
+    specialisation)."""
     cdef const floating *x = <const floating *>task.x
     cdef const floating *weight = <const floating *>task.weight
     cdef floating *grad = <floating *>task.out
-    cdef bint options = p.transformed or p.row_outputs
     cdef Py_ssize_t i
     # the mode's branch out of the row loop: in the loops of the hot modes it is a constant,
     # and gcc drops the other modes' code from the row (one loop for every mode measured 3%
-    # slower at 4096 x 1000, float32 loss+grad). IN_PLACE runs GRAD's very code. Likewise
-    # the options: the plain copies of GRAD and LOSS hold none of their code.
+    # slower at 4096 x 1000, float32 loss+grad). IN_PLACE runs GRAD's very code.
     if task.mode == GRAD or task.mode == IN_PLACE:
-        if options:
-            for i in range(start, stop):
-                _index_row(i, &task, &p, x, weight, grad, scratch, GRAD, True)
-        else:
-            for i in range(start, stop):
-                _index_row(i, &task, &p, x, weight, grad, scratch, GRAD, False)
+        for i in range(start, stop):
+            _index_row(i, &task, &p, x, weight, grad, scratch, GRAD, False)
     elif task.mode == LOSS:
-        if options:
-            for i in range(start, stop):
-                _index_row(i, &task, &p, x, weight, grad, scratch, LOSS, True)
-        else:
-            for i in range(start, stop):
-                _index_row(i, &task, &p, x, weight, grad, scratch, LOSS, False)
-    else:  # the class-shard modes, which take no options
+        for i in range(start, stop):
+            _index_row(i, &task, &p, x, weight, grad, scratch, LOSS, False)
+    else:
         for i in range(start, stop):
             _index_row(i, &task, &p, x, weight, grad, scratch, task.mode, False)
+
+
+cdef fx_hot_void _index_rows_with_options(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
+                                          floating *scratch) noexcept nogil:
+    """Rows [start, stop) with class-index targets and the options of ``Params`` (transformed
+    logits, row outputs), one at a time, in LOSS, GRAD or IN_PLACE. ``scratch``: a row for
+    the transformed logits x' when ``Params.transformed``, else NULL. A block function of its
+    own, so that the plain one's code is what it was."""
+    cdef const floating *x = <const floating *>task.x
+    cdef const floating *weight = <const floating *>task.weight
+    cdef floating *grad = <floating *>task.out
+    cdef Py_ssize_t i
+    if task.mode == LOSS:
+        for i in range(start, stop):
+            _index_row(i, &task, &p, x, weight, grad, scratch, LOSS, True)
+    else:
+        for i in range(start, stop):
+            _index_row(i, &task, &p, x, weight, grad, scratch, GRAD, True)
 
 
 cdef fx_hot_void _index_lane_groups(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
@@ -1231,31 +1241,39 @@ cdef fx_hot_void _index_lane_groups(Task task, Params p, Py_ssize_t start, Py_ss
 
 cdef fx_hot_void _probability_rows(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
                                    floating *scratch) noexcept nogil:
-    """Rows [start, stop) with probability targets, one at a time (``scratch`` as
-    _index_rows)."""
+    """Rows [start, stop) with probability targets, one at a time, without the options
+    (``scratch`` is NULL)."""
     cdef const floating *x = <const floating *>task.x
     cdef const floating *probabilities = <const floating *>task.probabilities
     cdef const floating *weight = <const floating *>task.weight
     cdef floating *grad = <floating *>task.out
-    cdef bint options = p.transformed or p.row_outputs
     cdef Py_ssize_t i
     if task.mode == GRAD or task.mode == IN_PLACE:  # (see _index_rows)
-        if options:
-            for i in range(start, stop):
-                _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, GRAD, True)
-        else:
-            for i in range(start, stop):
-                _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, GRAD, False)
+        for i in range(start, stop):
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, GRAD, False)
     elif task.mode == LOSS:
-        if options:
-            for i in range(start, stop):
-                _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, LOSS, True)
-        else:
-            for i in range(start, stop):
-                _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, LOSS, False)
+        for i in range(start, stop):
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, LOSS, False)
     else:
         for i in range(start, stop):
             _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, task.mode, False)
+
+
+cdef fx_hot_void _probability_rows_with_options(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
+                                                floating *scratch) noexcept nogil:
+    """Rows [start, stop) with probability targets and the options (as
+    _index_rows_with_options)."""
+    cdef const floating *x = <const floating *>task.x
+    cdef const floating *probabilities = <const floating *>task.probabilities
+    cdef const floating *weight = <const floating *>task.weight
+    cdef floating *grad = <floating *>task.out
+    cdef Py_ssize_t i
+    if task.mode == LOSS:
+        for i in range(start, stop):
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, LOSS, True)
+    else:
+        for i in range(start, stop):
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, GRAD, True)
 
 
 cdef fx_hot_void _probability_lane_groups(Task task, Params p, Py_ssize_t start,
@@ -1341,14 +1359,19 @@ cdef fx_hot_void _softmax_rows(Task task, Py_ssize_t start, Py_ssize_t stop,
 cdef inline void _block(const Task *task, const Params *p, Py_ssize_t start, Py_ssize_t stop,
                         floating *scratch) noexcept nogil:
     """Rows [start, stop) of the task: the block function of its operation and layout."""
+    cdef bint options = p.transformed or p.row_outputs  # (the fused modes only: _check_options)
     if task.operation == XENT_INDEX:
         if task.lanes:
             _index_lane_groups(task[0], p[0], start, stop, scratch)
+        elif options:
+            _index_rows_with_options(task[0], p[0], start, stop, scratch)
         else:
             _index_rows(task[0], p[0], start, stop, scratch)
     elif task.operation == XENT_PROBABILITY:
         if task.lanes:
             _probability_lane_groups(task[0], p[0], start, stop, scratch)
+        elif options:
+            _probability_rows_with_options(task[0], p[0], start, stop, scratch)
         else:
             _probability_rows(task[0], p[0], start, stop, scratch)
     elif task.operation == LOGSUMEXP:
@@ -1439,10 +1462,11 @@ cdef Task _xent_task(Operation operation, int mode, bint lanes, Py_ssize_t n, Py
     return task
 
 
-cdef int _check_layout(bint lanes, const Params *p) except -1:
-    """The lanes layout has no code for the options: a caller that asks for both is wrong."""
-    if lanes and (p.transformed or p.row_outputs):
-        raise ValueError("the small-C lanes layout takes no transformed logits or row outputs")
+cdef int _check_options(int mode, bint lanes, const Params *p) except -1:
+    """The options run in the row layout of the fused modes only (the lanes layout and the
+    class-shard modes have no code for them): a caller that asks for more is wrong."""
+    if (p.transformed or p.row_outputs) and (lanes or mode not in (LOSS, GRAD, IN_PLACE)):
+        raise ValueError("transformed logits and row outputs run in the row layout of LOSS, GRAD and IN_PLACE only")
     return 0
 
 
@@ -1455,7 +1479,7 @@ def xent_index(const floating[:, ::1] x, const int64_t[::1] y, const floating[::
     (n, N_OUTS). The options of ``params`` (transformed logits, row outputs) run in the row
     layout only."""
     cdef Params p = _unpack_params(params)
-    _check_layout(lanes, &p)
+    _check_options(mode, lanes, &p)
     cdef Task task = _xent_task(XENT_INDEX, mode, lanes, x.shape[0], x.shape[1], floating is double, &p)
     if task.n == 0:
         return
@@ -1474,7 +1498,7 @@ def xent_probability(const floating[:, ::1] x, const floating[:, ::1] t, const f
     """Steps (1)-(4) of ``mode`` for probability targets ``t`` (n, C) of x's dtype (the other
     arguments as xent_index)."""
     cdef Params p = _unpack_params(params)
-    _check_layout(lanes, &p)
+    _check_options(mode, lanes, &p)
     cdef Task task = _xent_task(XENT_PROBABILITY, mode, lanes, x.shape[0], x.shape[1], floating is double, &p)
     if task.n == 0:
         return

@@ -533,7 +533,8 @@ def test_row_output_columns_and_record_are_the_spec_s():
 
 def test_row_outputs_need_row_out_and_the_row_layout():
     """The backend refuses row outputs without an (n, N_OUTS) array to write them to, and the
-    extension refuses the options in the lanes layout (which has no code for them)."""
+    extension refuses the options in the lanes layout and the class-shard modes (which have
+    no code for them)."""
     x = np.zeros((4, 3), np.float32)
     y = np.zeros(4, np.int64)
     with pytest.raises(ValueError, match="row_out"):
@@ -541,8 +542,13 @@ def test_row_outputs_need_row_out_and_the_row_layout():
     with pytest.raises(ValueError, match="row_out"):
         _backend_call("index", x, y, {"z_loss": 0.1}, np.empty((3, N_OUTS)))
     params = LossSpec.create("index", softcap=2.0).params(n_classes=3, weight_total=3.0, grad_scale=1.0, weighted=False)
-    with pytest.raises(ValueError, match="lanes"):
+    with pytest.raises(ValueError, match="row layout"):
         cy.extension.xent_index(
             x, y, np.ones(3, np.float32), params, cy.LOSS, True, np.empty(4), np.empty((1, 1), np.float32),
             np.empty((1, 5)),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="row layout"):  # nor in the class-shard modes
+        cy.extension.xent_index(
+            x, y, np.ones(3, np.float32), params, cy.STATS, False, np.empty(4), np.empty((1, 1), np.float32),
+            np.empty((4, 5)),
         )  # fmt: skip
