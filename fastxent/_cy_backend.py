@@ -16,12 +16,13 @@ from __future__ import annotations
 import numpy as np
 
 from . import _cy_xent  # type: ignore[attr-defined]  # the compiled extension: no stub
-from ._spec import kernel_weight, no_gradient
+from ._spec import N_OUTS, kernel_weight, no_gradient
 
 LOSS, GRAD, IN_PLACE, STATS, SHARD_GRAD = _cy_xent.MODES
 STAT_M, STAT_S, STAT_TARGET, STAT_A, STAT_B = _cy_xent.STAT_COLUMNS
 N_STATS = len(_cy_xent.STAT_COLUMNS)
 COEF_M, COEF_A, COEF_Y = _cy_xent.COEF_COLUMNS
+OUT_LSE, OUT_Z, OUT_ENTROPY, OUT_CORRECT = _cy_xent.OUT_COLUMNS
 LANES = _cy_xent.LAYOUT["LANES"]
 SMALL_C = _cy_xent.LAYOUT["SMALL_C"]
 BLOCK_ELEMENTS = _cy_xent.LAYOUT["BLOCK_ELEMENTS"]
@@ -38,6 +39,7 @@ get_num_threads = _cy_xent.get_num_threads
 simd_level = _cy_xent.simd_level
 exp_array = _cy_xent.exp_array  # the exponential alone, for its accuracy tests
 log_array = _cy_xent.log_array  # the logarithm alone, likewise
+tanh_array = _cy_xent.tanh_array  # the soft cap's tanh alone, likewise
 
 
 _NO_ROWDATA = np.empty((1, N_STATS), np.float64)
@@ -45,12 +47,15 @@ _NO_ROWDATA = np.empty((1, N_STATS), np.float64)
 
 def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
     """Run ``kernel_function`` (the extension's xent_index or xent_probability) in ``mode``:
-    the lanes layout when ``small_ok`` and the mode and class count allow it; ``grad is x``
-    turns GRAD into IN_PLACE; a missing ``grad`` or ``rowdata`` is a dummy never written."""
+    the lanes layout when ``small_ok`` and the mode and class count allow it and none of
+    the options of the loss is on (transformed logits, row outputs: the row layout only);
+    ``grad is x`` turns GRAD into IN_PLACE; a missing ``grad`` or ``rowdata`` is a dummy
+    never written."""
     n_classes = x.shape[1]
     if x.shape[0] == 0:
         return
-    lanes = small_ok and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
+    plain = not params.transformed and not params.row_outputs
+    lanes = small_ok and plain and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
     if grad is None:
         grad = no_gradient(x.dtype)
     elif grad is x and mode == GRAD:
@@ -60,19 +65,36 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
     kernel_function(x, target, kernel_weight(weight, x), params, mode, lanes, loss, grad, rowdata)
 
 
-def xent_index(x, y, weight, params, loss, grad=None):
+def _row_outputs(x, params, row_out):
+    """``row_out`` for the kernel when ``params.row_outputs`` (then it must be an (n, N_OUTS)
+    array: the kernel writes every row of it), else None."""
+    if not params.row_outputs:
+        return None
+    if row_out is None or row_out.shape != (x.shape[0], N_OUTS):
+        shape = None if row_out is None else row_out.shape
+        raise ValueError(f"params.row_outputs needs row_out of shape {(x.shape[0], N_OUTS)}, got {shape}")
+    return row_out
+
+
+def xent_index(x, y, weight, params, loss, grad=None, row_out=None):
     """Cross-entropy rows for class-index targets: per-row losses into ``loss`` (n,)
-    float64, and the gradient (scaled by ``params.grad_scale``) into ``grad`` unless it is
-    None. ``grad`` may be ``x`` itself (in place). x (n, C) float; y (n,) int64, every
-    non-ignored value in [0, C) (checked by the caller); weight (C,) or length 0."""
+    float64 (the cross-entropy part: the z-loss term goes to ``row_out``), and the gradient
+    (scaled by ``params.grad_scale``, its z-loss part by ``params.z_grad_scale``) into
+    ``grad`` unless it is None. ``grad`` may be ``x`` itself (in place). x (n, C) float; y
+    (n,) int64, every non-ignored value in [0, C) (checked by the caller); weight (C,) or
+    length 0; ``row_out`` (n, N_OUTS) float64 C-contiguous, written when
+    ``params.row_outputs`` (columns ``OUT_ENTROPY``, ``OUT_CORRECT`` only with
+    ``params.stats``)."""
     mode = GRAD if grad is not None else LOSS
-    _xent(_cy_xent.xent_index, x, y, weight, params, mode, loss, grad, None, True)
+    rowdata = _row_outputs(x, params, row_out)
+    _xent(_cy_xent.xent_index, x, y, weight, params, mode, loss, grad, rowdata, True)
 
 
-def xent_probability(x, t, weight, params, loss, grad=None):
+def xent_probability(x, t, weight, params, loss, grad=None, row_out=None):
     """Cross-entropy rows for probability targets t (n, C) of x's dtype; as xent_index."""
     mode = GRAD if grad is not None else LOSS
-    _xent(_cy_xent.xent_probability, x, t, weight, params, mode, loss, grad, None, True)
+    rowdata = _row_outputs(x, params, row_out)
+    _xent(_cy_xent.xent_probability, x, t, weight, params, mode, loss, grad, rowdata, True)
 
 
 def _kernel(kind):

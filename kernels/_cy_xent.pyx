@@ -33,7 +33,8 @@ How the module is organised
   it, so no two threads write one line). Per block, ``_block`` picks the dtype (the one
   place the untyped pointers become ``float`` or ``double``, through the fused type of the
   scratch pointer) and the block function of the operation and layout.
-- **The block functions** (``_index_rows``, ``_index_lane_groups``, ``_probability_rows``,
+- **The block functions** (``_index_rows``, ``_index_rows_with_options``,
+  ``_index_lane_groups``, ``_probability_rows``, ``_probability_rows_with_options``,
   ``_probability_lane_groups``, the softmax family) are the multiversioned ones (``FX_HOT``,
   see below); each inlines its per-row or per-lane-group phases, which are small
   ``cdef inline`` functions with the numba helpers' names: ``_row_max``, ``_row_sum_exp``,
@@ -68,6 +69,27 @@ remain per row. Otherwise one row at a time, the lanes over the classes. (numba 
 rows; with gcc 32 measured faster: float32 loss+grad 262144 x 10 4.1 -> 3.5 ms, 65536 x 32
 3.3 -> 2.5 ms, one thread; with 16, gcc unrolls the small lane loops completely and leaves
 them scalar, 1.7x slower than 64.)
+
+The OPTIONS of the loss (``Params``; the row layout only, in LOSS, GRAD and IN_PLACE):
+
+- **transformed logits** (``transformed``): the loss sees ``x' = c tanh(x a/c)`` (``a x``
+  without a cap), written into the thread's scratch row, on which steps (1)-(3) run as if
+  it were the row; step (4) then multiplies each gradient element by ``dx'/dx``
+  (``a (1 - (x'/c)**2)``, or ``a``), reading x' from the scratch row (in place, x is gone);
+- **z-loss** (``z_loss = z``): ``lse = m + log s``; the row's ``z lse**2`` goes to
+  ``rowdata[i, OUT_Z]`` (not into the loss: the caller divides it by its own count), and
+  the gradient coefficient gains ``z_grad_scale 2 z lse / s``;
+- **row outputs** (``row_outputs``; ``rowdata`` is then (n, N_OUTS)): ``OUT_LSE``, ``OUT_Z``
+  and, with ``stats``, the entropy of ``softmax(x')`` (``log s + H / s``, ``H = sum_c e_c
+  (m - x'_c)``) and whether the first index of ``max x'`` is the target (``OUT_ENTROPY``,
+  ``OUT_CORRECT``), both computed before step (2) overwrites an in-place row. With
+  ``stats`` ignored rows compute their lse and entropy too (loss, gradient, ``OUT_Z`` and
+  ``OUT_CORRECT`` 0); without it they write ``OUT_LSE = OUT_Z = 0``.
+
+With any of them on, ``_block`` runs the block functions ``_index_rows_with_options`` /
+``_probability_rows_with_options``, whose copies of the row code have ``options`` a constant
+True (as the mode is a constant); the plain block functions have it a constant False, and
+are the code of before, bit for bit and as fast.
 
 Accumulators (``s``, ``sw``, ``A``, ``B``) and the per-row loss are float64 for both
 dtypes; the exponentials and the gradient are computed in the input dtype.
@@ -122,7 +144,7 @@ version, and the two exponentials agree bit for bit (tests/test_cython.py).
 """
 
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, exp, isinf, log
+from libc.math cimport INFINITY, copysign, copysignf, exp, fabs, fabsf, isinf, log
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
@@ -177,6 +199,16 @@ cdef enum:
     COEF_Y = 2
     N_COEFS = 3
 
+#: the per-row outputs of the fused modes when Params.row_outputs (``rowdata`` (n, N_OUTS)):
+#: lse of the transformed logits, the z-loss term, the entropy of softmax(x'), and 1.0 when
+#: the first index of max x' is the target (the numbers of _spec.OUT_*)
+cdef enum:
+    OUT_LSE = 0
+    OUT_Z = 1
+    OUT_ENTROPY = 2
+    OUT_CORRECT = 3
+    N_OUTS = 4
+
 cdef enum:
     LANES = 32  # rows at a time in the small-C layout, one per SIMD lane (see the module docstring)
     SMALL_C = 32  # classes up to which LOSS, GRAD and IN_PLACE run LANES rows across the lanes
@@ -190,6 +222,7 @@ cdef enum:
 MODES = (LOSS, GRAD, IN_PLACE, STATS, SHARD_GRAD)
 STAT_COLUMNS = (STAT_M, STAT_S, STAT_TARGET, STAT_A, STAT_B)
 COEF_COLUMNS = (COEF_M, COEF_A, COEF_Y)
+OUT_COLUMNS = (OUT_LSE, OUT_Z, OUT_ENTROPY, OUT_CORRECT)
 LAYOUT = {"LANES": LANES, "SMALL_C": SMALL_C, "BLOCK_ELEMENTS": BLOCK_ELEMENTS}
 
 
@@ -207,6 +240,13 @@ ctypedef struct Params:
     double weight_total
     double grad_scale
     bint weighted
+    double z_loss
+    double z_grad_scale
+    double logit_scale
+    double softcap
+    bint transformed
+    bint row_outputs
+    bint stats
 
 
 cdef Params _unpack_params(object record) except *:
@@ -221,6 +261,13 @@ cdef Params _unpack_params(object record) except *:
     p.weight_total = record.weight_total
     p.grad_scale = record.grad_scale
     p.weighted = record.weighted
+    p.z_loss = record.z_loss
+    p.z_grad_scale = record.z_grad_scale
+    p.logit_scale = record.logit_scale
+    p.softcap = record.softcap
+    p.transformed = record.transformed
+    p.row_outputs = record.row_outputs
+    p.stats = record.stats
     return p
 
 
@@ -331,6 +378,56 @@ cdef inline double _fast_log(double s) noexcept nogil:
     result = (k * 6.93147180369123816490e-01
               - ((half_t2 - (u * (half_t2 + r) + k * 1.90821492927058770002e-10)) - t))
     return result if s == s else s
+
+
+# --- the vectorisable tanh (the soft cap) --------------------------------------------
+# tanh(u) in the compute dtype, branch-free: with t = |u|, z = u*u,
+#     |u| <  0.625:  u + u z P(z)                     (P a minimax fit, Horner)
+#     |u| >= 0.625:  copysign((1 - E) / (1 + E), u),  E = fast_exp(-2 t)
+# both computed and one selected, so the loops that call it vectorise. t = inf gives E = 0,
+# tanh = +-1 (a -inf logit becomes -c); NaN gives NaN through E. float32 P: degree 4 in z,
+# 0.65 ulp on |u| < 0.625; float64: degree 10, 1 ulp (tests/test_cython_options.py).
+
+
+cdef inline float _tanh32(float u) noexcept nogil:
+    cdef float t = fabsf(u)
+    cdef float z = u * u
+    cdef float q = <float>-0.005704042524499357
+    cdef float e, big
+    q = q * z + <float>0.02063786148878682
+    q = q * z + <float>-0.05373915650349337
+    q = q * z + <float>0.13331431753507272
+    q = q * z + <float>-0.3333328128411301
+    e = _exp32(<float>-2.0 * t)
+    big = copysignf((<float>1.0 - e) / (<float>1.0 + e), u)
+    return (u + u * z * q) if t < <float>0.625 else big
+
+
+cdef inline double _tanh64(double u) noexcept nogil:
+    cdef double t = fabs(u)
+    cdef double z = u * u
+    cdef double q = -1.6074411107765176e-05
+    cdef double e, big
+    q = q * z + 7.714872124279487e-05
+    q = q * z + -0.00022856857843357728
+    q = q * z + 0.0005863189498796016
+    q = q * z + -0.0014549596701377823
+    q = q * z + 0.003591989330005907
+    q = q * z + -0.008863221019915003
+    q = q * z + 0.02186948757690888
+    q = q * z + -0.05396825393125143
+    q = q * z + 0.1333333333326181
+    q = q * z + -0.3333333333333285
+    e = _exp64(-2.0 * t)
+    big = copysign((1.0 - e) / (1.0 + e), u)
+    return (u + u * z * q) if t < 0.625 else big
+
+
+cdef inline floating _fast_tanh(floating u) noexcept nogil:
+    if floating is float:
+        return _tanh32(u)
+    else:
+        return _tanh64(u)
 
 
 # --- per-row steps -------------------------------------------------------------------
@@ -624,6 +721,113 @@ cdef inline void _probability_grad_row(floating *g, const floating *e, const flo
             g[c] = <floating>(<double>e[c] * a - p.grad_scale * (p.keep * <double>t[c] + p.spread))
 
 
+# --- the options of the loss: transformed logits, z-loss, row outputs ----------------
+# Run only in the row layout, by the copies of the row code that the block functions
+# select once per block when ``Params.transformed`` or ``Params.row_outputs`` (the copies
+# of the plain loss have none of this code).
+
+
+cdef inline void _transform_row(const floating *x, floating *xs, Py_ssize_t n_classes,
+                                const Params *p) noexcept nogil:
+    """The logits the loss sees, into the thread's scratch row ``xs``: ``x'_c = c tanh(u_c)``,
+    ``u_c = x_c (a/c)`` (``a/c`` formed in float64, then rounded to the dtype), or
+    ``x'_c = a x_c`` without a cap. Steps (1)-(3) then run on ``xs`` as if it were the row."""
+    cdef floating scale, cap
+    cdef Py_ssize_t c
+    if p.softcap > 0:
+        scale = <floating>(p.logit_scale / p.softcap)
+        cap = <floating>p.softcap
+        for c in range(n_classes):
+            xs[c] = cap * _fast_tanh(x[c] * scale)
+    else:
+        scale = <floating>p.logit_scale
+        for c in range(n_classes):
+            xs[c] = scale * x[c]
+
+
+cdef inline void _transform_grad_row(floating *g, const floating *xs, Py_ssize_t n_classes,
+                                     const Params *p) noexcept nogil:
+    """Step (4) of transformed logits, after the target's term: ``g_c *= dx'_c/dx_c``, that is
+    ``a (1 - th_c**2)`` with ``th_c = x'_c (1/c)`` re-read from the scratch row (in place the
+    row itself is gone), or ``a`` without a cap."""
+    cdef floating a = <floating>p.logit_scale
+    cdef floating inv_cap, th
+    cdef Py_ssize_t c
+    if p.softcap > 0:
+        inv_cap = <floating>(1.0 / p.softcap)
+        for c in range(n_classes):
+            th = xs[c] * inv_cap
+            g[c] = g[c] * (a * (<floating>1 - th * th))
+    else:
+        for c in range(n_classes):
+            g[c] = g[c] * a
+
+
+cdef inline void _entropy_lanes(const floating *row, floating m, Py_ssize_t count, double *h_lanes) noexcept nogil:
+    """``h_lanes[j] += e_j (m - row_j)`` for ``count <= SUM_LANES`` elements, a term 0 where
+    ``e_j = 0`` (``0 log 0 = 0``, and no ``0 * inf`` for a -inf logit); past ``count`` the row
+    reads as -inf (see _exp_lanes)."""
+    cdef Py_ssize_t j
+    cdef floating z, e
+    for j in range(SUM_LANES):
+        z = row[j] if j < count else <floating>-INFINITY
+        e = _fast_exp(z - m)
+        h_lanes[j] += (<double>e * (<double>m - <double>z)) if e != 0 else 0.0
+
+
+cdef inline double _row_entropy_sum(const floating *row, floating m, Py_ssize_t n_classes) noexcept nogil:
+    """``H = sum_c e_c (m - row_c)`` in float64, the exponentials computed again (so that it
+    can run before step (2) overwrites an in-place row); the entropy of the row's softmax is
+    ``log s + H / s``. NaN exactly when ``s`` is: where some ``e_c`` is NaN (a NaN in the
+    row, or an infinite max)."""
+    cdef double h_lanes[SUM_LANES]
+    cdef Py_ssize_t c
+    cdef Py_ssize_t blocked = n_classes - n_classes % SUM_LANES
+    _zero_lanes(h_lanes)
+    for c in range(0, blocked, 16):  # SUM_LANES
+        _entropy_lanes(row + c, m, SUM_LANES, h_lanes)
+    if blocked < n_classes:
+        _entropy_lanes(row + blocked, m, n_classes - blocked, h_lanes)
+    return _lane_sum(h_lanes)
+
+
+cdef inline bint _argmax_is(const floating *row, floating m, bint no_nan, int64_t y_local,
+                            Py_ssize_t n_classes) noexcept nogil:
+    """Whether the first index of the row's max is ``y_local`` (``torch.argmax``: ties go to
+    the first index, a NaN is the max and the first NaN decides). ``no_nan``: the row's sum
+    of exponentials is not NaN, so it holds no NaN and ``m`` is its finite max; then the test
+    is ``row_y == m`` and no earlier ``row_c == m`` (a count, which vectorises). Otherwise
+    (a NaN, or an infinite max) a scalar search."""
+    cdef Py_ssize_t c, ties = 0
+    if y_local < 0:
+        return False
+    if no_nan:
+        if row[y_local] != m:
+            return False
+        for c in range(y_local):
+            ties += <Py_ssize_t>(row[c] == m)
+        return ties == 0
+    for c in range(n_classes):
+        if row[c] != row[c]:
+            return c == y_local
+    for c in range(n_classes):
+        if row[c] == m:
+            return c == y_local
+    return False
+
+
+cdef inline void _write_row_outputs(double *out, double lse, double log_s, double s, double h, bint kept,
+                                    bint correct, const Params *p) noexcept nogil:
+    """The row's ``OUT_*`` columns (when ``Params.row_outputs``): lse; the z-loss term
+    ``z lse**2`` (0 for an ignored row); with ``Params.stats`` the entropy ``log s + H / s``
+    and whether the argmax is the target."""
+    out[OUT_LSE] = lse
+    out[OUT_Z] = p.z_loss * lse * lse if kept else 0.0
+    if p.stats:
+        out[OUT_ENTROPY] = log_s + h / s
+        out[OUT_CORRECT] = 1.0 if correct else 0.0
+
+
 # --- the call: one Task ---------------------------------------------------------------
 
 
@@ -666,11 +870,14 @@ cdef inline Py_ssize_t _rows_per_block(Py_ssize_t n_classes) noexcept nogil:
 
 
 cdef inline void _index_row(Py_ssize_t i, const Task *task, const Params *p, const floating *x,
-                            const floating *weight, floating *grad, int mode) noexcept nogil:
+                            const floating *weight, floating *grad, floating *xs, int mode,
+                            bint options) noexcept nogil:
     """Steps (1)-(4) of ``mode`` for row i with a class-index target. Step (2) writes the
     exponentials straight into the gradient row, which step (4) rescales; in place that row
     is the logits' own, every element read before it is written, at the same index (see
-    IN_PLACE in the module docstring)."""
+    IN_PLACE in the module docstring). ``options`` (a constant at every call: the block
+    functions pick the copy) adds the options of ``Params``: the transformed logits in the
+    thread's scratch row ``xs``, the z-loss and the row outputs ``rowdata[i, OUT_*]``."""
     cdef Py_ssize_t n_classes = task.n_classes
     cdef const floating *row = x + i * n_classes
     cdef int64_t label = task.labels[i]
@@ -680,23 +887,35 @@ cdef inline void _index_row(Py_ssize_t i, const Task *task, const Params *p, con
     cdef double *rowdata
     cdef floating m
     cdef double x_y, s, sw, w_y, a, y_term
-    if ignored and mode != STATS:  # ignored rows: loss 0, gradient 0, y_i never read
+    cdef double log_s = 0.0, lse = 0.0, h = 0.0
+    cdef bint correct = False
+    if ignored and mode != STATS and not (options and p.stats):  # loss 0, gradient 0, y_i never read
         task.loss[i] = 0.0
         if mode != LOSS:
             memset(g, 0, n_classes * sizeof(floating))
+        if options and p.row_outputs:
+            rowdata = task.rowdata + i * task.rowdata_stride
+            rowdata[OUT_LSE] = 0.0
+            rowdata[OUT_Z] = 0.0
         return
     if ignored or y_local < 0 or y_local >= n_classes:
-        y_local = -1  # the target is not among these columns (a class shard)
+        y_local = -1  # the target is not among these columns (a class shard), or ignored
     if mode == SHARD_GRAD:  # (4) from the merged statistics
         rowdata = task.rowdata + i * task.rowdata_stride
         m = <floating>rowdata[COEF_M]
         _row_sum_exp(row, m, g, n_classes, True)
         _index_grad_row(g, g, y_local, rowdata[COEF_A], rowdata[COEF_Y], weight, n_classes, p)
         return
+    if options and p.transformed:  # steps (1)-(3) see x', in the scratch row
+        _transform_row(row, xs, n_classes, p)
+        row = xs
     m = _row_max(row, n_classes)  # (1)
     x_y = <double>row[y_local] if y_local >= 0 else 0.0  # m - x_y is exact in float64
     # (2), the smoothing sum first: in place, the exponentials then overwrite the row
     sw = _row_smoothing_sum(row, m, weight, n_classes, p.weighted) if p.smoothing else 0.0
+    if options and p.stats:  # likewise before the row is overwritten
+        h = _row_entropy_sum(row, m, n_classes)
+        correct = _argmax_is(row, m, h == h, y_local, n_classes)
     if mode == GRAD or mode == IN_PLACE:
         s = _row_sum_exp(row, m, g, n_classes, True)
     else:  # LOSS, STATS: the sum alone
@@ -709,17 +928,31 @@ cdef inline void _index_row(Py_ssize_t i, const Task *task, const Params *p, con
         rowdata[STAT_A] = 0.0
         rowdata[STAT_B] = sw
         return
+    if options:
+        log_s = _fast_log(s)
+        lse = <double>m + log_s
+        if p.row_outputs:
+            _write_row_outputs(task.rowdata + i * task.rowdata_stride, lse, log_s, s, h, not ignored, correct, p)
+        if ignored:  # (with Params.stats only) the statistics above, and loss 0, gradient 0
+            task.loss[i] = 0.0
+            if mode != LOSS:
+                memset(g, 0, n_classes * sizeof(floating))
+            return
     w_y = <double>weight[y_local] if p.weighted else 1.0
     task.loss[i] = _index_finish(<double>m - x_y, s, sw, w_y, p, &a, &y_term)  # (3)
+    if options and p.z_loss != 0:  # the z-loss's gradient: z_grad_scale 2 z lse e_c / s
+        a = a + p.z_grad_scale * 2.0 * p.z_loss * lse / s
     if mode == GRAD or mode == IN_PLACE:  # (4), one name of the row: e is g
         _index_grad_row(g, g, y_local, a, y_term, weight, n_classes, p)
+        if options and p.transformed:
+            _transform_grad_row(g, xs, n_classes, p)
 
 
 cdef inline void _probability_row(Py_ssize_t i, const Task *task, const Params *p, const floating *x,
                                   const floating *probabilities, const floating *weight, floating *grad,
-                                  int mode) noexcept nogil:
+                                  floating *xs, int mode, bint options) noexcept nogil:
     """Steps (1)-(4) of ``mode`` for row i with a probability target (the exponentials in
-    the gradient row, as _index_row)."""
+    the gradient row, and the options, as _index_row; every row is kept)."""
     cdef Py_ssize_t n_classes = task.n_classes
     cdef const floating *row = x + i * n_classes
     cdef const floating *t = probabilities + i * n_classes
@@ -727,13 +960,19 @@ cdef inline void _probability_row(Py_ssize_t i, const Task *task, const Params *
     cdef double *rowdata
     cdef floating m
     cdef double s, a_sum, b_sum, a
+    cdef double log_s = 0.0, lse = 0.0, h = 0.0
     if mode == SHARD_GRAD:
         rowdata = task.rowdata + i * task.rowdata_stride
         m = <floating>rowdata[COEF_M]
         _row_sum_exp(row, m, g, n_classes, True)
         _probability_grad_row(g, g, t, rowdata[COEF_A], weight, n_classes, p)
         return
+    if options and p.transformed:  # steps (1)-(3) see x', in the scratch row
+        _transform_row(row, xs, n_classes, p)
+        row = xs
     m = _row_max(row, n_classes)  # (1)
+    if options and p.stats:  # before step (2), which in place overwrites the row
+        h = _row_entropy_sum(row, m, n_classes)
     if mode == GRAD or mode == IN_PLACE:  # (2), each element of the row read before it is written
         s = _row_sum_exp_target_sums(row, m, t, weight, g, n_classes, True, p, &a_sum, &b_sum)
     else:
@@ -747,8 +986,17 @@ cdef inline void _probability_row(Py_ssize_t i, const Task *task, const Params *
         rowdata[STAT_B] = b_sum
         return
     task.loss[i] = _probability_finish(s, a_sum, b_sum, p, &a)  # (3)
+    if options:
+        log_s = _fast_log(s)
+        lse = <double>m + log_s
+        if p.row_outputs:
+            _write_row_outputs(task.rowdata + i * task.rowdata_stride, lse, log_s, s, h, True, False, p)
+        if p.z_loss != 0:
+            a = a + p.z_grad_scale * 2.0 * p.z_loss * lse / s
     if mode == GRAD or mode == IN_PLACE:  # (4), one name of the row: e is g
         _probability_grad_row(g, g, t, a, weight, n_classes, p)
+        if options and p.transformed:
+            _transform_grad_row(g, xs, n_classes, p)
 
 
 # --- few classes: LANES rows across the SIMD lanes --------------------------------------
@@ -940,8 +1188,9 @@ cdef inline void _probability_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *tas
 
 cdef fx_hot_void _index_rows(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
                              floating *scratch) noexcept nogil:
-    """Rows [start, stop) with class-index targets, one at a time (``scratch`` is NULL: the
-    row layout needs none; its type picks the specialisation)."""
+    """Rows [start, stop) with class-index targets, one at a time, without the options
+    (``scratch`` is NULL: the plain row layout needs none; its type picks the
+    specialisation)."""
     cdef const floating *x = <const floating *>task.x
     cdef const floating *weight = <const floating *>task.weight
     cdef floating *grad = <floating *>task.out
@@ -951,13 +1200,31 @@ cdef fx_hot_void _index_rows(Task task, Params p, Py_ssize_t start, Py_ssize_t s
     # slower at 4096 x 1000, float32 loss+grad). IN_PLACE runs GRAD's very code.
     if task.mode == GRAD or task.mode == IN_PLACE:
         for i in range(start, stop):
-            _index_row(i, &task, &p, x, weight, grad, GRAD)
+            _index_row(i, &task, &p, x, weight, grad, scratch, GRAD, False)
     elif task.mode == LOSS:
         for i in range(start, stop):
-            _index_row(i, &task, &p, x, weight, grad, LOSS)
+            _index_row(i, &task, &p, x, weight, grad, scratch, LOSS, False)
     else:
         for i in range(start, stop):
-            _index_row(i, &task, &p, x, weight, grad, task.mode)
+            _index_row(i, &task, &p, x, weight, grad, scratch, task.mode, False)
+
+
+cdef fx_hot_void _index_rows_with_options(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
+                                          floating *scratch) noexcept nogil:
+    """Rows [start, stop) with class-index targets and the options of ``Params`` (transformed
+    logits, row outputs), one at a time, in LOSS, GRAD or IN_PLACE. ``scratch``: a row for
+    the transformed logits x' when ``Params.transformed``, else NULL. A block function of its
+    own, so that the plain one's code is what it was."""
+    cdef const floating *x = <const floating *>task.x
+    cdef const floating *weight = <const floating *>task.weight
+    cdef floating *grad = <floating *>task.out
+    cdef Py_ssize_t i
+    if task.mode == LOSS:
+        for i in range(start, stop):
+            _index_row(i, &task, &p, x, weight, grad, scratch, LOSS, True)
+    else:
+        for i in range(start, stop):
+            _index_row(i, &task, &p, x, weight, grad, scratch, GRAD, True)
 
 
 cdef fx_hot_void _index_lane_groups(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
@@ -974,7 +1241,8 @@ cdef fx_hot_void _index_lane_groups(Task task, Params p, Py_ssize_t start, Py_ss
 
 cdef fx_hot_void _probability_rows(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
                                    floating *scratch) noexcept nogil:
-    """Rows [start, stop) with probability targets, one at a time (``scratch`` is NULL)."""
+    """Rows [start, stop) with probability targets, one at a time, without the options
+    (``scratch`` is NULL)."""
     cdef const floating *x = <const floating *>task.x
     cdef const floating *probabilities = <const floating *>task.probabilities
     cdef const floating *weight = <const floating *>task.weight
@@ -982,13 +1250,30 @@ cdef fx_hot_void _probability_rows(Task task, Params p, Py_ssize_t start, Py_ssi
     cdef Py_ssize_t i
     if task.mode == GRAD or task.mode == IN_PLACE:  # (see _index_rows)
         for i in range(start, stop):
-            _probability_row(i, &task, &p, x, probabilities, weight, grad, GRAD)
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, GRAD, False)
     elif task.mode == LOSS:
         for i in range(start, stop):
-            _probability_row(i, &task, &p, x, probabilities, weight, grad, LOSS)
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, LOSS, False)
     else:
         for i in range(start, stop):
-            _probability_row(i, &task, &p, x, probabilities, weight, grad, task.mode)
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, task.mode, False)
+
+
+cdef fx_hot_void _probability_rows_with_options(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
+                                                floating *scratch) noexcept nogil:
+    """Rows [start, stop) with probability targets and the options (as
+    _index_rows_with_options)."""
+    cdef const floating *x = <const floating *>task.x
+    cdef const floating *probabilities = <const floating *>task.probabilities
+    cdef const floating *weight = <const floating *>task.weight
+    cdef floating *grad = <floating *>task.out
+    cdef Py_ssize_t i
+    if task.mode == LOSS:
+        for i in range(start, stop):
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, LOSS, True)
+    else:
+        for i in range(start, stop):
+            _probability_row(i, &task, &p, x, probabilities, weight, grad, scratch, GRAD, True)
 
 
 cdef fx_hot_void _probability_lane_groups(Task task, Params p, Py_ssize_t start,
@@ -1074,14 +1359,19 @@ cdef fx_hot_void _softmax_rows(Task task, Py_ssize_t start, Py_ssize_t stop,
 cdef inline void _block(const Task *task, const Params *p, Py_ssize_t start, Py_ssize_t stop,
                         floating *scratch) noexcept nogil:
     """Rows [start, stop) of the task: the block function of its operation and layout."""
+    cdef bint options = p.transformed or p.row_outputs  # (the fused modes only: _check_options)
     if task.operation == XENT_INDEX:
         if task.lanes:
             _index_lane_groups(task[0], p[0], start, stop, scratch)
+        elif options:
+            _index_rows_with_options(task[0], p[0], start, stop, scratch)
         else:
             _index_rows(task[0], p[0], start, stop, scratch)
     elif task.operation == XENT_PROBABILITY:
         if task.lanes:
             _probability_lane_groups(task[0], p[0], start, stop, scratch)
+        elif options:
+            _probability_rows_with_options(task[0], p[0], start, stop, scratch)
         else:
             _probability_rows(task[0], p[0], start, stop, scratch)
     elif task.operation == LOGSUMEXP:
@@ -1158,23 +1448,39 @@ cdef Task _rows_task(Operation operation, Py_ssize_t n, Py_ssize_t n_classes, bi
 
 
 cdef Task _xent_task(Operation operation, int mode, bint lanes, Py_ssize_t n, Py_ssize_t n_classes,
-                     bint double_precision) noexcept:
+                     bint double_precision, const Params *p) noexcept:
     """A cross-entropy Task, with the scratch its layout needs per thread: the lanes' rows
-    transposed (and their targets); the row layout needs none."""
+    transposed (and their targets); the row layout needs one row for the transformed logits
+    when ``Params.transformed``, else none."""
     cdef Task task = _rows_task(operation, n, n_classes, double_precision)
     task.mode = mode
     task.lanes = lanes
     if lanes:
         task.scratch_elements = (2 if operation == XENT_PROBABILITY else 1) * LANES * n_classes
+    elif p.transformed:
+        task.scratch_elements = n_classes
     return task
+
+
+cdef int _check_options(int mode, bint lanes, const Params *p) except -1:
+    """The options run in the row layout of the fused modes only (the lanes layout and the
+    class-shard modes have no code for them): a caller that asks for more is wrong."""
+    if (p.transformed or p.row_outputs) and (lanes or mode not in (LOSS, GRAD, IN_PLACE)):
+        raise ValueError("transformed logits and row outputs run in the row layout of LOSS, GRAD and IN_PLACE only")
+    return 0
 
 
 def xent_index(const floating[:, ::1] x, const int64_t[::1] y, const floating[::1] weight, params, int mode,
                bint lanes, double[::1] loss, floating[:, ::1] grad, double[:, ::1] rowdata):
     """Steps (1)-(4) of ``mode`` for class-index targets, in the row layout or (``lanes``)
-    the small-C one; see ``xent_index`` and ``_xent`` in _cy_backend.py for the arguments."""
+    the small-C one; see ``xent_index`` and ``_xent`` in _cy_backend.py for the arguments.
+    ``rowdata``: the statistics (STATS writes them), the coefficients (SHARD_GRAD reads
+    them), or in LOSS, GRAD and IN_PLACE with ``params.row_outputs`` the row outputs
+    (n, N_OUTS). The options of ``params`` (transformed logits, row outputs) run in the row
+    layout only."""
     cdef Params p = _unpack_params(params)
-    cdef Task task = _xent_task(XENT_INDEX, mode, lanes, x.shape[0], x.shape[1], floating is double)
+    _check_options(mode, lanes, &p)
+    cdef Task task = _xent_task(XENT_INDEX, mode, lanes, x.shape[0], x.shape[1], floating is double, &p)
     if task.n == 0:
         return
     task.x = &x[0, 0]
@@ -1189,9 +1495,11 @@ def xent_index(const floating[:, ::1] x, const int64_t[::1] y, const floating[::
 
 def xent_probability(const floating[:, ::1] x, const floating[:, ::1] t, const floating[::1] weight, params,
                      int mode, bint lanes, double[::1] loss, floating[:, ::1] grad, double[:, ::1] rowdata):
-    """Steps (1)-(4) of ``mode`` for probability targets ``t`` (n, C) of x's dtype."""
+    """Steps (1)-(4) of ``mode`` for probability targets ``t`` (n, C) of x's dtype (the other
+    arguments as xent_index)."""
     cdef Params p = _unpack_params(params)
-    cdef Task task = _xent_task(XENT_PROBABILITY, mode, lanes, x.shape[0], x.shape[1], floating is double)
+    _check_options(mode, lanes, &p)
+    cdef Task task = _xent_task(XENT_PROBABILITY, mode, lanes, x.shape[0], x.shape[1], floating is double, &p)
     if task.n == 0:
         return
     task.x = &x[0, 0]
@@ -1327,6 +1635,12 @@ cdef fx_hot_void _log_elements(const double *s, double *out, Py_ssize_t n) noexc
         out[j] = _fast_log(s[j])
 
 
+cdef fx_hot_void _tanh_elements(const floating *u, floating *out, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        out[j] = _fast_tanh(u[j])
+
+
 def exp_array(const floating[::1] t, floating[::1] out):
     """``out[j] = fast_exp(t[j])``: the exponential alone (in the clone the kernels use),
     for its accuracy test and the comparison with the numba one."""
@@ -1338,6 +1652,13 @@ def log_array(const double[::1] s, double[::1] out):
     """``out[j] = fast_log(s[j])``: the logarithm alone (in the clone the kernels use)."""
     if s.shape[0] != 0:
         _log_elements(&s[0], &out[0], s.shape[0])
+
+
+def tanh_array(const floating[::1] u, floating[::1] out):
+    """``out[j] = fast_tanh(u[j])``: the soft cap's tanh alone (in the clone the kernels use),
+    for its accuracy test."""
+    if u.shape[0] != 0:
+        _tanh_elements(&u[0], &out[0], u.shape[0])
 
 
 # --- threads and build facts ---------------------------------------------------------
