@@ -247,6 +247,7 @@ ctypedef struct Params:
     bint transformed
     bint row_outputs
     bint stats
+    int64_t storage  # always STORAGE_NATIVE here: 16-bit logits come as a float32 copy
 
 
 cdef Params _unpack_params(object record) except *:
@@ -268,6 +269,9 @@ cdef Params _unpack_params(object record) except *:
     p.transformed = record.transformed
     p.row_outputs = record.row_outputs
     p.stats = record.stats
+    p.storage = record.storage
+    if p.storage != 0:
+        raise ValueError("the Cython kernels read float32/float64 logits only (no 16-bit storage)")
     return p
 
 
