@@ -214,7 +214,7 @@ class DistillParams(NamedTuple):
     masked: bool
 
 
-def check_distill_options(beta: Any, temperature: Any, reduction: Any) -> tuple[float, float, str]:
+def check_distill_options(beta: Any, temperature: Any, reduction: Any) -> tuple[float, float, DistillReduction]:
     """``(beta, temperature, reduction)`` validated: beta in [0, 1], T finite and > 0,
     reduction one of DISTILL_REDUCTIONS ("mean" is refused with the reason)."""
     values = []
@@ -237,7 +237,7 @@ def check_distill_options(beta: Any, temperature: Any, reduction: Any) -> tuple[
         )
     if not isinstance(reduction, str) or reduction not in DISTILL_REDUCTIONS:
         raise ValueError(f"reduction must be one of {DISTILL_REDUCTIONS}, got {reduction!r}")
-    return b, t, reduction
+    return b, t, reduction  # type: ignore[return-value]
 
 
 def distill_params(
