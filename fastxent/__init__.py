@@ -20,6 +20,7 @@ from ._api import (
     softmax,
 )
 from ._dispatch import available_backends
+from ._distill import distillation_loss, distillation_loss_with_grad
 from ._info import openmp_enabled, precompile
 from ._threads import get_num_threads, set_num_threads
 
@@ -32,6 +33,8 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_grad",
     "cross_entropy_with_grad",
+    "distillation_loss",
+    "distillation_loss_with_grad",
     "get_num_threads",
     "log_softmax",
     "logsumexp",

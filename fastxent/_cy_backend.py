@@ -125,3 +125,18 @@ def shard_grad(kind, x, target, weight, params, coef, grad):
     which may be ``x`` itself."""
     coef = np.require(coef, np.float64, ["C_CONTIGUOUS", "WRITEABLE"])  # read only, but typed as the STATS output
     _xent(_kernel(kind), x, target, weight, params, SHARD_GRAD, np.empty(x.shape[0]), grad, coef, False)
+
+
+_NO_LABELS = np.zeros(1, np.int64)
+
+
+def distill(z, t, labels, params, loss, grad=None):
+    """Distillation rows: per-row losses ``T**2 J`` into ``loss`` (n,) float64, and the gradient
+    with respect to ``z`` (scaled by ``params.grad_scale``) into ``grad`` unless it is None;
+    ``grad`` may be ``z`` itself (in place). As ``_numba_kernels.distill``."""
+    if z.shape[0] == 0:
+        return
+    mode = LOSS if grad is None else IN_PLACE if grad is z else GRAD
+    if grad is None:
+        grad = no_gradient(z.dtype)
+    _cy_xent.distill(z, t, labels if labels is not None else _NO_LABELS, params, mode, loss, grad)

@@ -2,8 +2,9 @@
 
 ``KERNELS`` maps a backend name to the module that holds its kernels; every such module
 has the same functions (``xent_index``, ``xent_probability``, ``logsumexp_rows``,
-``log_softmax_rows``, ``softmax_rows``, ``label_stats``), each specialised on dtype by
-the backend itself, taking the options as one ``_spec.Params`` record. The numba and
+``log_softmax_rows``, ``softmax_rows``, ``label_stats``, and the distillation's ``distill``),
+each specialised on dtype by the backend itself, taking the options as one ``_spec.Params``
+record (``_spec.DistillParams`` for ``distill``). The numba and
 cython modules also have the class-shard phases (``row_stats``, ``finish``, ``shard_grad``).
 ``COMPUTE_DTYPE`` says in which dtype each input dtype is computed.
 All decisions are made here, in Python, before any kernel runs.
@@ -69,7 +70,7 @@ def is_floating(dtype: np.dtype) -> bool:
 NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: the backend functions the API calls, each compiled once per native dtype: the list
 #: precompile() walks (a backend that compiles lazily has ``warm_up(function, dtype)``)
-FUNCTIONS = ("xent_index", "xent_probability", "logsumexp_rows", "log_softmax_rows", "softmax_rows")
+FUNCTIONS = ("xent_index", "xent_probability", "logsumexp_rows", "log_softmax_rows", "softmax_rows", "distill")
 
 #: the environment variable that sets the default backend
 BACKEND_ENV = "FASTXENT_BACKEND"

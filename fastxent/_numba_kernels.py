@@ -78,10 +78,12 @@ from ._jit import (
     wide_vectors,
 )
 from ._spec import (
+    FORWARD_KL,
     OUT_CORRECT,
     OUT_ENTROPY,
     OUT_LSE,
     OUT_Z,
+    REVERSE_KL,
     STORAGE_BF16,
     STORAGE_NATIVE,
     kernel_weight,
@@ -1552,6 +1554,9 @@ def warm_up(function: str, dtype: np.dtype) -> None:
     """Compile (or load from the cache) every kernel that ``function`` runs for ``dtype``."""
     from ._spec import LossSpec, TargetKind
 
+    if function == "distill":
+        _warm_up_distill(dtype)
+        return
     x = np.zeros((2, 3), dtype)
     x.flags.writeable = False
     loss = np.empty(2)
@@ -1581,3 +1586,241 @@ def warm_up(function: str, dtype: np.dtype) -> None:
 def compiled_count() -> int:
     """How many kernel specialisations numba holds (compiled or loaded) in this process."""
     return sum(len(d.signatures) for kernels in COMPILED.values() for d in kernels)
+
+
+# =====================================================================================
+# --- distillation: the generalised JSD between two softmaxes, in one row visit -------
+# =====================================================================================
+# P = softmax(t / T) (teacher), Q = softmax(z / T) (student), M = beta P + (1-beta) Q.
+# Per row, in the same words as the cross-entropy (docs/SEMANTICS.md "Distillation"):
+#
+#   (1) ``m_s = max_c z_c``, ``m_t = max_c t_c`` (T > 0: the max of z / T is m_s / T)
+#   (2) ``eq_c = exp((z_c - m_s) / T)`` into the gradient row (in place, loss only: the
+#       thread's scratch row ``e``), ``s_q = sum_c eq_c``; ``ep_c = exp((t_c - m_t) / T)``
+#       into the thread's float64 row ``w``, ``s_p = sum_c ep_c``. So
+#       ``Q_c = eq_c / s_q``, ``log Q_c = b_c - log s_q`` with ``b_c = (z_c - m_s) / T``,
+#       and ``P_c``, ``log P_c = a_c - log s_p`` likewise.
+#   (3) one pass for the loss ``T**2 J``, which leaves in ``w`` what (4) needs:
+#       beta = 0:  J = S / s_p + log s_q - log s_p,  S = sum_c ep_c (a_c - b_c);  w = ep
+#       beta = 1:  J = S / s_q + log s_p - log s_q,  S = sum_c eq_c (b_c - a_c);  w_c = b_c - a_c
+#       else:      J = beta KL(P||M) + (1-beta) K,   K = KL(Q||M);                w_c = log Q_c - log M_c
+#       (a term whose probability is 0 is 0: 0 log 0 = 0, so a -inf logit in both rows adds
+#       nothing; ``w_c`` is 0 where ``eq_c`` is, so (4) never forms 0 * inf)
+#   (4) ``g = T dJ/du`` (u = z / T), times grad_scale: from ``dJ/du_c = Q_c (dJ/dQ_c - sum_k
+#       Q_k dJ/dQ_k)``:
+#       beta = 0:  g_c = T (Q_c - P_c)                        = eq_c cq - ep_c cp
+#       beta = 1:  g_c = T Q_c (log Q_c - log P_c - J)         = eq_c cq (w_c - S / s_q)
+#       else:      g_c = T (1-beta) Q_c (log Q_c/M_c - K)      = eq_c cq (w_c - K)
+#
+# a_c, b_c, the sums, (3) and (4) are float64 (the near-cancelling differences of a student
+# close to its teacher keep their digits); the exponentials of (2) are in the input dtype,
+# as the cross-entropy's. log M_c is ``fast_log`` where P_c and Q_c are both > 0 (then M_c
+# >= (1-beta) Q_c is a normal float64), else ``log beta + log P_c`` or ``log(1-beta) + log Q_c``
+# exactly. One kernel per dtype for every beta, mode and reduction (run-time branches).
+
+
+@helper
+def row_sum_exp_scaled(row, m, k, e_out):
+    """Step (2) at temperature ``1/k``: ``e_c = exp((row_c - m) k)`` into ``e_out`` (of any
+    float dtype; the exponential is computed in the row's), ``s = sum_c e_c`` in float64.
+    At k = 1 the same numbers as ``row_sum_exp``."""
+    for c in range(row.shape[0]):
+        e_out[c] = fast_exp((row[c] - m) * k)
+    s = 0.0
+    for c in range(row.shape[0]):
+        s += np.float64(e_out[c])
+    return s
+
+
+@helper
+def _forward_kl_sum(z, t, m_s, m_t, k, w):
+    """Step (3), beta = 0: ``S = sum_c ep_c (a_c - b_c)`` (``ep`` in ``w``), 0 where ep_c = 0."""
+    S = 0.0
+    for c in range(z.shape[0]):
+        d = (np.float64(t[c]) - m_t) * k - (np.float64(z[c]) - m_s) * k
+        S += w[c] * d if w[c] != 0.0 else 0.0
+    return S
+
+
+@helper
+def _reverse_kl_sum(z, t, m_s, m_t, k, e, w):
+    """Step (3), beta = 1: ``S = sum_c eq_c (b_c - a_c)``, and ``w_c = b_c - a_c`` (0 where
+    eq_c = 0)."""
+    S = 0.0
+    for c in range(z.shape[0]):
+        d = (np.float64(z[c]) - m_s) * k - (np.float64(t[c]) - m_t) * k
+        d = d if e[c] != 0 else 0.0
+        w[c] = d
+        S += np.float64(e[c]) * d
+    return S
+
+
+@helper
+def _jsd_sums(z, t, m_s, m_t, k, log_s_q, log_s_p, inv_s_q, inv_s_p, e, w, p):
+    """Step (3), 0 < beta < 1: ``(KL(P||M), KL(Q||M))``, and ``w_c = log Q_c - log M_c``
+    (0 where Q_c = 0). ``w`` holds ep on entry (read before it is written, one name)."""
+    kl_p = 0.0
+    kl_q = 0.0
+    for c in range(z.shape[0]):
+        log_p = (np.float64(t[c]) - m_t) * k - log_s_p
+        log_q = (np.float64(z[c]) - m_s) * k - log_s_q
+        pc = w[c] * inv_s_p
+        qc = np.float64(e[c]) * inv_s_q
+        both = pc > 0.0 and qc > 0.0
+        log_m = fast_log(p.beta * pc + (1.0 - p.beta) * qc)
+        if not both:
+            log_m = p.log_beta + log_p if pc > 0.0 else p.log_one_minus_beta + log_q
+        kl_p += pc * (log_p - log_m) if pc > 0.0 else 0.0
+        r = log_q - log_m if qc > 0.0 else 0.0
+        w[c] = r
+        kl_q += qc * r
+    return kl_p, kl_q
+
+
+@helper
+def _distill_grad_row(g, e, w, cq, cp, h, kind):
+    """Step (4): ``g_c = eq_c cq - w_c cp`` (beta = 0) or ``eq_c cq (w_c - h)``, in float64,
+    rounded once. ``e`` may be ``g`` itself (GRAD: one name of the row)."""
+    if kind == FORWARD_KL:
+        for c in range(g.shape[0]):
+            g[c] = np.float64(e[c]) * cq - w[c] * cp
+    else:
+        for c in range(g.shape[0]):
+            g[c] = np.float64(e[c]) * cq * (w[c] - h)
+
+
+@helper
+def _distill_row(i, z, t, y, p, mode, loss, grad, e, w):
+    """Steps (1)-(4) of a distillation row (see above); ``e``, ``w`` the thread's scratch."""
+    if p.masked and y[i] == p.ignore_index:  # ignored rows: loss 0, gradient 0
+        loss[i] = 0.0
+        if mode != LOSS:
+            grad[i, :] = 0
+        return
+    zi = z[i]
+    ti = t[i]
+    if mode == GRAD:  # the student's exponentials go straight into the gradient row
+        e = grad[i]
+    k_t = zi.dtype.type(p.inv_temperature)
+    k = p.inv_temperature
+    m_s = row_max(zi)  # (1)
+    m_t = row_max(ti)
+    s_q = row_sum_exp_scaled(zi, m_s, k_t, e)  # (2)
+    s_p = row_sum_exp_scaled(ti, m_t, k_t, w)
+    log_s_q = fast_log(s_q)
+    log_s_p = fast_log(s_p)
+    scale = p.temperature * p.grad_scale
+    cp = 0.0
+    if p.kind == FORWARD_KL:  # (3)
+        S = _forward_kl_sum(zi, ti, np.float64(m_s), np.float64(m_t), k, w)
+        j = S / s_p + (log_s_q - log_s_p)
+        cq = scale / s_q
+        cp = scale / s_p
+        h = 0.0
+    elif p.kind == REVERSE_KL:
+        S = _reverse_kl_sum(zi, ti, np.float64(m_s), np.float64(m_t), k, e, w)
+        h = S / s_q
+        j = h + (log_s_p - log_s_q)
+        cq = scale / s_q
+    else:
+        kl_p, h = _jsd_sums(
+            zi, ti, np.float64(m_s), np.float64(m_t), k, log_s_q, log_s_p, 1.0 / s_q, 1.0 / s_p, e, w, p
+        )
+        j = p.beta * kl_p + (1.0 - p.beta) * h
+        cq = scale * (1.0 - p.beta) / s_q
+    loss[i] = p.temperature * p.temperature * j
+    if mode == GRAD:  # (4), one name of the row: e is grad[i]
+        g = grad[i]
+        _distill_grad_row(g, g, w, cq, cp, h, p.kind)
+    elif mode == IN_PLACE:  # the row is the student's own; e and w are scratch
+        _distill_grad_row(grad[i], e, w, cq, cp, h, p.kind)
+
+
+@outlined_helper
+def _distill_rows(r0, r1, z, t, y, p, mode, loss, grad, e, w):
+    wide_vectors()
+    for i in range(r0, r1):
+        _distill_row(i, z, t, y, p, mode, loss, grad, e, w)
+
+
+@kernel
+def _distill_kernel(z, t, y, p, mode, block_rows, loss, grad, scratch, wide):
+    n = z.shape[0]
+    for b in prange((n + block_rows - 1) // block_rows):
+        wide_vectors()
+        thread = numba.get_thread_id()
+        r0 = b * block_rows
+        _distill_rows(r0, min(n, r0 + block_rows), z, t, y, p, mode, loss, grad, scratch[thread], wide[thread])
+
+
+_DISTILL_SCRATCH = threading.local()
+
+
+def _wide_scratch(width: int) -> np.ndarray:
+    """The distillation's float64 row per kernel thread (``w``), kept per Python thread as
+    ``_scratch``'s rows; a separate array from those even for float64 logits."""
+    threads = max(1, int(numba.config.NUMBA_NUM_THREADS))
+    per_line = _CACHE_LINE // 8
+    padded = (width + 2 * per_line - 1) // per_line * per_line
+    flat = getattr(_DISTILL_SCRATCH, "flat", None)
+    if flat is None or flat.shape[0] < threads * padded:
+        flat = _aligned_empty(max(threads * padded, 1 << 12), np.dtype(np.float64))
+        _DISTILL_SCRATCH.flat = flat
+    return flat[: threads * padded].reshape(threads, padded)
+
+
+_NO_LABELS = np.zeros(1, np.int64)
+_NO_LABELS.flags.writeable = False
+
+
+def distill(z, t, labels, params, loss, grad=None):
+    """Distillation rows: per-row losses ``T**2 J`` into ``loss`` (n,) float64, and the
+    gradient with respect to ``z`` (scaled by ``params.grad_scale``) into ``grad`` unless it
+    is None; ``grad`` may be ``z`` itself (in place). z, t (n, C) of one float dtype;
+    ``labels`` (n,) int64 when ``params.masked`` (else None), every non-ignored one checked
+    by the caller."""
+    n, n_classes = z.shape
+    if n == 0:
+        return
+    mode = GRAD if grad is not None else LOSS
+    if grad is None:
+        grad = no_gradient(z.dtype)
+    if grad is z:  # in place: the kernel reads a read-only view and writes the array itself
+        z = _frozen(z)
+        mode = IN_PLACE
+    block_rows = max(1, BLOCK_ELEMENTS // max(n_classes, 1))
+    scratch, _ = _scratch(z.dtype, n_classes)
+    _run(
+        _distill_kernel,
+        block_rows * n_classes,
+        z,
+        t,
+        labels if labels is not None else _NO_LABELS,
+        params,
+        np.int64(mode),
+        np.int64(block_rows),
+        loss,
+        grad,
+        scratch,
+        _wide_scratch(n_classes),
+    )
+
+
+def _warm_up_distill(dtype: np.dtype) -> None:
+    from ._spec import distill_params
+
+    x = np.zeros((2, 3), dtype)
+    x.flags.writeable = False
+    labels = np.zeros(2, np.int64)
+    labels.flags.writeable = False
+    weight = np.empty(0, dtype)
+    weight.flags.writeable = False
+    label_stats(labels, 3, -100, weight)
+    loss = np.empty(2)
+    distill(x, x, labels, distill_params(0.5, 2.0, 1.0, -100, True), loss, np.empty((2, 3), dtype))
+    in_place = np.zeros((2, 3), dtype)
+    distill(in_place, x, None, distill_params(0.0, 1.0, 1.0, -100, False), loss, in_place)
+    distill(x, x, None, distill_params(1.0, 1.0, 1.0, -100, False), loss)
+
+
+COMPILED["distill"] = (_distill_kernel, label_stats)

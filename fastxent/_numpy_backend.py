@@ -79,3 +79,17 @@ def label_stats(y, n_classes, ignore_index, weight):
     if weight.shape[0] == 0:
         return -1, float(np.count_nonzero(kept))
     return -1, float(np.sum(weight[y[kept]], dtype=np.float64))
+
+
+def distill(z, t, labels, params, loss, grad=None):
+    """Distillation rows (``_reference.distillation_rows``): per-row losses into ``loss``, the
+    gradient (scaled by ``params.grad_scale``) into ``grad`` unless None; rows whose label is
+    ``params.ignore_index`` (when ``params.masked``) get 0 and 0."""
+    row_loss, row_grad = _reference.distillation_rows(z, t, params.beta, params.temperature)
+    if params.masked:
+        kept = labels != params.ignore_index
+        row_loss = np.where(kept, row_loss, 0.0)
+        row_grad = np.where(kept[:, None], row_grad, 0.0)
+    loss[:] = row_loss
+    if grad is not None:
+        grad[...] = row_grad * params.grad_scale

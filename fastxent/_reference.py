@@ -155,3 +155,58 @@ def cross_entropy(
         accuracy = float(np.count_nonzero(correct)) / n_kept if n_kept else float("nan")
     stats = {"lse": lse, "z_loss": z_part, "accuracy": accuracy, "entropy": entropy(xt)}
     return total, grad, stats
+
+
+# --- distillation ------------------------------------------------------------------------
+# P = softmax(teacher / T), Q = softmax(student / T), M = beta P + (1-beta) Q; per row
+#     beta = 0:      J = KL(P || Q) = sum_c P_c (log P_c - log Q_c)
+#     beta = 1:      J = KL(Q || P) = sum_c Q_c (log Q_c - log P_c)
+#     0 < beta < 1:  J = beta KL(P || M) + (1-beta) KL(Q || M)
+# with 0 log 0 = 0 (a class of probability 0 adds nothing), and loss = T**2 J. With
+# u = student / T, dJ/du_c = Q_c (g_c - sum_k Q_k g_k), g_c = dJ/dQ_c, which gives
+#     beta = 0:  Q - P;   beta = 1:  Q_c (r_c - J), r = log Q - log P;
+#     else:      (1-beta) Q_c (r_c - KL(Q || M)), r = log Q - log M,
+# and the gradient of the loss with respect to the student's logits is T dJ/du.
+
+
+def distillation_rows(student, teacher, beta, temperature):
+    """Per-row losses ``T**2 J`` and the gradient of their sum with respect to ``student``
+    (2-D, float64)."""
+    T = float(temperature)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        lq = log_softmax(np.asarray(student, np.float64) / T)
+        lp = log_softmax(np.asarray(teacher, np.float64) / T)
+        q, p = np.exp(lq), np.exp(lp)
+        if beta == 0:
+            j = np.sum(np.where(p > 0, p * (lp - lq), 0.0), axis=-1)
+            dj = q - p
+        elif beta == 1:
+            r = np.where(q > 0, lq - lp, 0.0)
+            j = np.sum(q * r, axis=-1)
+            dj = q * (r - j[:, None])
+        else:
+            lm = np.log(beta * p + (1 - beta) * q)
+            kl_p = np.sum(np.where(p > 0, p * (lp - lm), 0.0), axis=-1)
+            r = np.where(q > 0, lq - lm, 0.0)
+            kl_q = np.sum(q * r, axis=-1)
+            j = beta * kl_p + (1 - beta) * kl_q
+            dj = (1 - beta) * q * (r - kl_q[:, None])
+    return T * T * j, T * dj
+
+
+def distillation(student, teacher, beta=0.0, temperature=1.0, target=None, ignore_index=-100, reduction="batchmean"):
+    """Loss and gradient of ``fastxent.distillation_loss`` for 2-D logits, in float64:
+    ``(loss, grad)``, ``loss`` a float or an ``(n,)`` array ("none"), ``grad`` the gradient
+    of the returned loss with respect to the student (of the sum of the rows for "none")."""
+    loss, grad = distillation_rows(student, teacher, beta, temperature)
+    kept = np.ones(loss.shape, bool) if target is None else np.asarray(target) != ignore_index
+    loss = np.where(kept, loss, 0.0)
+    grad = np.where(kept[:, None], grad, 0.0)
+    if reduction == "none":
+        return loss, grad
+    if reduction == "sum":
+        return float(np.sum(loss)), grad
+    denominator = float(np.count_nonzero(kept))
+    if denominator == 0:  # N = 0 or every row ignored: NaN loss, zero gradient
+        return float("nan"), np.zeros_like(grad)
+    return float(np.sum(loss)) / denominator, grad / denominator

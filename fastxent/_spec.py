@@ -279,3 +279,80 @@ _NO_GRADIENT: dict[np.dtype, np.ndarray] = {
 def no_gradient(dtype: np.dtype) -> np.ndarray:
     """The never-written gradient argument of loss only and the statistics modes."""
     return _NO_GRADIENT[dtype]
+
+
+# --- distillation ------------------------------------------------------------------------
+#: what a distillation row computes (``DistillParams.kind``): the forward KL(P || Q) at
+#: beta = 0, the reverse KL(Q || P) at beta = 1, the generalised JSD in between
+FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
+DistillReduction = Literal["batchmean", "sum", "none"]
+DISTILL_REDUCTIONS: tuple[str, ...] = ("batchmean", "sum", "none")
+
+
+class DistillParams(NamedTuple):
+    """The per-call scalars of a distillation kernel (``fastxent.distillation_loss``), one
+    typed record as :class:`Params` (the Cython backend copies it into a struct of the same
+    fields, in this order)."""
+
+    #: FORWARD_KL, REVERSE_KL or JSD (from beta)
+    kind: int
+    #: ``beta``, the teacher's weight in the mixture ``M = beta P + (1-beta) Q``
+    beta: float
+    #: ``log(beta)`` and ``log(1 - beta)`` (JSD only: log M where one of P, Q is 0)
+    log_beta: float
+    log_one_minus_beta: float
+    #: ``T`` and ``1/T``: the logits are divided by T; the loss is multiplied by T**2
+    temperature: float
+    inv_temperature: float
+    #: the gradient's factor: ``1/D`` for "batchmean" (D the rows not ignored), 1 otherwise
+    grad_scale: float
+    #: rows whose target equals it are skipped (when ``masked``)
+    ignore_index: int
+    #: whether a target was given (else every row counts and the labels are never read)
+    masked: bool
+
+
+def check_distill_options(beta: Any, temperature: Any, reduction: Any) -> tuple[float, float, DistillReduction]:
+    """``(beta, temperature, reduction)`` validated: beta in [0, 1], T finite and > 0,
+    reduction one of DISTILL_REDUCTIONS ("mean" is refused with the reason)."""
+    values = []
+    for name, value in (("beta", beta), ("temperature", temperature)):
+        try:
+            if isinstance(value, str | bytes):
+                raise TypeError
+            values.append(float(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    b, t = values
+    if not 0.0 <= b <= 1.0:  # also NaN
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    if not (t > 0.0 and t < float("inf")):  # also NaN
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    if isinstance(reduction, str) and reduction == "mean":
+        raise ValueError(
+            "reduction='mean' is not supported: torch's kl_div 'mean' divides by the number of ELEMENTS (N*C), "
+            "which torch itself warns about; use 'batchmean' (divides by the rows not ignored), 'sum' or 'none'"
+        )
+    if not isinstance(reduction, str) or reduction not in DISTILL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {DISTILL_REDUCTIONS}, got {reduction!r}")
+    return b, t, reduction  # type: ignore[return-value]
+
+
+def distill_params(
+    beta: float, temperature: float, grad_scale: float, ignore_index: int, masked: bool
+) -> DistillParams:
+    """The kernels' record for validated options."""
+    import math
+
+    kind = FORWARD_KL if beta == 0.0 else REVERSE_KL if beta == 1.0 else JSD
+    return DistillParams(
+        kind=int(kind),
+        beta=float(beta),
+        log_beta=math.log(beta) if beta > 0 else -math.inf,
+        log_one_minus_beta=math.log1p(-beta) if beta < 1 else -math.inf,
+        temperature=float(temperature),
+        inv_temperature=1.0 / float(temperature),
+        grad_scale=float(grad_scale),
+        ignore_index=int(ignore_index),
+        masked=bool(masked),
+    )

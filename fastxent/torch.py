@@ -88,8 +88,9 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
 import fastxent as _fx
+from fastxent._spec import check_distill_options as _check_distill_options
 
-__all__ = ["CrossEntropyLoss", "InplaceBackwardError", "cross_entropy"]
+__all__ = ["CrossEntropyLoss", "InplaceBackwardError", "cross_entropy", "distillation_loss"]
 
 _NATIVE = (torch.float32, torch.float64)  # dtypes the kernels run on directly
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -487,3 +488,166 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     def _extension_items(self):
         values = (self.z_loss, self.logit_scale, self.softcap)
         return zip(("z_loss", "logit_scale", "softcap"), values, _PLAIN, strict=True)
+
+
+# --- distillation ----------------------------------------------------------------------
+# fastxent.distillation_loss behind autograd. The class dim is LAST (``(..., V)``), as in
+# Liger-Kernel's JSD and as the ``log_softmax(dim=-1)`` + ``F.kl_div`` pair it replaces; the
+# teacher is a constant (detached: no gradient flows to it, as in Liger-Kernel).
+
+
+def _use_torch_for_distillation(student, teacher, target) -> bool:
+    """True where fastxent cannot run and the same formula in torch ops is used."""
+    tensors = (student, teacher) if target is None else (student, teacher, target)
+    if not all(isinstance(t, Tensor) for t in tensors):
+        return True
+    if torch.overrides.has_torch_function(tensors):
+        return True
+    if not all(t.is_cpu and t.layout == torch.strided for t in tensors):
+        return True
+    if student.dtype not in _FLOATS or teacher.dtype not in _FLOATS or student.dim() == 0:
+        return True
+    if _is_compiling() or _is_functorch_wrapped(student):
+        return True
+    return torch.autograd.forward_ad.unpack_dual(student).tangent is not None
+
+
+def _distill_dtype(student: Tensor, teacher: Tensor) -> torch.dtype:
+    return _compute_dtype(torch.promote_types(student.dtype, teacher.dtype))
+
+
+def _torch_distillation(student, teacher, beta, temperature, target, ignore_index, reduction) -> Tensor:
+    """The loss in torch ops (docs/SEMANTICS.md "Distillation"): the fallback for what fastxent
+    cannot run (other devices, torch.compile, functorch) and the differentiable recomputation
+    of a create_graph=True backward. ``0 log 0 = 0`` by ``torch.where``."""
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"teacher logits must have the student's shape {tuple(student.shape)}, got {tuple(teacher.shape)}"
+        )
+    dtype = _distill_dtype(student, teacher)
+    lq = F.log_softmax(student.to(dtype) / temperature, dim=-1)
+    lp = F.log_softmax(teacher.detach().to(dtype) / temperature, dim=-1)
+    q, p = lq.exp(), lp.exp()
+    zero = lq.new_zeros(())
+    if beta == 0.0:
+        rows = torch.where(p > 0, p * (lp - lq), zero).sum(-1)
+    elif beta == 1.0:
+        rows = (q * torch.where(q > 0, lq - lp, zero)).sum(-1)
+    else:
+        m = beta * p + (1 - beta) * q
+        lm = torch.log(torch.where(m > 0, m, torch.ones_like(m)))
+        kl_p = torch.where(p > 0, p * (lp - lm), zero).sum(-1)
+        kl_q = torch.where(q > 0, q * (lq - lm), zero).sum(-1)
+        rows = beta * kl_p + (1 - beta) * kl_q
+    rows = rows * (temperature * temperature)
+    count = rows.numel()
+    if target is not None:
+        kept = target != ignore_index
+        rows = torch.where(kept, rows, zero)
+        count = int(kept.sum())
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.sum() / count if count else rows.sum() * float("nan")
+    return loss.to(student.dtype)
+
+
+class _FusedDistillation(torch.autograd.Function):
+    """Loss in forward, its gradient with respect to the student kept from the same fused
+    pass; backward only scales it (as _FusedCrossEntropy)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, beta, temperature, target, ignore_index, reduction):
+        dtype = _distill_dtype(student, teacher)
+        x = student.detach()
+        if x.dtype == dtype and x.is_contiguous():
+            buf, own = x, False  # zero copy: the kernel reads the input's storage
+        else:
+            buf, own = _kernel_ready(x, dtype), True  # our copy: the gradient overwrites it
+        arr = buf.numpy()
+        loss, grad = _fx.distillation_loss_with_grad(
+            arr,
+            _kernel_ready(teacher.detach(), dtype).numpy(),
+            beta=beta,
+            temperature=temperature,
+            target=None if target is None else target.detach().numpy(),
+            ignore_index=ignore_index,
+            reduction=reduction,
+            out=arr if own else None,
+        )
+        g = buf if own else torch.from_numpy(grad)
+        if g.dtype != student.dtype:
+            g = g.to(student.dtype)
+        ctx.reduction = reduction
+        ctx.fallback = (student, teacher, beta, temperature, target, ignore_index)
+        ctx.save_for_backward(g)
+        return _loss_tensor(loss, student.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        nothing = (None,) * 6
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient, from torch ops
+            if ctx.fallback is None:
+                raise RuntimeError(
+                    "fastxent.torch.distillation_loss: a create_graph=True backward after a first-order backward "
+                    "of the same graph is not supported (the reference to the logits was released)"
+                )
+            student, teacher, beta, temperature, target, ignore_index = ctx.fallback
+            loss = _torch_distillation(student, teacher, beta, temperature, target, ignore_index, ctx.reduction)
+            (grad,) = torch.autograd.grad(loss, student, grad_output, create_graph=True)
+            return (grad,) + nothing
+        ctx.fallback = None
+        (g,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            return (g * grad_output.unsqueeze(-1),) + nothing
+        if grad_output.item() == 1.0:
+            return (g,) + nothing
+        return (g * grad_output,) + nothing
+
+
+def distillation_loss(
+    student: Tensor,
+    teacher: Tensor,
+    *,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    target: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+) -> Tensor:
+    """Knowledge-distillation loss from logits, fastxent's fused kernel behind autograd.
+
+    ``P = softmax(teacher / T)``, ``Q = softmax(student / T)``, ``M = beta P + (1-beta) Q``;
+    per row ``T**2 J`` with ``J = KL(P || Q)`` at beta = 0 (``T**2 * F.kl_div(log Q, log P,
+    log_target=True)``), ``KL(Q || P)`` at beta = 1, and Liger-Kernel's generalised JSD
+    ``beta KL(P || M) + (1-beta) KL(Q || M)`` in between. See ``fastxent.distillation_loss``
+    and docs/SEMANTICS.md for every edge case.
+
+    The class dim is LAST: ``student`` and ``teacher`` of one shape ``(..., V)`` (as
+    Liger-Kernel's JSD, and as ``log_softmax(dim=-1)`` with ``F.kl_div``). The gradient flows
+    to ``student`` only; ``teacher`` is treated as a constant (detached). ``target`` (integer,
+    shape ``(...)``) masks rows equal to ``ignore_index``; ``reduction`` is "batchmean" (by the
+    rows not ignored), "sum" or "none" (shape ``(...)``).
+
+    CPU strided float tensors run the fused kernel (float16/bfloat16 in float32); other
+    devices, ``torch.compile`` tracing and functorch transforms run the same formula in torch
+    ops. ``create_graph=True`` recomputes the loss with torch ops for the second order.
+    """
+    beta, temperature, reduction = _check_distill_options(beta, temperature, reduction)
+    if _use_torch_for_distillation(student, teacher, target):
+        return _torch_distillation(student, teacher, beta, temperature, target, ignore_index, reduction)
+    if torch.is_grad_enabled() and student.requires_grad:
+        return _FusedDistillation.apply(student, teacher, beta, temperature, target, ignore_index, reduction)
+    dtype = _distill_dtype(student, teacher)
+    loss = _fx.distillation_loss(
+        _kernel_ready(student.detach(), dtype).numpy(),
+        _kernel_ready(teacher.detach(), dtype).numpy(),
+        beta=beta,
+        temperature=temperature,
+        target=None if target is None else target.detach().numpy(),
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    return _loss_tensor(loss, student.dtype)

@@ -1689,3 +1689,344 @@ def simd_level():
     """The ISA of the kernel clones in use: "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2)
     when the build multiversioned them (``FX_MULTIVERSIONED``), else "baseline"."""
     return fx_simd_level().decode()
+
+
+# =====================================================================================
+# --- distillation: the generalised JSD between two softmaxes, in one row visit -------
+# =====================================================================================
+# The same steps, in the same words, as the distillation section of _numba_kernels.py
+# (see there and docs/SEMANTICS.md "Distillation" for the formulas). P = softmax(t / T)
+# (teacher), Q = softmax(z / T) (student), M = beta P + (1-beta) Q; per row:
+#
+#   (1) ``m_s = max_c z_c``, ``m_t = max_c t_c``
+#   (2) ``eq_c = exp((z_c - m_s) / T)`` into the gradient row (in place, loss only: the
+#       thread's scratch row ``e``), ``s_q = sum_c eq_c``; ``ep_c = exp((t_c - m_t) / T)``
+#       into the thread's float64 row ``w``, ``s_p = sum_c ep_c``
+#   (3) the loss ``T**2 J``, leaving in ``w`` what (4) needs:
+#       beta = 0:  J = S / s_p + log s_q - log s_p,  S = sum_c ep_c (a_c - b_c);  w = ep
+#       beta = 1:  J = S / s_q + log s_p - log s_q,  S = sum_c eq_c (b_c - a_c);  w_c = b_c - a_c
+#       else:      J = beta KL(P||M) + (1-beta) K,   K = KL(Q||M);                w_c = log Q_c - log M_c
+#       (a_c = (t_c - m_t) / T, b_c = (z_c - m_s) / T in float64; a term whose probability is 0 is 0)
+#   (4) beta = 0: g_c = eq_c cq - ep_c cp; else g_c = eq_c cq (w_c - h), in float64
+#
+# The sums of (2) and (3) are kept in SUM_LANES float64 lanes added pairwise at the end, as
+# the cross-entropy's (gcc may not reassociate a float sum); the masked tail selects its
+# loads (z = m_s, t = m_t, the exponentials 0) before any arithmetic, so it adds exact zeros.
+# Its own parallel loop (``_run_distill``), the same pattern as ``_run_blocks``: written
+# apart so that the cross-entropy's Task and _block stay untouched by this section.
+
+ctypedef struct DistillParams:
+    # the fields of fastxent._spec.DistillParams, in its order
+    int64_t kind
+    double beta
+    double log_beta
+    double log_one_minus_beta
+    double temperature
+    double inv_temperature
+    double grad_scale
+    int64_t ignore_index
+    bint masked
+
+
+cdef enum:
+    FORWARD_KL = 0
+    REVERSE_KL = 1
+    JSD = 2
+
+#: the same numbers as _spec.FORWARD_KL, REVERSE_KL, JSD (tests/test_distillation.py)
+DISTILL_KINDS = (FORWARD_KL, REVERSE_KL, JSD)
+
+
+cdef DistillParams _unpack_distill_params(object record) except *:
+    cdef DistillParams p
+    p.kind = record.kind
+    p.beta = record.beta
+    p.log_beta = record.log_beta
+    p.log_one_minus_beta = record.log_one_minus_beta
+    p.temperature = record.temperature
+    p.inv_temperature = record.inv_temperature
+    p.grad_scale = record.grad_scale
+    p.ignore_index = record.ignore_index
+    p.masked = record.masked
+    return p
+
+
+cdef DistillParams _zero_distill_params():
+    cdef DistillParams p
+    memset(&p, 0, sizeof(DistillParams))
+    return p
+
+
+#: must equal ``_spec.DistillParams._fields`` (tests/test_distillation.py)
+DISTILL_PARAMS_FIELDS = tuple(_zero_distill_params())
+
+
+ctypedef struct DistillTask:
+    int mode  # LOSS, GRAD or IN_PLACE
+    bint double_precision
+    Py_ssize_t n
+    Py_ssize_t n_classes
+    Py_ssize_t block_rows
+    const void *z  # (n, C) student logits
+    const void *t  # (n, C) teacher logits, z's dtype
+    const int64_t *labels  # (n,), read when DistillParams.masked
+    double *loss  # (n,)
+    void *grad  # (n, C), z's dtype (GRAD, IN_PLACE)
+
+
+cdef inline void _exp_scaled_lanes(const floating *row, floating m, floating k, floating *e_out, double *w_out,
+                                   Py_ssize_t count, bint to_w, double *s_lanes) noexcept nogil:
+    """Step (2) on ``count <= SUM_LANES`` elements: ``e_j = exp((row_j - m) k)`` into ``w_out``
+    (``to_w``) or ``e_out``, ``s_lanes[j] += e_j``; past ``count`` the row reads as -inf (as
+    ``_exp_lanes``)."""
+    cdef Py_ssize_t j
+    cdef floating z, e
+    for j in range(SUM_LANES):
+        z = row[j] if j < count else <floating>-INFINITY
+        e = _fast_exp((z - m) * k)
+        if j < count:
+            if to_w:
+                w_out[j] = e
+            else:
+                e_out[j] = e
+        s_lanes[j] += e
+
+
+cdef inline double _row_sum_exp_scaled(const floating *row, floating m, floating k, floating *e_out, double *w_out,
+                                       Py_ssize_t n_classes, bint to_w) noexcept nogil:
+    """Step (2) at temperature ``1/k``: the exponentials into ``w_out`` (``to_w``, float64)
+    or ``e_out``, and their sum in float64."""
+    cdef double s_lanes[SUM_LANES]
+    cdef Py_ssize_t c
+    cdef Py_ssize_t blocked = n_classes - n_classes % SUM_LANES
+    _zero_lanes(s_lanes)
+    for c in range(0, blocked, 16):  # SUM_LANES
+        _exp_scaled_lanes(row + c, m, k, e_out + c, w_out + c, SUM_LANES, to_w, s_lanes)
+    if blocked < n_classes:
+        _exp_scaled_lanes(row + blocked, m, k, e_out + blocked, w_out + blocked, n_classes - blocked, to_w,
+                          s_lanes)
+    return _lane_sum(s_lanes)
+
+
+cdef inline void _forward_kl_lanes(const floating *z, const floating *t, const double *w, double m_s, double m_t,
+                                   double k, Py_ssize_t count, double *lanes) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double zj, tj, ep, d
+    for j in range(SUM_LANES):
+        zj = <double>z[j] if j < count else m_s
+        tj = <double>t[j] if j < count else m_t
+        ep = w[j] if j < count else 0.0
+        d = (tj - m_t) * k - (zj - m_s) * k
+        lanes[j] += ep * d if ep != 0.0 else 0.0
+
+
+cdef inline double _forward_kl_sum(const floating *z, const floating *t, const double *w, double m_s, double m_t,
+                                   double k, Py_ssize_t n_classes) noexcept nogil:
+    """Step (3), beta = 0: ``S = sum_c ep_c (a_c - b_c)`` (``ep`` in ``w``), 0 where ep_c = 0."""
+    cdef double lanes[SUM_LANES]
+    cdef Py_ssize_t c
+    cdef Py_ssize_t blocked = n_classes - n_classes % SUM_LANES
+    _zero_lanes(lanes)
+    for c in range(0, blocked, 16):  # SUM_LANES
+        _forward_kl_lanes(z + c, t + c, w + c, m_s, m_t, k, SUM_LANES, lanes)
+    if blocked < n_classes:
+        _forward_kl_lanes(z + blocked, t + blocked, w + blocked, m_s, m_t, k, n_classes - blocked, lanes)
+    return _lane_sum(lanes)
+
+
+cdef inline void _reverse_kl_lanes(const floating *z, const floating *t, const floating *e, double *w, double m_s,
+                                   double m_t, double k, Py_ssize_t count, double *lanes) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double zj, tj, eq, d
+    for j in range(SUM_LANES):
+        zj = <double>z[j] if j < count else m_s
+        tj = <double>t[j] if j < count else m_t
+        eq = <double>e[j] if j < count else 0.0
+        d = (zj - m_s) * k - (tj - m_t) * k
+        d = d if eq != 0.0 else 0.0
+        if j < count:
+            w[j] = d
+        lanes[j] += eq * d
+
+
+cdef inline double _reverse_kl_sum(const floating *z, const floating *t, const floating *e, double *w, double m_s,
+                                   double m_t, double k, Py_ssize_t n_classes) noexcept nogil:
+    """Step (3), beta = 1: ``S = sum_c eq_c (b_c - a_c)``, and ``w_c = b_c - a_c`` (0 where
+    eq_c = 0)."""
+    cdef double lanes[SUM_LANES]
+    cdef Py_ssize_t c
+    cdef Py_ssize_t blocked = n_classes - n_classes % SUM_LANES
+    _zero_lanes(lanes)
+    for c in range(0, blocked, 16):  # SUM_LANES
+        _reverse_kl_lanes(z + c, t + c, e + c, w + c, m_s, m_t, k, SUM_LANES, lanes)
+    if blocked < n_classes:
+        _reverse_kl_lanes(z + blocked, t + blocked, e + blocked, w + blocked, m_s, m_t, k, n_classes - blocked,
+                          lanes)
+    return _lane_sum(lanes)
+
+
+cdef inline void _jsd_lanes(const floating *z, const floating *t, const floating *e, double *w, double m_s,
+                            double m_t, double k, double log_s_q, double log_s_p, double inv_s_q, double inv_s_p,
+                            const DistillParams *p, Py_ssize_t count, double *p_lanes,
+                            double *q_lanes) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double zj, tj, log_p, log_q, pc, qc, log_m, r
+    for j in range(SUM_LANES):
+        zj = <double>z[j] if j < count else m_s
+        tj = <double>t[j] if j < count else m_t
+        pc = w[j] * inv_s_p if j < count else 0.0
+        qc = <double>e[j] * inv_s_q if j < count else 0.0
+        log_p = (tj - m_t) * k - log_s_p
+        log_q = (zj - m_s) * k - log_s_q
+        log_m = _fast_log(p.beta * pc + (1.0 - p.beta) * qc)
+        if not (pc > 0.0 and qc > 0.0):  # log M exactly where one of P, Q is 0
+            log_m = p.log_beta + log_p if pc > 0.0 else p.log_one_minus_beta + log_q
+        p_lanes[j] += pc * (log_p - log_m) if pc > 0.0 else 0.0
+        r = log_q - log_m if qc > 0.0 else 0.0
+        if j < count:
+            w[j] = r
+        q_lanes[j] += qc * r
+
+
+cdef inline double _jsd_sums(const floating *z, const floating *t, const floating *e, double *w, double m_s,
+                             double m_t, double k, double log_s_q, double log_s_p, double inv_s_q, double inv_s_p,
+                             const DistillParams *p, Py_ssize_t n_classes, double *kl_q) noexcept nogil:
+    """Step (3), 0 < beta < 1: returns ``KL(P||M)``, sets ``kl_q = KL(Q||M)`` and
+    ``w_c = log Q_c - log M_c`` (0 where Q_c = 0); ``w`` holds ep on entry."""
+    cdef double p_lanes[SUM_LANES]
+    cdef double q_lanes[SUM_LANES]
+    cdef Py_ssize_t c
+    cdef Py_ssize_t blocked = n_classes - n_classes % SUM_LANES
+    _zero_lanes(p_lanes)
+    _zero_lanes(q_lanes)
+    for c in range(0, blocked, 16):  # SUM_LANES
+        _jsd_lanes(z + c, t + c, e + c, w + c, m_s, m_t, k, log_s_q, log_s_p, inv_s_q, inv_s_p, p, SUM_LANES,
+                   p_lanes, q_lanes)
+    if blocked < n_classes:
+        _jsd_lanes(z + blocked, t + blocked, e + blocked, w + blocked, m_s, m_t, k, log_s_q, log_s_p, inv_s_q,
+                   inv_s_p, p, n_classes - blocked, p_lanes, q_lanes)
+    kl_q[0] = _lane_sum(q_lanes)
+    return _lane_sum(p_lanes)
+
+
+cdef inline void _distill_grad_row(floating *g, const floating *e, const double *w, double cq, double cp, double h,
+                                   int64_t kind, Py_ssize_t n_classes) noexcept nogil:
+    """Step (4), in float64, rounded once; ``e`` may be ``g`` itself."""
+    cdef Py_ssize_t c
+    if kind == FORWARD_KL:
+        for c in range(n_classes):
+            g[c] = <floating>(<double>e[c] * cq - w[c] * cp)
+    else:
+        for c in range(n_classes):
+            g[c] = <floating>(<double>e[c] * cq * (w[c] - h))
+
+
+cdef inline void _distill_row(Py_ssize_t i, const DistillTask *task, const DistillParams *p, const floating *z,
+                              const floating *t, floating *grad, floating *e, double *w) noexcept nogil:
+    """Steps (1)-(4) of a distillation row; ``e`` and ``w`` are the thread's scratch rows."""
+    cdef Py_ssize_t n_classes = task.n_classes
+    cdef const floating *zi = z + i * n_classes
+    cdef const floating *ti = t + i * n_classes
+    cdef floating *g = grad + i * n_classes if task.mode != LOSS else NULL
+    cdef floating m_s, m_t
+    cdef floating k_t = <floating>p.inv_temperature
+    cdef double k = p.inv_temperature
+    cdef double s_q, s_p, log_s_q, log_s_p, scale, S, j, cq, cp = 0.0, h = 0.0, kl_p
+    if p.masked and task.labels[i] == p.ignore_index:  # ignored rows: loss 0, gradient 0
+        task.loss[i] = 0.0
+        if task.mode != LOSS:
+            memset(g, 0, n_classes * sizeof(floating))
+        return
+    if task.mode == GRAD:  # the student's exponentials go straight into the gradient row
+        e = g
+    m_s = _row_max(zi, n_classes)  # (1)
+    m_t = _row_max(ti, n_classes)
+    s_q = _row_sum_exp_scaled(zi, m_s, k_t, e, w, n_classes, False)  # (2)
+    s_p = _row_sum_exp_scaled(ti, m_t, k_t, e, w, n_classes, True)
+    log_s_q = _fast_log(s_q)
+    log_s_p = _fast_log(s_p)
+    scale = p.temperature * p.grad_scale
+    if p.kind == FORWARD_KL:  # (3)
+        S = _forward_kl_sum(zi, ti, w, <double>m_s, <double>m_t, k, n_classes)
+        j = S / s_p + (log_s_q - log_s_p)
+        cq = scale / s_q
+        cp = scale / s_p
+    elif p.kind == REVERSE_KL:
+        S = _reverse_kl_sum(zi, ti, e, w, <double>m_s, <double>m_t, k, n_classes)
+        h = S / s_q
+        j = h + (log_s_p - log_s_q)
+        cq = scale / s_q
+    else:
+        kl_p = _jsd_sums(zi, ti, e, w, <double>m_s, <double>m_t, k, log_s_q, log_s_p, 1.0 / s_q, 1.0 / s_p, p,
+                         n_classes, &h)
+        j = p.beta * kl_p + (1.0 - p.beta) * h
+        cq = scale * (1.0 - p.beta) / s_q
+    task.loss[i] = p.temperature * p.temperature * j
+    if task.mode != LOSS:  # (4)
+        _distill_grad_row(g, e, w, cq, cp, h, p.kind, n_classes)
+
+
+cdef fx_hot_void _distill_rows(DistillTask task, DistillParams p, Py_ssize_t start, Py_ssize_t stop,
+                               floating *e, double *w) noexcept nogil:
+    cdef const floating *z = <const floating *>task.z
+    cdef const floating *t = <const floating *>task.t
+    cdef floating *grad = <floating *>task.grad
+    cdef Py_ssize_t i
+    for i in range(start, stop):
+        _distill_row(i, &task, &p, z, t, grad, e, w)
+
+
+cdef int _run_distill(const DistillTask *task, const DistillParams *p) noexcept nogil:
+    """Every block of rows on the OpenMP threads (blocks of about BLOCK_ELEMENTS logits, handed
+    out dynamically, as ``_run_blocks``); each thread allocates its two scratch rows (``e`` of
+    the logits' dtype, ``w`` float64) once, on their own cache lines. -1 if an allocation failed."""
+    cdef Py_ssize_t n_blocks = (task.n + task.block_rows - 1) // task.block_rows
+    cdef size_t itemsize = sizeof(double) if task.double_precision else sizeof(float)
+    cdef size_t e_bytes = (task.n_classes * itemsize + CACHE_LINE - 1) // CACHE_LINE * CACHE_LINE
+    cdef size_t w_bytes = (task.n_classes * sizeof(double) + CACHE_LINE - 1) // CACHE_LINE * CACHE_LINE
+    cdef int failed = 0
+    cdef int *failed_flag = &failed
+    cdef char *scratch = NULL
+    cdef Py_ssize_t block, start, stop
+    if task.n == 0 or task.n_classes == 0:
+        return 0
+    with parallel():
+        scratch = <char *>fx_aligned_alloc(e_bytes + w_bytes + CACHE_LINE)
+        if scratch == NULL:
+            failed_flag[0] = 1
+        for block in prange(n_blocks, schedule="dynamic", chunksize=1):
+            start = block * task.block_rows
+            stop = min(start + task.block_rows, task.n)
+            if scratch != NULL:
+                if task.double_precision:
+                    _distill_rows(task[0], p[0], start, stop, <double *>scratch, <double *>(scratch + e_bytes))
+                else:
+                    _distill_rows(task[0], p[0], start, stop, <float *>scratch, <double *>(scratch + e_bytes))
+        fx_aligned_free(scratch)
+    return -1 if failed else 0
+
+
+def distill(const floating[:, ::1] z, const floating[:, ::1] t, const int64_t[::1] labels, params, int mode,
+            double[::1] loss, floating[:, ::1] grad):
+    """Distillation rows in ``mode`` (LOSS, GRAD, IN_PLACE: ``grad`` is then z's own array);
+    see ``distill`` in _cy_backend.py for the arguments."""
+    cdef DistillParams p = _unpack_distill_params(params)
+    cdef DistillTask task
+    cdef int status
+    memset(&task, 0, sizeof(DistillTask))
+    task.mode = mode
+    task.double_precision = floating is double
+    task.n = z.shape[0]
+    task.n_classes = z.shape[1]
+    if task.n == 0 or task.n_classes == 0:
+        return
+    task.block_rows = max(1, BLOCK_ELEMENTS // task.n_classes)
+    task.z = &z[0, 0]
+    task.t = &t[0, 0]
+    task.labels = &labels[0]
+    task.loss = &loss[0]
+    task.grad = &grad[0, 0]
+    with nogil:
+        status = _run_distill(&task, &p)
+    if status != 0:
+        raise MemoryError("fastxent: could not allocate a thread's scratch")
