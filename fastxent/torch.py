@@ -28,8 +28,10 @@ and moves the class dim back. Copies:
   autograd, which costs autograd one copy). An input that is already class-last in memory
   (``input.movedim(1, -1).is_contiguous()``, e.g. ``torch.channels_last``) is not copied.
 - other strides: one contiguous copy, gradient written over it.
-- float16 / bfloat16: one copy to float32 (bfloat16 has no NumPy dtype), computed there, and
-  loss and gradient converted back to the input dtype.
+- float16 / bfloat16 with class indices: no copy; fastxent reads the 16-bit words (bfloat16
+  through an ``ml_dtypes`` view of its bits; without ml_dtypes, one float32 copy) and writes the
+  gradient in the input dtype. With probability targets: one copy to float32, computed there,
+  and loss and gradient converted back to the input dtype.
 
 Without a gradient to compute (under ``torch.no_grad()``/``inference_mode()``, or when
 ``input`` does not require grad), only the loss is computed: no N x C array is written.
@@ -115,6 +117,38 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _NATIVE else torch.float32
 
 
+def _words_dtype(input: Tensor, target: Tensor) -> torch.dtype:
+    """The dtype the kernels get the logits in: float16/bfloat16 logits with class indices go
+    as they are (fastxent reads them as 16-bit words, no float32 copy; bfloat16 needs
+    ml_dtypes for its NumPy view), everything else as ``_compute_dtype``."""
+    if input.dtype in (torch.float16, torch.bfloat16) and not target.is_floating_point():
+        if input.dtype == torch.float16 or _ml_bfloat16() is not None:
+            return input.dtype
+    return _compute_dtype(input.dtype)
+
+
+def _ml_bfloat16():
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _as_numpy(t: Tensor) -> np.ndarray:
+    """A zero-copy NumPy view (bfloat16 through its 16-bit words and ml_dtypes)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_ml_bfloat16())
+    return t.numpy()
+
+
+def _from_numpy(a: np.ndarray) -> Tensor:
+    """The inverse of ``_as_numpy``."""
+    if a.dtype == _ml_bfloat16():
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def _kernel_ready(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` contiguous and of ``dtype``: itself when it already is, else one (parallel) copy."""
     if t.dtype == dtype and t.is_contiguous():
@@ -137,7 +171,7 @@ def _weight_array(weight: Tensor | None, dtype: torch.dtype) -> np.ndarray | Non
 
 
 def _loss_tensor(loss, dtype: torch.dtype) -> Tensor:
-    t = torch.from_numpy(np.asarray(loss))  # 0-d ("mean", "sum") or batch-shaped ("none")
+    t = _from_numpy(np.asarray(loss))  # 0-d ("mean", "sum") or batch-shaped ("none")
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -214,7 +248,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, inplace, extensions):
-        dtype = _compute_dtype(input.dtype)
+        dtype = _words_dtype(input, target)
         x = _class_last(input.detach())
         if inplace:  # checked by the caller: class-last contiguous, native dtype
             buf, own = x, True
@@ -222,11 +256,11 @@ class _FusedCrossEntropy(torch.autograd.Function):
             buf, own = x, False  # zero copy: the kernel reads the input's storage
         else:
             buf, own = _kernel_ready(x, dtype), True  # our copy: the gradient overwrites it
-        arr = buf.numpy()
+        arr = _as_numpy(buf)
         loss, grad = _fx.cross_entropy_with_grad(
             arr,
             _target_array(target, dtype),
-            weight=_weight_array(weight, dtype),
+            weight=_weight_array(weight, _compute_dtype(dtype)),
             ignore_index=ignore_index,
             reduction=reduction,
             label_smoothing=label_smoothing,
@@ -235,7 +269,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
             softcap=extensions[2],
             out=arr if own else None,
         )
-        g = buf if own else torch.from_numpy(grad)
+        g = buf if own else _from_numpy(grad)
         if g.dtype != input.dtype:
             g = g.to(input.dtype)
         ctx.reduction = reduction
@@ -351,12 +385,12 @@ def _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_s
 
 
 def _loss_only(input, target, weight, ignore_index, reduction, label_smoothing, extensions) -> Tensor:
-    dtype = _compute_dtype(input.dtype)
+    dtype = _words_dtype(input, target)
     x = _kernel_ready(_class_last(input.detach()), dtype)
     loss = _fx.cross_entropy(
-        x.numpy(),
+        _as_numpy(x),
         _target_array(target, dtype),
-        weight=_weight_array(weight, dtype),
+        weight=_weight_array(weight, _compute_dtype(dtype)),
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,

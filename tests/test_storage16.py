@@ -143,3 +143,30 @@ def test_word_conversions_match_numpy_and_ml_dtypes():
         finite = ~np.isnan(sample)
         np.testing.assert_array_equal(narrowed[finite], expected[finite].view(np.uint16))
         assert np.isnan(narrowed[~finite].view(dtype).astype(np.float32)).all()
+
+
+@numba_only
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_torch_16bit_without_a_float32_copy(rng, dtype_name):
+    """fastxent.torch with 16-bit logits and class indices: the same loss and gradient as the
+    NumPy API on the same words (so as the float32 kernel, rounded), and torch's own within
+    the 16-bit rounding."""
+    torch = pytest.importorskip("torch")
+    import fastxent.torch as fxt
+
+    dtype = getattr(torch, dtype_name)
+    x = torch.tensor(rng.normal(size=(64, 300)) * 2, dtype=torch.float32).to(dtype)
+    y = torch.tensor(rng.integers(0, 300, 64))
+    leaf = x.clone().requires_grad_()
+    loss = fxt.cross_entropy(leaf, y, z_loss=1e-3)
+    loss.backward()
+    words = x.view(torch.int16).numpy().view(np.uint16).view(BF16 if dtype_name == "bfloat16" else np.float16)
+    np_loss, np_grad = fx.cross_entropy_with_grad(words, y.numpy(), z_loss=1e-3, backend="numba")
+    assert leaf.grad.dtype == dtype and loss.dtype == dtype
+    np.testing.assert_array_equal(leaf.grad.view(torch.int16).numpy(), np_grad.view(np.int16))
+    assert loss.view(torch.int16).item() == np.asarray(np_loss).view(np.int16)
+    with torch.no_grad():
+        alone = fxt.cross_entropy(x, y, z_loss=1e-3)
+    assert alone.view(torch.int16).item() == loss.view(torch.int16).item()
+    reference = torch.nn.functional.cross_entropy(x.float(), y)
+    torch.testing.assert_close(fxt.cross_entropy(x, y).float(), reference, rtol=1e-2, atol=1e-2)
