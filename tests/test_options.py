@@ -239,6 +239,28 @@ def test_softcap_saturates_and_keeps_infinities_finite(backend):
     np.testing.assert_allclose(stats.lse, ref_stats["lse"], rtol=1e-13, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_classes", [3, 40, 300])
+def test_logit_scale_keeps_masked_classes_at_zero_gradient(backend, dtype, n_classes):
+    """A logit scale without a cap: ``x' = a x`` keeps -inf, whose softmax term and gradient
+    are 0 (torch: ``F.cross_entropy(a * x, y)``), not ``0 * (a - a (x'/c)**2)`` = NaN."""
+    x = np.tile(np.linspace(-1.0, 1.0, n_classes), (4, 1)).astype(dtype)
+    x[:, 0] = -np.inf
+    x[1, 1:] = -np.inf
+    x[1, -1] = 0.5  # only the last class left
+    y = np.array([n_classes - 1, n_classes - 1, 1, 2 % n_classes])
+    for mode in ("out", "in place"):
+        logits = x.copy()
+        out = logits if mode == "in place" else np.full_like(x, np.nan)
+        loss, grad = fx.cross_entropy_with_grad(logits, y, logit_scale=0.5, out=out, backend=backend)
+        ref_loss, ref_grad = _reference.cross_entropy(x.astype(np.float64), y, logit_scale=0.5)
+        assert np.isfinite(grad).all(), f"{mode}: non-finite gradient at {np.argwhere(~np.isfinite(grad))[:4]}"
+        assert (grad[:, 0] == 0).all() and (grad[1, 1:-1] == 0).all()
+        rtol, atol = TOLERANCE[np.dtype(dtype)]
+        np.testing.assert_allclose(grad, ref_grad, rtol=rtol, atol=atol)
+        np.testing.assert_allclose(loss, ref_loss, rtol=rtol)
+
+
 def test_statistics_of_ignored_rows_and_all_ignored(backend, rng):
     x = rng.normal(size=(10, 4))
     y = np.full(10, -100)
