@@ -529,15 +529,21 @@ def widen16(bits, storage):
 
 
 @helper
-def narrow16(v, storage):
-    """float32 ``v`` rounded to the nearest even 16-bit word, as torch's ``.to(bfloat16)`` /
-    ``.to(float16)``: bfloat16 by the carry of ``0x7FFF + lsb`` into the top half (a NaN
-    becomes 0x7FC0, as torch), float16 by the hardware conversion."""
+def narrow_brain(v):
+    """float32 ``v`` rounded to the nearest even bfloat16 word, as torch's ``.to(bfloat16)``:
+    by the carry of ``0x7FFF + lsb`` into the top half; a NaN becomes 0x7FC0, as torch."""
     i = float_as_int(v)
     lsb = np.int32(np.int32(i >> np.int32(16)) & np.int32(1))
     rounded = np.int32(np.int32(i + np.int32(0x7FFF)) + lsb)
     brain = np.uint16(np.int32(rounded >> np.int32(16)) & np.int32(0xFFFF))
-    brain = brain if v == v else np.uint16(0x7FC0)
+    return brain if v == v else np.uint16(0x7FC0)
+
+
+@helper
+def narrow16(v, storage):
+    """float32 ``v`` rounded to the nearest even 16-bit word of ``storage``: narrow_brain, or
+    float16 by the hardware conversion. Both are computed and one selected (vectorises)."""
+    brain = narrow_brain(v)
     return brain if storage == STORAGE_BF16 else float_to_half(v)
 
 
@@ -688,11 +694,18 @@ def index_grad_row_words(out, e, y_local, a, y_term, weight, p, xt):
             d = s_t - s_t * th * th
             g = (e[y_local] * a_t - b * weight[y_local]) * d
             out[y_local] = narrow16(np.float32(g - dt(y_term) * d), storage)
-    else:
-        for c in range(out.shape[0]):
-            out[c] = narrow16(np.float32(e[c] * a_t - b * weight[c]), storage)
+    else:  # the loops of index_grad_row, one per storage (the select of narrow16 costs both)
+        if p.smoothing:
+            for c in range(out.shape[0]):
+                out[c] = narrow16(np.float32(e[c] * a_t - b * weight[c]), storage)
+        elif storage == STORAGE_BF16:
+            for c in range(out.shape[0]):
+                out[c] = narrow_brain(np.float32(e[c] * a_t))
+        else:
+            for c in range(out.shape[0]):
+                out[c] = float_to_half(np.float32(e[c] * a_t))
         if y_local >= 0:
-            g = e[y_local] * a_t - b * weight[y_local]
+            g = e[y_local] * a_t - b * weight[y_local] if p.smoothing else e[y_local] * a_t
             out[y_local] = narrow16(np.float32(g - dt(y_term)), storage)
 
 

@@ -170,3 +170,18 @@ def test_torch_16bit_without_a_float32_copy(rng, dtype_name):
     assert alone.view(torch.int16).item() == loss.view(torch.int16).item()
     reference = torch.nn.functional.cross_entropy(x.float(), y)
     torch.testing.assert_close(fxt.cross_entropy(x, y).float(), reference, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_an_infinite_class_weight_reaches_only_its_own_rows(backend, rng, dtype):
+    """Without smoothing a class weight enters only the rows whose target it is (torch never
+    reads the others): an inf weight of class 0 leaves every other row's gradient finite."""
+    x, y, _ = _problem(rng, (40,), 300, dtype, {})
+    y[y == 0] = 1
+    weight = np.ones(300, np.float32)
+    weight[0] = np.inf
+    loss, grad = fx.cross_entropy_with_grad(x, y, weight=weight, reduction="sum", backend=backend)
+    ref_loss, ref_grad = _reference.cross_entropy(x.astype(np.float64), y, weight=weight, reduction="sum")
+    assert np.isfinite(grad.astype(np.float32)).all()
+    eps = float(np.finfo(dtype).eps) if dtype != BF16 else 2.0**-7
+    np.testing.assert_allclose(grad.astype(np.float64), ref_grad, rtol=eps, atol=eps * np.abs(ref_grad).max())
