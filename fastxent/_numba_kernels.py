@@ -660,14 +660,23 @@ def index_grad_row_chain(g, e, y_local, a, y_term, weight, p, xt):
     scale, inv_cap = chain_factor(p)
     a_t, s_t, k_t = dt(a), dt(scale), dt(inv_cap)
     b = dt(p.grad_scale * p.spread) if p.smoothing else dt(0.0)
-    if e.shape[0] == 0:
+    if p.smoothing:  # (two loops each way: the same expression in every mode, the same bits)
+        if e.shape[0] == 0:
+            for c in range(g.shape[0]):
+                th = cap_ratio(xt[c], k_t)
+                g[c] = (g[c] * a_t - b * weight[c]) * (s_t - s_t * th * th)
+        else:
+            for c in range(g.shape[0]):
+                th = cap_ratio(xt[c], k_t)
+                g[c] = (e[c] * a_t - b * weight[c]) * (s_t - s_t * th * th)
+    elif e.shape[0] == 0:  # no class weight read (an inf weight would make 0 * inf = NaN)
         for c in range(g.shape[0]):
             th = cap_ratio(xt[c], k_t)
-            g[c] = (g[c] * a_t - b * weight[c]) * (s_t - s_t * th * th)
+            g[c] = (g[c] * a_t) * (s_t - s_t * th * th)
     else:
         for c in range(g.shape[0]):
             th = cap_ratio(xt[c], k_t)
-            g[c] = (e[c] * a_t - b * weight[c]) * (s_t - s_t * th * th)
+            g[c] = (e[c] * a_t) * (s_t - s_t * th * th)
     if y_local >= 0:
         th = cap_ratio(xt[y_local], k_t)
         g[y_local] -= dt(y_term) * (s_t - s_t * th * th)
@@ -688,11 +697,12 @@ def index_grad_row_words(out, e, y_local, a, y_term, weight, p, xt):
     if p.softcap > 0 or p.logit_scale != 1.0:
         for c in range(out.shape[0]):
             th = cap_ratio(xt[c], k_t)
-            out[c] = narrow16(np.float32((e[c] * a_t - b * weight[c]) * (s_t - s_t * th * th)), storage)
+            g = (e[c] * a_t - b * weight[c]) if p.smoothing else e[c] * a_t
+            out[c] = narrow16(np.float32(g * (s_t - s_t * th * th)), storage)
         if y_local >= 0:
             th = cap_ratio(xt[y_local], k_t)
             d = s_t - s_t * th * th
-            g = (e[y_local] * a_t - b * weight[y_local]) * d
+            g = ((e[y_local] * a_t - b * weight[y_local]) if p.smoothing else e[y_local] * a_t) * d
             out[y_local] = narrow16(np.float32(g - dt(y_term) * d), storage)
     else:  # the loops of index_grad_row, one per storage (the select of narrow16 costs both)
         if p.smoothing:
