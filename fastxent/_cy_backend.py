@@ -43,6 +43,10 @@ tanh_array = _cy_xent.tanh_array  # the soft cap's tanh alone, likewise
 
 
 _NO_ROWDATA = np.empty((1, N_STATS), np.float64)
+_NO_WORDS = np.empty((1, 1), np.uint16)  # the gradient argument of LOSS on 16-bit words: never written
+
+#: xent_index reads bfloat16 / float16 logits as 16-bit words (``Params.storage``), no float32 copy
+STORAGE_16BIT = _cy_xent.STORAGE_16BIT
 
 
 def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
@@ -56,8 +60,16 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
         return
     plain = not params.transformed and not params.row_outputs
     lanes = small_ok and plain and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
+    if x.dtype == np.uint16:  # 16-bit words (params.storage), computed in float32
+        if kernel_function is not _cy_xent.xent_index:
+            raise ValueError("16-bit words are read for class-index targets only")
+        kernel_function = _cy_xent.xent_index_words
+        # (params.transformed is set for any storage: a real scale or cap is what counts)
+        plain = params.logit_scale == 1.0 and params.softcap == 0.0 and not params.row_outputs
+        lanes = small_ok and plain and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
+        weight = kernel_weight(weight, np.empty((0, n_classes), np.float32))  # float32 ones for none
     if grad is None:
-        grad = no_gradient(x.dtype)
+        grad = _NO_WORDS if x.dtype == np.uint16 else no_gradient(x.dtype)
     elif grad is x and mode == GRAD:
         mode = IN_PLACE
     if rowdata is None:

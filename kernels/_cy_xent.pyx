@@ -91,6 +91,15 @@ With any of them on, ``_block`` runs the block functions ``_index_rows_with_opti
 True (as the mode is a constant); the plain block functions have it a constant False, and
 are the code of before, bit for bit and as fast.
 
+16-bit LOGITS (``Params.storage`` bfloat16 or float16, class-index targets, LOSS, GRAD and
+IN_PLACE: ``xent_index_words``): per block, ``_words_block`` widens the block's words into
+the thread's float32 rows (~128 KB, in L2), runs the float32 block function there as
+IN_PLACE, and rounds the gradient back into the words (to nearest even; a bfloat16 NaN is
+0x7FC0, as torch's). So the numbers are the float32 kernel's on ``x.astype(float32)``,
+rounded once, in every layout and with every option, and only 16-bit words cross memory.
+(The numba kernels widen in registers instead; their sums may differ in the last float32
+bits, their words then by one.)
+
 Accumulators (``s``, ``sw``, ``A``, ``B``) and the per-row loss are float64 for both
 dtypes; the exponentials and the gradient are computed in the input dtype.
 ``sum_c w_c (lse - x_c)`` is written ``sw + W log s`` so that it is a sum of non-negative
@@ -145,7 +154,7 @@ version, and the two exponentials agree bit for bit (tests/test_cython.py).
 
 from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, copysign, copysignf, exp, fabs, fabsf, isinf, log
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 
@@ -159,6 +168,9 @@ cdef extern from "_cy_xent_simd.h" nogil:
     const char *fx_simd_level()
     void *fx_aligned_alloc(size_t size)
     void fx_aligned_free(void *pointer)
+    bint FX_FLOAT16
+    void fx_widen_words(const uint16_t *words, float *out, Py_ssize_t count, int storage)
+    void fx_narrow_words(const float *values, uint16_t *out, Py_ssize_t count, int storage)
     void fx_prefetch_for_write(const void *address)
     float fx_opaque_float "fx_opaque"(float x)
     double fx_opaque_double "fx_opaque"(double x)
@@ -174,6 +186,12 @@ ctypedef fused label_t:
 
 
 # --- modes, layouts and the row-data columns (the numbers of _numba_kernels.py) ------
+#: Params.storage (the numbers of _spec.STORAGE_*)
+cdef enum:
+    STORAGE_NATIVE = 0
+    STORAGE_BF16 = 1
+    STORAGE_F16 = 2
+
 cdef enum:
     LOSS = 0
     GRAD = 1
@@ -224,6 +242,9 @@ STAT_COLUMNS = (STAT_M, STAT_S, STAT_TARGET, STAT_A, STAT_B)
 COEF_COLUMNS = (COEF_M, COEF_A, COEF_Y)
 OUT_COLUMNS = (OUT_LSE, OUT_Z, OUT_ENTROPY, OUT_CORRECT)
 LAYOUT = {"LANES": LANES, "SMALL_C": SMALL_C, "BLOCK_ELEMENTS": BLOCK_ELEMENTS}
+#: xent_index_words reads bfloat16 and float16 words (float16 needs the compiler's _Float16)
+STORAGE_16BIT = bool(FX_FLOAT16)
+STORAGES = (STORAGE_NATIVE, STORAGE_BF16, STORAGE_F16)
 
 
 # --- the options, as one record --------------------------------------------------------
@@ -247,7 +268,7 @@ ctypedef struct Params:
     bint transformed
     bint row_outputs
     bint stats
-    int64_t storage  # always STORAGE_NATIVE here: 16-bit logits come as a float32 copy
+    int64_t storage  # STORAGE_NATIVE, or 16-bit words (xent_index_words: see _words_block)
 
 
 cdef Params _unpack_params(object record) except *:
@@ -270,8 +291,14 @@ cdef Params _unpack_params(object record) except *:
     p.row_outputs = record.row_outputs
     p.stats = record.stats
     p.storage = record.storage
-    if p.storage != 0:
-        raise ValueError("the Cython kernels read float32/float64 logits only (no 16-bit storage)")
+    if p.storage not in (STORAGE_NATIVE, STORAGE_BF16, STORAGE_F16):
+        raise ValueError(f"unknown Params.storage {p.storage}")
+    if p.storage == STORAGE_F16 and not FX_FLOAT16:
+        raise ValueError("this build of the extension has no float16 conversions (no _Float16 in its compiler)")
+    # 16-bit words are widened into float32 rows before the row phases see them, so only a
+    # real scale or cap transforms the logits here (_spec sets transformed for any storage)
+    if p.storage != STORAGE_NATIVE:
+        p.transformed = p.logit_scale != 1.0 or p.softcap != 0.0
     return p
 
 
@@ -860,6 +887,8 @@ ctypedef struct Task:
     void *out  # (n, C) gradient / softmax rows, or (n,) logsumexp
     double *rowdata  # (n, rowdata_stride): STATS writes, SHARD_GRAD reads
     Py_ssize_t rowdata_stride
+    int storage  # Params.storage: x and out hold 16-bit words (LOSS, GRAD, IN_PLACE, float32)
+    Py_ssize_t wide_elements  # per thread, float32: a block's rows widened from the words
 
 
 cdef inline Py_ssize_t _rows_per_block(Py_ssize_t n_classes) noexcept nogil:
@@ -1386,6 +1415,32 @@ cdef inline void _block(const Task *task, const Params *p, Py_ssize_t start, Py_
         _softmax_rows(task[0], start, stop, scratch)
 
 
+cdef inline void _words_block(const Task *task, const Params *p, Py_ssize_t start, Py_ssize_t stop,
+                              float *scratch, float *wide) noexcept nogil:
+    """Rows [start, stop) of a task on 16-bit words: widened into the thread's float32 rows
+    ``wide`` (a block, ~128 KB: it stays in L2), run there by the float32 block function as
+    IN_PLACE (GRAD too: the gradient of the widened rows is written over them, which gives
+    the same bits as GRAD, see IN_PLACE in the module docstring), then rounded back into the
+    gradient's words. So every number is the float32 kernel's on ``x.astype(float32)``,
+    rounded once, and the logits and the gradient cross memory as 16-bit words only."""
+    cdef Py_ssize_t n_classes = task.n_classes
+    cdef Py_ssize_t count = (stop - start) * n_classes
+    cdef Task rows = task[0]
+    fx_widen_words(<const uint16_t *>task.x + start * n_classes, wide, count, task.storage)
+    rows.storage = STORAGE_NATIVE
+    rows.x = wide
+    rows.out = wide
+    rows.mode = IN_PLACE if task.mode == GRAD else task.mode
+    rows.n = stop - start
+    rows.labels = task.labels + start
+    rows.loss = task.loss + start
+    if p.row_outputs:
+        rows.rowdata = task.rowdata + start * task.rowdata_stride
+    _block(&rows, p, 0, stop - start, scratch)
+    if task.mode == GRAD or task.mode == IN_PLACE:
+        fx_narrow_words(wide, <uint16_t *>task.out + start * n_classes, count, task.storage)
+
+
 # --- THE parallel loop -----------------------------------------------------------------
 
 
@@ -1404,25 +1459,32 @@ cdef int _run_blocks(const Task *task, const Params *p) noexcept nogil:
     cdef size_t itemsize = sizeof(double) if task.double_precision else sizeof(float)
     cdef size_t scratch_lines = (task.scratch_elements * itemsize + CACHE_LINE - 1) // CACHE_LINE
     cdef size_t scratch_bytes = (scratch_lines + 1) * CACHE_LINE if task.scratch_elements != 0 else 0
+    cdef size_t wide_lines = (task.wide_elements * sizeof(float) + CACHE_LINE - 1) // CACHE_LINE
+    cdef size_t wide_bytes = (wide_lines + 1) * CACHE_LINE if task.wide_elements != 0 else 0
     cdef int failed = 0
     cdef int *failed_flag = &failed  # written through, so not a thread-private copy
     cdef void *scratch = NULL  # each thread's own (Cython makes it firstprivate)
+    cdef float *wide = NULL  # likewise: a block of widened 16-bit rows (task.storage)
     cdef Py_ssize_t block, start, stop
     if task.n == 0 or task.n_classes == 0:
         return 0
     with parallel():
         scratch = fx_aligned_alloc(scratch_bytes) if scratch_bytes != 0 else NULL
-        if scratch_bytes != 0 and scratch == NULL:
+        wide = <float *>fx_aligned_alloc(wide_bytes) if wide_bytes != 0 else NULL
+        if (scratch_bytes != 0 and scratch == NULL) or (wide_bytes != 0 and wide == NULL):
             failed_flag[0] = 1
         for block in prange(n_blocks, schedule="dynamic", chunksize=1):
             start = block * task.block_rows
             stop = min(start + task.block_rows, task.n)
-            if scratch_bytes == 0 or scratch != NULL:
-                if task.double_precision:
+            if (scratch_bytes == 0 or scratch != NULL) and (wide_bytes == 0 or wide != NULL):
+                if task.storage != STORAGE_NATIVE:
+                    _words_block(task, p, start, stop, <float *>scratch, wide)
+                elif task.double_precision:
                     _block(task, p, start, stop, <double *>scratch)
                 else:
                     _block(task, p, start, stop, <float *>scratch)
         fx_aligned_free(scratch)
+        fx_aligned_free(wide)
     return -1 if failed else 0
 
 
@@ -1487,6 +1549,32 @@ def xent_index(const floating[:, ::1] x, const int64_t[::1] y, const floating[::
     cdef Task task = _xent_task(XENT_INDEX, mode, lanes, x.shape[0], x.shape[1], floating is double, &p)
     if task.n == 0:
         return
+    task.x = &x[0, 0]
+    task.labels = &y[0]
+    task.weight = &weight[0] if weight.shape[0] != 0 else NULL
+    task.loss = &loss[0]
+    task.out = &grad[0, 0]
+    task.rowdata = &rowdata[0, 0]
+    task.rowdata_stride = rowdata.shape[1]
+    _run(&task, &p)
+
+
+def xent_index_words(const uint16_t[:, ::1] x, const int64_t[::1] y, const float[::1] weight, params, int mode,
+                     bint lanes, double[::1] loss, uint16_t[:, ::1] grad, double[:, ::1] rowdata):
+    """xent_index on logits and a gradient held as 16-bit words (``params.storage``:
+    bfloat16 or float16), computed in float32 block by block (``_words_block``); LOSS, GRAD
+    and IN_PLACE only. The arguments otherwise as xent_index's, ``weight`` float32."""
+    cdef Params p = _unpack_params(params)
+    if p.storage == STORAGE_NATIVE:
+        raise ValueError("xent_index_words needs params.storage bfloat16 or float16")
+    if mode not in (LOSS, GRAD, IN_PLACE):
+        raise ValueError("16-bit words run in LOSS, GRAD and IN_PLACE only")
+    _check_options(mode, lanes, &p)
+    cdef Task task = _xent_task(XENT_INDEX, mode, lanes, x.shape[0], x.shape[1], False, &p)
+    if task.n == 0:
+        return
+    task.storage = <int>p.storage
+    task.wide_elements = task.block_rows * task.n_classes
     task.x = &x[0, 0]
     task.labels = &y[0]
     task.weight = &weight[0] if weight.shape[0] != 0 else NULL
@@ -1650,6 +1738,24 @@ def exp_array(const floating[::1] t, floating[::1] out):
     for its accuracy test and the comparison with the numba one."""
     if t.shape[0] != 0:
         _exp_elements(&t[0], &out[0], t.shape[0])
+
+
+def widen_words_array(const uint16_t[::1] words, int storage, float[::1] out):
+    """``out[j]``: the float32 value of the 16-bit word ``words[j]`` (STORAGE_BF16 or
+    STORAGE_F16), by the conversion xent_index_words uses; for its test."""
+    if storage not in (STORAGE_BF16, STORAGE_F16) or (storage == STORAGE_F16 and not FX_FLOAT16):
+        raise ValueError(f"no 16-bit conversion for storage {storage}")
+    if words.shape[0] != 0:
+        fx_widen_words(&words[0], &out[0], words.shape[0], storage)
+
+
+def narrow_words_array(const float[::1] values, int storage, uint16_t[::1] out):
+    """``out[j]``: float32 ``values[j]`` rounded to the nearest even 16-bit word, as
+    xent_index_words rounds the gradient; for its test."""
+    if storage not in (STORAGE_BF16, STORAGE_F16) or (storage == STORAGE_F16 and not FX_FLOAT16):
+        raise ValueError(f"no 16-bit conversion for storage {storage}")
+    if values.shape[0] != 0:
+        fx_narrow_words(&values[0], &out[0], values.shape[0], storage)
 
 
 def log_array(const double[::1] s, double[::1] out):

@@ -82,4 +82,63 @@ static void fx_aligned_free(void *pointer) { free(pointer); }
 #define fx_opaque(x) (x)
 #endif
 
+
+/* 16-bit logits (Params.storage 1 = bfloat16, 2 = float16): a block of words widened into
+ * the thread's float32 rows, and the float32 gradient rounded back to the nearest even
+ * word. bfloat16 is the top half of a float32 (widening is exact; a NaN narrows to 0x7FC0,
+ * as torch's .to(bfloat16) and the numba kernels' narrow_brain); float16 through the
+ * compiler's _Float16 (F16C's vcvtph2ps / vcvtps2ph in the x86-64-v3 and v4 clones). Where
+ * the compiler has no _Float16, FX_FLOAT16 is 0 and the extension reads no 16-bit words
+ * (the API then casts to float32 first). */
+#include <stdint.h>
+#include <string.h>
+#if defined(__FLT16_MAX__)
+#define FX_FLOAT16 1
+typedef _Float16 fx_half;
+#else
+#define FX_FLOAT16 0
+#endif
+
+FX_HOT static void fx_widen_words(const uint16_t *words, float *out, ptrdiff_t count, int storage) {
+    ptrdiff_t i;
+    if (storage == 1) {
+        for (i = 0; i < count; i++) {
+            uint32_t u = (uint32_t)words[i] << 16;
+            float v;
+            memcpy(&v, &u, sizeof v);
+            out[i] = v;
+        }
+    }
+#if FX_FLOAT16
+    else {
+        for (i = 0; i < count; i++) {
+            fx_half h;
+            memcpy(&h, &words[i], sizeof h);
+            out[i] = (float)h;
+        }
+    }
+#endif
+}
+
+FX_HOT static void fx_narrow_words(const float *values, uint16_t *out, ptrdiff_t count, int storage) {
+    ptrdiff_t i;
+    if (storage == 1) {
+        for (i = 0; i < count; i++) {
+            float v = values[i];
+            uint32_t u;
+            memcpy(&u, &v, sizeof u);
+            uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+            out[i] = v == v ? rounded : (uint16_t)0x7FC0;
+        }
+    }
+#if FX_FLOAT16
+    else {
+        for (i = 0; i < count; i++) {
+            fx_half h = (fx_half)values[i];
+            memcpy(&out[i], &h, sizeof h);
+        }
+    }
+#endif
+}
+
 #endif /* FASTXENT_CY_XENT_SIMD_H */

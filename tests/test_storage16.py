@@ -1,11 +1,12 @@
-"""16-bit logits (bfloat16, float16) read and written as 16-bit words by the numba kernels.
+"""16-bit logits (bfloat16, float16) read and written as 16-bit words by the compiled kernels.
 
-The kernels widen each word to float32 in registers, compute exactly as the float32 kernel
-does on the widened logits, and round the gradient to the nearest even word. So the
+The numba kernels widen each word to float32 in registers, compute exactly as the float32
+kernel does on the widened logits, and round the gradient to the nearest even word. So the
 gradient's words must equal the float32 kernel's gradient of ``x.astype(float32)`` rounded
 to the 16-bit dtype, bit for bit where both run rows one at a time (within one word with
-a scale or cap, whose products LLVM may fuse differently), and no N x C float32 array is
-ever allocated.
+a scale or cap, whose products LLVM may fuse differently). The Cython kernels widen a block
+of rows into float32 scratch and run the float32 block function on it: bit for bit in every
+layout. Neither allocates an N x C float32 array.
 """
 
 from __future__ import annotations
@@ -86,18 +87,87 @@ def test_16bit_against_the_reference(backend, rng, dtype, n_classes):
     np.testing.assert_allclose(stats.entropy, ref_stats["entropy"], rtol=1e-4, atol=1e-5)
 
 
-@numba_only
+cython_only = pytest.mark.skipif("cython" not in fx.available_backends(), reason="needs the cython backend")
+COMPILED = [pytest.param("numba", marks=numba_only), pytest.param("cython", marks=cython_only)]
+
+
+@cython_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_no_float32_copy_of_the_logits(rng, dtype):
+@pytest.mark.parametrize("n_classes", [7, 200, 40000], ids=["lanes", "rows", "one-row-blocks"])
+@pytest.mark.parametrize("options", OPTIONS, ids=["plain", "weight+ignore+smooth", "z+cap+scale"])
+def test_cython_words_are_its_float32_gradient_rounded_bit_for_bit(rng, dtype, n_classes, options):
+    """The Cython kernels widen a block of words into float32 rows and run the float32 block
+    function there: loss and gradient words equal its float32 results on the widened
+    logits, rounded, bit for bit, in the lanes layout, the row layout and one-row blocks
+    (C > BLOCK_ELEMENTS), with every option; out=, in place and loss only agree."""
+    n = 70 if n_classes < 1000 else 5
+    x, y, options = _problem(rng, (n,), n_classes, dtype, options)
+    x[1, 3] = np.inf if "softcap" in options else x[1, 3]  # a capped inf: a finite x'
+    for reduction in ("mean", "none"):
+        loss, grad = fx.cross_entropy_with_grad(x, y, reduction=reduction, backend="cython", **options)
+        loss32, grad32 = fx.cross_entropy_with_grad(
+            x.astype(np.float32), y, reduction=reduction, backend="cython", **options
+        )
+        assert grad.dtype == dtype
+        np.testing.assert_array_equal(grad.view(np.uint16), grad32.astype(dtype).view(np.uint16))
+        np.testing.assert_array_equal(
+            np.asarray(loss).view(np.uint16), np.asarray(loss32).astype(dtype).view(np.uint16)
+        )
+        out = np.empty_like(x)
+        fx.cross_entropy_with_grad(x, y, reduction=reduction, backend="cython", out=out, **options)
+        in_place = x.copy()
+        fx.cross_entropy_with_grad(in_place, y, reduction=reduction, backend="cython", out=in_place, **options)
+        np.testing.assert_array_equal(out.view(np.uint16), grad.view(np.uint16))
+        np.testing.assert_array_equal(in_place.view(np.uint16), grad.view(np.uint16))
+        alone = fx.cross_entropy(x, y, reduction=reduction, backend="cython", **options)
+        np.testing.assert_array_equal(np.asarray(alone).view(np.uint16), np.asarray(loss).view(np.uint16))
+
+
+@cython_only
+def test_cython_word_conversions_match_numpy_and_ml_dtypes():
+    """The extension's widening and rounding of 16-bit words: every word widens exactly;
+    float32 values (ties, overflow, subnormals, inf) round to nearest even as NumPy's
+    float16 and ml_dtypes' bfloat16; a NaN stays a NaN (bfloat16: 0x7FC0, as torch)."""
+    from fastxent import _cy_backend
+    from fastxent._spec import STORAGE_BF16, STORAGE_F16
+
+    cy = _cy_backend.extension
+    words = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    rng = np.random.default_rng(7)
+    values = rng.integers(0, 1 << 32, 1 << 18, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, 65504.0, 65520.0, 1e-8, 3.4e38], np.float32)
+    for storage, dtype in ((STORAGE_BF16, BF16), (STORAGE_F16, np.dtype(np.float16))):
+        widened = np.empty(words.size, np.float32)
+        cy.widen_words_array(words, storage, widened)
+        exact = words.view(dtype).astype(np.float32)
+        same = (widened.view(np.uint32) == exact.view(np.uint32)) | (np.isnan(widened) & np.isnan(exact))
+        assert same.all()
+        between = (exact.view(np.uint32) + np.uint32(1 << (15 if storage == STORAGE_BF16 else 12))).view(np.float32)
+        sample = np.concatenate([values, specials, between[np.isfinite(between)]])
+        narrowed = np.empty(sample.size, np.uint16)
+        cy.narrow_words_array(sample, storage, narrowed)
+        with np.errstate(over="ignore"):
+            expected = sample.astype(dtype)
+        finite = ~np.isnan(sample)
+        np.testing.assert_array_equal(narrowed[finite], expected[finite].view(np.uint16))
+        assert np.isnan(narrowed[~finite].view(dtype).astype(np.float32)).all()
+    nan_word = np.empty(1, np.uint16)
+    cy.narrow_words_array(np.array([np.nan], np.float32), STORAGE_BF16, nan_word)
+    assert nan_word[0] == 0x7FC0
+
+
+@pytest.mark.parametrize("compiled", COMPILED)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_float32_copy_of_the_logits(rng, dtype, compiled):
     """In place, a call allocates far less than the N x C float32 copy (N*C*4 bytes) the
     16-bit logits used to cost; NumPy's allocations are traced by tracemalloc."""
     n, n_classes = 2048, 2000
     x = rng.normal(size=(n, n_classes)).astype(dtype)
     y = rng.integers(0, n_classes, n)
-    fx.cross_entropy_with_grad(x[:64].copy(), y[:64], backend="numba", out=None)  # compile, scratch
+    fx.cross_entropy_with_grad(x[:64].copy(), y[:64], backend=compiled, out=None)  # compile, scratch
     tracemalloc.start()
     try:
-        fx.cross_entropy_with_grad(x, y, backend="numba", out=x)
+        fx.cross_entropy_with_grad(x, y, backend=compiled, out=x)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
