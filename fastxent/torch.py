@@ -43,7 +43,8 @@ buffer at all. After the call ``input`` holds the gradient of the (unscaled) los
 backward scales it in place and hands it on. What is checked:
 
 - at forward time, refused with :class:`InplaceBackwardError`: ``input`` is a leaf or a view
-  of a leaf (its storage is user-visible, e.g. a Parameter); ``input`` is not float32/float64;
+  of a leaf (its storage is user-visible, e.g. a Parameter); ``input`` is neither float32/float64
+  nor float16/bfloat16 with class-index targets (those are read and written as 16-bit words);
   ``input`` is not contiguous with its class dim last (``(N, C)``/``(C,)`` contiguous, or
   ``input.movedim(1, -1).is_contiguous()`` for ``(N, C, d1, ...)``).
 - the forward bumps ``input``'s version counter (as any in-place op does), so autograd itself
@@ -213,7 +214,7 @@ def _is_functorch_wrapped(t: Tensor) -> bool:
     return bool(check(t)) if check is not None else False
 
 
-def _check_inplace(input: Tensor) -> None:
+def _check_inplace(input: Tensor, target: Tensor) -> None:
     """Refuse ``inplace_backward=True`` where the logits' storage is visible or unusable."""
     if input.is_leaf or (input._base is not None and input._base.is_leaf):
         raise InplaceBackwardError(
@@ -221,10 +222,12 @@ def _check_inplace(input: Tensor) -> None:
             "whose values are user-visible (e.g. a Parameter): pass the output of an operation (e.g. a Linear "
             "layer's logits), or use the default inplace_backward=False"
         )
-    if input.dtype not in _NATIVE:
+    if _words_dtype(input, target) != input.dtype:
         raise InplaceBackwardError(
-            f"inplace_backward=True needs float32 or float64 logits (got {input.dtype}, which is computed in a "
-            "float32 copy): use the default inplace_backward=False"
+            "inplace_backward=True needs float32 or float64 logits, or float16/bfloat16 logits with class-index "
+            f"targets (read as 16-bit words; bfloat16 needs ml_dtypes); got {input.dtype} logits with "
+            f"{'probability' if target.is_floating_point() else 'class-index'} targets, which are computed in a "
+            "float32 copy: use the default inplace_backward=False"
         )
     if not _class_last(input).is_contiguous():
         raise InplaceBackwardError(
@@ -250,7 +253,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, inplace, extensions):
         dtype = _words_dtype(input, target)
         x = _class_last(input.detach())
-        if inplace:  # checked by the caller: class-last contiguous, native dtype
+        if inplace:  # checked by the caller: class-last contiguous, a dtype the kernels read as it is
             buf, own = x, True
         elif x.dtype == dtype and x.is_contiguous():
             buf, own = x, False  # zero copy: the kernel reads the input's storage
@@ -323,7 +326,10 @@ def _scale_in_place(ctx, g: Tensor, grad_output: Tensor) -> Tensor:
     if ctx.reduction == "none" or grad_output.item() != 1.0:
         scale = grad_output.unsqueeze(-1) if ctx.reduction == "none" else grad_output
         # through an alias with its own version counter: scaling must not look like a user write
-        torch.from_numpy(g.numpy()).mul_(scale)
+        if g.dtype == torch.bfloat16:  # (NumPy has no bfloat16: the alias goes through the words)
+            torch.from_numpy(g.view(torch.int16).numpy()).view(torch.bfloat16).mul_(scale)
+        else:
+            torch.from_numpy(g.numpy()).mul_(scale)
     ctx.applied = grad_output.clone()
     return g
 
@@ -434,8 +440,9 @@ def cross_entropy(
         deprecated and mapped to ``reduction`` exactly as torch does).
     inplace_backward : bool, default False
         Write the gradient over the logits' storage (no N x C buffer). Refused, with
-        :class:`InplaceBackwardError`, for leaf inputs, views of leaves, float16/bfloat16 and
-        layouts that are not class-last contiguous; see the module docstring for all checks.
+        :class:`InplaceBackwardError`, for leaf inputs, views of leaves, float16/bfloat16 with
+        probability targets and layouts that are not class-last contiguous; see the module
+        docstring for all checks.
     z_loss, logit_scale, softcap
         fastxent's extensions (keyword only; see ``fastxent.cross_entropy``): the loss sees
         ``x' = c tanh(a x / c)`` (``a x`` without a cap) and each kept row adds
@@ -460,7 +467,7 @@ def cross_entropy(
         raise RuntimeError("ignore_index is not supported for floating point target")
     if torch.is_grad_enabled() and input.requires_grad:
         if inplace_backward:
-            _check_inplace(input)
+            _check_inplace(input, target)
         return _FusedCrossEntropy.apply(
             input, target, weight, ignore_index, reduction, float(label_smoothing), bool(inplace_backward), extensions
         )

@@ -295,6 +295,38 @@ def test_inplace_guard_modified_between_forward_and_backward():
         loss.backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_backward_16bit_words(dtype, reduction):
+    """float16/bfloat16 logits with class indices: the gradient is written over the logits'
+    own 16-bit storage, scaled in place by grad_output, and equals the out-of-place one."""
+    pytest.importorskip("ml_dtypes")
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(12, 8, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(40, 8, generator=g, dtype=dtype)
+    y = torch.randint(0, 40, (12,), generator=g)
+    grad_output = torch.tensor(3.0, dtype=dtype) if reduction == "mean" else torch.rand(12, generator=g).to(dtype)
+
+    expected = None
+    for inplace in (False, True):
+        logits = h @ w.T
+        seen: list[torch.Tensor] = []
+        logits.register_hook(seen.append)
+        loss = fxt.cross_entropy(logits, y, reduction=reduction, label_smoothing=0.1, inplace_backward=inplace)
+        if inplace:
+            assert not torch.equal(logits.detach(), (h @ w.T).detach())  # overwritten by the gradient
+        loss.backward(grad_output)
+        if inplace:
+            assert seen[0].data_ptr() == logits.data_ptr() and seen[0].dtype == dtype
+            assert torch.equal(seen[0].view(torch.int16), expected.view(torch.int16))
+        else:
+            expected = seen[0].detach().clone()
+    reference = h.detach().float() @ w.float().T
+    reference.requires_grad_()
+    F.cross_entropy(reference, y, reduction=reduction, label_smoothing=0.1).backward(grad_output.float())
+    torch.testing.assert_close(expected.float(), reference.grad, rtol=2e-2, atol=2e-3)
+
+
 def test_inplace_guard_refuses_unsafe_inputs_at_forward():
     y = torch.randint(0, 5, (6,))
     w, logits = nonleaf_logits()
@@ -306,8 +338,8 @@ def test_inplace_guard_refuses_unsafe_inputs_at_forward():
         fxt.cross_entropy(logits.t().contiguous().t(), y, inplace_backward=True)
     with pytest.raises(fxt.InplaceBackwardError, match="contiguous"):  # (N, C, d) channels-first
         fxt.cross_entropy(torch.randn(2, 5, 3, requires_grad=True) * 1.0, y[:6].view(2, 3), inplace_backward=True)
-    with pytest.raises(fxt.InplaceBackwardError, match="float32 or float64"):
-        fxt.cross_entropy(logits.half(), y, inplace_backward=True)
+    with pytest.raises(fxt.InplaceBackwardError, match="probability targets"):  # a float32 copy
+        fxt.cross_entropy(logits.half(), torch.full((6, 5), 0.2, dtype=torch.half), inplace_backward=True)
     before = logits.detach().clone()
     with torch.no_grad():  # nothing to differentiate: the flag is ignored, the logits untouched
         fxt.cross_entropy(logits, y, inplace_backward=True)
