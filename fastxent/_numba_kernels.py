@@ -814,7 +814,7 @@ def _chunk_max_overload(src, out, p):
 def steps_0_to_2(chunked, src, xt_out, row, e, chunks, p):
     """Steps (0)-(2): ``(m, s, h)`` by chunked_steps or row_steps."""
     if chunked:
-        return chunked_steps(src, xt_out, row, e, chunks, p)
+        return float32_chunked_steps(src, xt_out, row, e, chunks, p)
     return row_steps(src, xt_out, row, e, chunks, p)
 
 
@@ -833,11 +833,26 @@ def row_steps(src, xt_out, row, e, chunks, p):
     return m, row_sum_exp(row, m, e), 0.0  # (2); loss only: e is the thread's scratch row
 
 
+def chunks_long_rows(row):
+    """Whether long rows of ``row``'s dtype go by chunks: float32 only. The float64 kernels
+    take every row whole, so that they carry no chunk code (it cost ~10 s of CPU per
+    kernel specialisation to compile; float64 is rarely the dtype of a 32k-class row)."""
+    return row.dtype == np.float32
+
+
+@overload(chunks_long_rows)
+def _chunks_long_rows_overload(row):
+    if row.dtype == types.float32:
+        return lambda row: True
+    return lambda row: False
+
+
 @outlined_helper
 def chunked_steps(src, xt_out, row, e, chunks, p):
     """Steps (0)-(2) of a long row by chunks (see above): ``(m, s, h)``, with the terms
     ``e'_c`` in ``e`` and each chunk's factor ``f_k`` in ``chunks[k]`` for step (4). ``src``
-    is the row as stored, ``row`` the one the steps read (x', or ``src`` itself)."""
+    is the row as stored, ``row`` the one the steps read (x', or ``src`` itself). The
+    float32 kernels only (chunks_long_rows; the overload below)."""
     wide_vectors()
     n_classes = row.shape[0]
     width = chunk_width(n_classes)
@@ -869,6 +884,18 @@ def chunked_steps(src, xt_out, row, e, chunks, p):
         if p.stats:
             h += f_k * (entropies[k] + (np.float64(m) - m_k) * sums[k]) if f_k > 0 else 0.0
     return m, s, h
+
+
+def float32_chunked_steps(src, xt_out, row, e, chunks, p):
+    """chunked_steps in the float32 kernels; in the float64 ones a stub never run."""
+    return chunked_steps(src, xt_out, row, e, chunks, p)
+
+
+@overload(float32_chunked_steps)
+def _float32_chunked_steps_overload(src, xt_out, row, e, chunks, p):
+    if row.dtype == types.float32:
+        return lambda src, xt_out, row, e, chunks, p: chunked_steps(src, xt_out, row, e, chunks, p)
+    return lambda src, xt_out, row, e, chunks, p: (row[0], 0.0, 0.0)  # float64: never run
 
 
 @helper
@@ -916,7 +943,8 @@ def row_outputs(i, row, m, s, h, y_local, kept, a, p, rowdata):
 @outlined_helper
 def _index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode):
     """Step (4) of a long row, chunk k with the coefficient ``a f_k`` (chunked_steps), by the
-    same per-row functions as a whole row, the target's term in its own chunk."""
+    same per-row functions as a whole row, the target's term in its own chunk (float32
+    only, as chunked_steps)."""
     wide_vectors()
     n_classes = row.shape[0]
     width = chunk_width(n_classes)
@@ -935,6 +963,18 @@ def _index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p, row, c
             index_grad_row(g, g, y_k, a_k, y_term, weight[c0:c1], p)
         else:
             index_grad_row(grad[i, c0:c1], e[c0:c1], y_k, a_k, y_term, weight[c0:c1], p)
+
+
+def float32_index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode):
+    """_index_grad_chunks in the float32 kernels; in the float64 ones a stub never run."""
+    _index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode)
+
+
+@overload(float32_index_grad_chunks)
+def _float32_index_grad_chunks_overload(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode):
+    if row.dtype == types.float32:
+        return float32_index_grad_chunks
+    return lambda i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode: None  # float64
 
 
 @helper
@@ -966,7 +1006,7 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt, x16
         e = grad[i]
     # (0)-(2), in one piece (row_steps) or a long row a chunk at a time (chunked_steps); from
     # here on the row is x'. SHARD_GRAD: (0) alone (the max and the sums come merged)
-    chunked = n_classes >= LONG_ROW and (mode == LOSS or mode == GRAD or mode == IN_PLACE)
+    chunked = chunks_long_rows(row) and n_classes >= LONG_ROW and (mode == LOSS or mode == GRAD or mode == IN_PLACE)
     s = 0.0
     h = 0.0
     if mode == SHARD_GRAD:
@@ -1022,7 +1062,7 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt, x16
     if mode == LOSS:
         return
     if chunked:
-        _index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode)
+        float32_index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode)
     elif narrow:  # (4), (4') in float32, (4'') rounded into the 16-bit words
         index_grad_row_words(grad16[i], e, y_local, a, y_term, weight, p, row)
     elif p.transformed:  # (4) and (4'): the chain rule through x', in one loop
