@@ -18,6 +18,7 @@ contender's, of the same kind: loss+grad against fwd+bwd, loss only against fwd.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import _api, _dispatch
+from ._progress import Progress
 from ._threads import get_num_threads, set_num_threads
 
 DEFAULT_SHAPES = ((262144, 10), (65536, 128), (16384, 1000), (4096, 32000), (2048, 128256), (8192, 50257))
@@ -245,9 +247,12 @@ def _skip_note(name: str, shape, error: BaseException, notes: list[str]) -> None
     if len(reason) > 160:
         reason = reason[:157] + "..."
     message = f"{name} skipped on {shape[0]}x{shape[1]} ({reason})"
-    if sys.stderr.isatty():
-        sys.stderr.write("\n")  # below the progress bar, not over it
-    print(f"note: {message}", file=sys.stderr, flush=True)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(f"note: {message}", file=sys.stderr, flush=True)
+    else:
+        tqdm.write(f"note: {message}", file=sys.stderr)  # above the progress bar, not over it
     notes.append(message)
 
 
@@ -287,17 +292,6 @@ def _parallel_copy():
     return copy_rows
 
 
-def _progress(done: int, total: int, label: str) -> None:
-    if not sys.stderr.isatty():
-        return
-    width = 30
-    filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
 def _logits(rng: np.random.Generator, n: int, n_classes: int, dtype) -> np.ndarray:
     """Standard-normal logits, fast: each row is a window, at a random offset, of one pool
     of 2**22 normal samples (drawing 400M samples one by one took 5 s of the 2-minute grid;
@@ -313,6 +307,35 @@ def _logits(rng: np.random.Generator, n: int, n_classes: int, dtype) -> np.ndarr
     return x
 
 
+def _run_shape(n, n_classes, dtype, threads, repeat, rng, notes, rows, torch_compile, bar) -> None:
+    """The rounds of one shape: every contender, interleaved; appends its rows."""
+    x = _logits(rng, n, n_classes, dtype)
+    y = rng.integers(0, n_classes, n).astype(np.int64)
+    contenders = _contenders(x, y, threads, notes, n * n_classes <= REFERENCE_MAX_ELEMENTS, torch_compile)
+
+    def compiling(name: str) -> None:
+        if bar is not None:
+            bar.set_label(f"{n}x{n_classes} compiling {name}")
+
+    _warm_up_compiled(contenders, (n, n_classes), notes, compiling)
+    for round_index in range(repeat + 1):  # round 0 is the warm-up (and JIT compile)
+        # each round starts one contender later, so none is always the one that runs
+        # right after PyTorch has returned its big buffers to the OS
+        first = round_index % len(contenders)
+        for contender in contenders[first:] + contenders[:first]:
+            start = time.perf_counter()
+            contender.run()
+            elapsed = time.perf_counter() - start
+            if round_index:
+                contender.times.append(elapsed)
+            elif contender.warmup_s is None:
+                contender.warmup_s = elapsed
+        if bar is not None:
+            bar.step(f"{n}x{n_classes}")
+    rows += _summarise((n, n_classes), np.dtype(dtype).itemsize, contenders)
+    _note_extensions(rows[-len(contenders) :], n_classes, notes)
+
+
 def run(shapes=DEFAULT_SHAPES, dtype="float32", threads=None, repeat=5, seed=0, progress=True, torch_compile=True):
     """Time every contender on every shape; returns ``(header, rows, notes)``.
 
@@ -324,36 +347,11 @@ def run(shapes=DEFAULT_SHAPES, dtype="float32", threads=None, repeat=5, seed=0, 
     notes: list[str] = []
     rows: list[Row] = []
     rng = np.random.default_rng(seed)
-    total = len(shapes) * (repeat + 1)
-    step = 0
-    for n, n_classes in shapes:
-        x = _logits(rng, n, n_classes, dtype)
-        y = rng.integers(0, n_classes, n).astype(np.int64)
-        contenders = _contenders(x, y, threads, notes, n * n_classes <= REFERENCE_MAX_ELEMENTS, torch_compile)
-
-        def compiling(name: str, label=f"{n}x{n_classes}", done=step) -> None:
-            if progress:
-                _progress(done, total, f"{label} {name}...")
-
-        _warm_up_compiled(contenders, (n, n_classes), notes, compiling)
-        for round_index in range(repeat + 1):  # round 0 is the warm-up (and JIT compile)
-            # each round starts one contender later, so none is always the one that runs
-            # right after PyTorch has returned its big buffers to the OS
-            first = round_index % len(contenders)
-            for contender in contenders[first:] + contenders[:first]:
-                start = time.perf_counter()
-                contender.run()
-                elapsed = time.perf_counter() - start
-                if round_index:
-                    contender.times.append(elapsed)
-                elif contender.warmup_s is None:
-                    contender.warmup_s = elapsed
-            step += 1
-            if progress:
-                _progress(step, total, f"{n}x{n_classes}")
-        rows += _summarise((n, n_classes), np.dtype(dtype).itemsize, contenders)
-        _note_extensions(rows[-len(contenders) :], n_classes, notes)
-        del x, y, contenders
+    bar = Progress(len(shapes) * (repeat + 1), f"bench {dtype}, {threads} threads", unit="round") if progress else None
+    with bar or contextlib.nullcontext():
+        for n, n_classes in shapes:
+            _run_shape(n, n_classes, dtype, threads, repeat, rng, notes, rows, torch_compile, bar)
+    n, n_classes = shapes[-1] if shapes else (0, 0)
     if n * n_classes > REFERENCE_MAX_ELEMENTS:
         notes.append(f"numpy reference timed only where N*C <= {REFERENCE_MAX_ELEMENTS} (it makes float64 temporaries)")
     header = {
@@ -460,8 +458,24 @@ def format_table(header, rows, notes) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, path: str) -> None:
-    """Time per element against C for each contender, with the floor."""
+#: colour families of the plot: fastxent's rows in blues, each peer's in its own family
+_FAMILIES = (
+    (("fastxent",), "Blues"),
+    (("torch.compile",), "Reds"),
+    (("torch",), "Oranges"),
+    (("jax",), "Greens"),
+    (("numpy",), "Greys"),
+)
+
+
+def _family(name: str) -> str:
+    return next((cmap for prefixes, cmap in _FAMILIES if name.startswith(prefixes)), "Purples")
+
+
+def plot(rows, path: str, header: dict[str, Any] | None = None) -> None:
+    """Time per element against C: fastxent's backends as one colour family (solid lines,
+    circles), the peers as others (dotted, squares), the memory floor as a black reference
+    line; dtype, threads and N in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -469,16 +483,27 @@ def plot(rows, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 5.5))
     names = list(dict.fromkeys(r.name for r in rows))
-    colours = plt.cm.tab20(np.linspace(0, 1, 20))
-    for index, name in enumerate(names):
+    members: dict[str, list[str]] = {}
+    for name in names:
+        members.setdefault(_family(name), []).append(name)
+    for name in names:
         mine = sorted((r for r in rows if r.name == name), key=lambda r: r.shape[1])
+        family = _family(name)
+        siblings = members[family]
+        # shades from dark to light within a family, never the near-white end of the map
+        shade = 0.9 - 0.5 * siblings.index(name) / max(len(siblings) - 1, 1)
         style: dict[str, Any]
         if mine[0].kind == "floor":
-            style = {"color": "black", "linestyle": "--", "linewidth": 2}
-        elif name.startswith(("torch", "jax", "numpy")):  # the peers: squares, thin lines
-            style = {"color": colours[(2 * index + 1) % 20], "marker": "s", "linestyle": ":"}
+            style = {"color": "black", "linestyle": "--", "linewidth": 2.2}
+        elif name.startswith("fastxent"):  # the backend by its marker, loss only dash-dotted
+            style = {
+                "color": plt.get_cmap(family)(shade),
+                "marker": "^" if "cython" in name else "o",
+                "linestyle": "-." if "loss only" in name else "-",
+                "linewidth": 2,
+            }
         else:
-            style = {"color": colours[(2 * index) % 20], "marker": "o"}
+            style = {"color": plt.get_cmap(family)(shade), "marker": "s", "linestyle": ":", "linewidth": 1.3}
         ax.plot(
             [r.shape[1] for r in mine],
             [1e6 * r.median_ms / (r.shape[0] * r.shape[1]) for r in mine],
@@ -487,13 +512,19 @@ def plot(rows, path: str) -> None:
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("classes C")
-    ax.set_ylabel("ns per element (median)")
-    ax.set_title("softmax cross-entropy, time per logit")
+    ax.set_xlabel("classes C (N per point in the title)")
+    ax.set_ylabel("ns per logit (median of rounds)")
+    shapes = sorted({r.shape for r in rows}, key=lambda shape: shape[1])
+    title = "softmax cross-entropy, loss + gradient: time per logit"
+    if header is not None:
+        title += f"\n{header.get('dtype')}, {header.get('threads')} threads, {header.get('cpu')}"
+    title += "\n" + ", ".join(f"N={n} at C={c}" for n, c in shapes)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 _PEAK_SCRIPT = """
@@ -637,15 +668,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    header, rows, notes = run(
-        args.shapes, args.dtype, args.threads, max(1, args.repeat), torch_compile=args.torch_compile
-    )
+    """Run the benchmark and print the table (arguments checked by the caller)."""
+    header, rows, notes = run(args.shapes, args.dtype, args.threads, args.repeat, torch_compile=args.torch_compile)
+    print(format_table(header, rows, notes), flush=True)  # the table first, whatever happens to the plot
+    status = 0
     if args.plot:
         try:
-            plot(rows, args.plot)
-        except ImportError:
-            notes.append("matplotlib not installed: no plot (pip install 'fastxent[bench]')")
-    print(format_table(header, rows, notes))
+            plot(rows, args.plot, header)
+        except (ImportError, OSError) as error:
+            print(f"fastxent bench: no plot written to {args.plot}: {error}", file=sys.stderr)
+            status = 1
     memory = []
     if args.memory:
         shape = max(args.shapes, key=lambda s: s[0] * s[1])
@@ -664,4 +696,4 @@ def main(args: argparse.Namespace) -> int:
             record = {"header": header, "rows": [asdict(r) for r in rows], "notes": notes, "peak_memory": memory}
             record["startup_s"] = startup
             json.dump(record, f, indent=1)
-    return 0
+    return status

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -19,10 +18,6 @@ def openmp_enabled() -> bool:
     """
     extension = _dispatch.KERNELS.get("cython")
     return bool(extension is not None and extension.openmp_enabled())
-
-
-def _print_progress(done: int, total: int, what: str, seconds: float) -> None:
-    print(f"[{done}/{total}] {what} ({seconds:.1f} s)", file=sys.stderr, flush=True)
 
 
 def _warm_up_in_child(name: str, function: str, dtype: str) -> float:

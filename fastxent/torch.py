@@ -85,7 +85,16 @@ gradient is zeros where PyTorch gives NaN; out-of-range targets raise
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ModuleNotFoundError as _missing:
+    if _missing.name != "torch":
+        raise
+    raise ImportError(
+        "fastxent.torch needs PyTorch, which is not installed: pip install 'fastxent[torch]' torch==2.13.0 "
+        "(or any torch >= 2.1; name a CPU build: an unpinned torch pulls a multi-GB CUDA one)"
+    ) from None
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
