@@ -23,24 +23,31 @@ from ._dispatch import available_backends
 from ._distill import distillation_loss, distillation_loss_with_grad
 from ._info import openmp_enabled, precompile
 from ._threads import get_num_threads, set_num_threads
+from .partial import RowStats, denominators, loss_from_stats, merge_row_stats, row_stats, shard_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CrossEntropyStats",
+    "RowStats",
     "TargetOutOfRangeError",
     "available_backends",
     "cross_entropy",
     "cross_entropy_grad",
     "cross_entropy_with_grad",
+    "denominators",
     "distillation_loss",
     "distillation_loss_with_grad",
     "get_num_threads",
     "log_softmax",
     "logsumexp",
+    "loss_from_stats",
+    "merge_row_stats",
     "openmp_enabled",
     "precompile",
+    "row_stats",
     "set_num_threads",
+    "shard_grad",
     "softmax",
     "__version__",
 ]
