@@ -92,7 +92,7 @@ def precompile() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastxent import __version__, _bench
+    from fastxent import __version__, _bench, _score
 
     parser = argparse.ArgumentParser(
         prog="fastxent",
@@ -120,7 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         description="Compile every numba kernel specialisation of the dispatch table into numba's on-disk cache "
         "(two worker processes), so that no later call pays a compile.",
     )
+    score = commands.add_parser(
+        "score",
+        help="metrics of saved logits (.npy / Zarr), streamed: cross-entropy, perplexity, accuracy, ECE",
+        description="Stream LOGITS (a memory-mapped .npy file or a Zarr array, never loaded whole) in row chunks "
+        "against LABELS (class indices) and print cross_entropy, perplexity, accuracy, top5_accuracy, ece "
+        "(15 bins) and rows; the result does not depend on --chunk-rows.",
+    )
+    _score.add_arguments(score)
     args = parser.parse_args(argv)
+    if args.command == "score":
+        return _score.main(score, args)
     if args.command == "bench":
         _check_bench_arguments(bench, args)
         # OpenMP pools (numba's and torch's own) spin after each parallel call by default,

@@ -43,12 +43,13 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix_str(label, refresh=True)
 
-    def step(self, label: str = "") -> None:
-        """One step done; ``label`` says which."""
-        self.done += 1
+    def step(self, label: str = "", count: int = 1) -> None:
+        """``count`` steps done; ``label`` says which."""
+        self.done += count
         if self._bar is not None:
-            self._bar.set_postfix_str(label, refresh=False)
-            self._bar.update(1)
+            if label:
+                self._bar.set_postfix_str(label, refresh=False)
+            self._bar.update(count)
         elif self.always_log:
             print(f"[{self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
 
