@@ -84,6 +84,8 @@ gradient is zeros where PyTorch gives NaN; out-of-range targets raise
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 try:
@@ -102,7 +104,13 @@ from torch.nn import _reduction as _Reduction
 import fastxent as _fx
 from fastxent._spec import check_distill_options as _check_distill_options
 
-__all__ = ["CrossEntropyLoss", "InplaceBackwardError", "cross_entropy", "distillation_loss"]
+__all__ = [
+    "CrossEntropyLoss",
+    "InplaceBackwardError",
+    "cross_entropy",
+    "distillation_loss",
+    "vocab_parallel_cross_entropy",
+]
 
 _NATIVE = (torch.float32, torch.float64)  # dtypes the kernels run on directly
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -701,3 +709,141 @@ def distillation_loss(
         reduction=reduction,
     )
     return _loss_tensor(loss, student.dtype)
+
+
+# --- vocab-parallel: each rank holds a slice of the classes ---------------------------
+
+
+def _rescaled_parts(stats: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """This rank's statistics rebased to the global max ``m``, as the terms of a SUM: per row
+    ``s_k e^(m_k - m)``, the target logit, ``A_k`` and ``B_k + A_k (m - m_k)`` (the merge
+    of fastxent.partial, term by term; a part that holds the max has shift 0, also -inf)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        m_k = stats[:, 0]
+        shift = np.where(m_k == m, 0.0, m - m_k)
+        parts = np.empty((stats.shape[0], 4))
+        parts[:, 0] = stats[:, 1] * np.exp(-shift)
+        parts[:, 1] = stats[:, 2]
+        parts[:, 2] = stats[:, 3]
+        parts[:, 3] = stats[:, 4] + np.where(stats[:, 3] != 0, stats[:, 3] * shift, 0.0)
+    return parts
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Forward: local row statistics, two all-reduces (MAX of the row max, SUM of the
+    rebased sums), the loss; backward: this shard's gradient from the merged statistics,
+    with no communication."""
+
+    @staticmethod
+    def forward(ctx, shard, target, weight, group, class_start, num_classes, options):
+        x = _as_numpy(_kernel_ready(shard.detach(), _compute_dtype(shard.dtype)))
+        y = target.detach().cpu().numpy()
+        w = None if weight is None else weight.detach().to(torch.float64).cpu().numpy()
+        ignore_index, reduction, label_smoothing, z_loss, logit_scale, softcap = options
+        local = _fx.row_stats(
+            x,
+            y,
+            class_start=class_start,
+            num_classes=num_classes,
+            weight=w,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            logit_scale=logit_scale,
+            softcap=softcap,
+        )
+        data = local.data.copy()
+        m = torch.from_numpy(data[:, 0].copy())
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+        sums = torch.from_numpy(_rescaled_parts(data, m.numpy()))
+        torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=group)
+        merged_data = np.column_stack([m.numpy(), sums.numpy()])
+        merged = _fx.RowStats.from_array(merged_data, num_classes, "index", local.batch_shape)
+        loss = _fx.loss_from_stats(
+            merged,
+            y,
+            weight=w,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            reduction=reduction,
+        )
+        ctx.saved = (x, y, w, merged, class_start, options)
+        ctx.shard_dtype = shard.dtype
+        ctx.moved = shard.dim() > 2
+        return _loss_tensor(loss, shard.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, y, w, merged, class_start, options = ctx.saved
+        ignore_index, reduction, label_smoothing, z_loss, logit_scale, softcap = options
+        grad = _fx.shard_grad(
+            x,
+            y,
+            merged,
+            class_start=class_start,
+            weight=w,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            reduction=reduction,
+        )
+        g = torch.from_numpy(grad).to(ctx.shard_dtype)
+        g = g * (grad_output.unsqueeze(-1) if reduction == "none" else grad_output)
+        return (g.movedim(-1, 1) if ctx.moved else g,) + (None,) * 6
+
+
+def vocab_parallel_cross_entropy(
+    shard_logits: Tensor,
+    target: Tensor,
+    *,
+    group: Any = None,
+    class_start: int | None = None,
+    num_classes: int | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> Tensor:
+    """Cross-entropy when each rank of ``group`` (torch.distributed, e.g. gloo on CPU) holds
+    a slice of the classes, as Megatron's vocab-parallel layout.
+
+    ``shard_logits``: this rank's ``(N, C_k)`` (or ``(N, C_k, d1, ...)``) logits; the shards
+    are contiguous and of equal width in rank order (rank r holds ``r C_k .. (r+1) C_k``)
+    unless ``class_start`` (and ``num_classes``, the full count) say otherwise. ``target``:
+    the full class indices, the same on every rank; ``weight``: the full ``(num_classes,)``.
+    The logits never travel: forward all-reduces a few float64 per row (the MAX of the row
+    max, then one SUM of the rebased sum-exp, target, weight and smoothing terms), and
+    backward computes this shard's gradient from the merged statistics with no
+    communication. Returns the loss (the same on every rank), differentiable with respect
+    to ``shard_logits``; equal to ``F.cross_entropy`` on the concatenated logits.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_cross_entropy needs torch.distributed initialised (init_process_group)")
+    if target.is_floating_point():
+        raise TypeError("vocab_parallel_cross_entropy takes class-index targets")
+    shard = shard_logits.movedim(1, -1) if shard_logits.dim() > 2 else shard_logits
+    width = shard.shape[-1]
+    if class_start is None:
+        class_start = dist.get_rank(group) * width
+        if num_classes is None:
+            num_classes = dist.get_world_size(group) * width
+    elif num_classes is None:
+        total = torch.tensor([width], dtype=torch.int64)
+        dist.all_reduce(total, group=group)
+        num_classes = int(total.item())
+    options = (
+        int(ignore_index),
+        reduction,
+        float(label_smoothing),
+        float(z_loss),
+        float(logit_scale),
+        None if softcap is None else float(softcap),
+    )
+    return _VocabParallelCrossEntropy.apply(shard, target, weight, group, int(class_start), int(num_classes), options)
