@@ -130,6 +130,64 @@ def _rows(array: Any, r0: int, r1: int, trailing: int) -> np.ndarray:
     return np.asarray(array[index] if isinstance(array, np.ndarray) else array.vindex[index])
 
 
+def _per_row(x: np.ndarray, y: np.ndarray):
+    """Per kept row of a chunk: the loss, the confidence, correct, in the top 5, the bin."""
+    import fastxent as fx
+
+    _, stats = fx.cross_entropy(x, y, reduction="none", return_stats=True)
+    rows_idx = np.arange(len(y))
+    x_y = x[rows_idx, y]
+    loss = stats.lse - x_y.astype(np.float64)
+    # the target's rank: classes ahead of it, and equal ones before it (first-index ties)
+    ahead = np.count_nonzero(x > x_y[:, None], axis=1)
+    tied_before = np.count_nonzero((x == x_y[:, None]) & (np.arange(x.shape[1]) < y[:, None]), axis=1)
+    rank = ahead + tied_before
+    confidence = np.exp(np.max(x, axis=1).astype(np.float64) - stats.lse)
+    bins = np.minimum((confidence * ECE_BINS).astype(np.int64), ECE_BINS - 1)
+    return loss, confidence, rank == 0, rank < 5, bins
+
+
+#: partial_sums' layout: loss sum, kept, correct, top 5, then per bin count, confidence, correct
+PARTIAL_WIDTH = 4 + 3 * ECE_BINS
+
+
+def partial_sums(x: np.ndarray, y: np.ndarray, ignore_index: int = -100) -> np.ndarray:
+    """The metrics' sums over one chunk of rows (``PARTIAL_WIDTH`` float64; they add across
+    chunks, e.g. in fastxent.dask.score): see ``metrics_from_sums``."""
+    y = y.astype(np.int64)
+    keep = y != ignore_index
+    out = np.zeros(PARTIAL_WIDTH)
+    if not keep.any():
+        return out
+    loss, confidence, correct, top5, bins = _per_row(x[keep], y[keep])
+    out[:4] = (np.sum(loss), len(loss), np.count_nonzero(correct), np.count_nonzero(top5))
+    out[4 : 4 + ECE_BINS] = np.bincount(bins, minlength=ECE_BINS)
+    out[4 + ECE_BINS : 4 + 2 * ECE_BINS] = np.bincount(bins, weights=confidence, minlength=ECE_BINS)
+    out[4 + 2 * ECE_BINS :] = np.bincount(bins, weights=correct.astype(np.float64), minlength=ECE_BINS)
+    return out
+
+
+def metrics_from_sums(sums: np.ndarray) -> dict[str, Any]:
+    """The reported metrics from the total of ``partial_sums``."""
+    loss_sum, kept, correct, top5 = (float(v) for v in sums[:4])
+    if kept == 0:
+        nan = float("nan")
+        return {"cross_entropy": nan, "perplexity": nan, "accuracy": nan, "top5_accuracy": nan, "ece": nan, "rows": 0}
+    confidence_sums = sums[4 + ECE_BINS : 4 + 2 * ECE_BINS]
+    correct_sums = sums[4 + 2 * ECE_BINS :]
+    # sum_b (n_b / n) |acc_b - conf_b| = sum_b |correct_b - confidence_b| / n
+    ece = float(np.sum(np.abs(correct_sums - confidence_sums))) / kept
+    cross_entropy = loss_sum / kept
+    return {
+        "cross_entropy": cross_entropy,
+        "perplexity": math.exp(cross_entropy) if cross_entropy < 709 else float("inf"),
+        "accuracy": correct / kept,
+        "top5_accuracy": top5 / kept,
+        "ece": ece,
+        "rows": int(kept),
+    }
+
+
 def score(
     logits: Any,
     labels: Any,
@@ -137,20 +195,18 @@ def score(
     chunk_rows: int | None = None,
     ignore_index: int = -100,
     progress: bool = True,
-) -> dict[str, float]:
-    """The metrics of ``logits`` (an array or memory map, ``(..., C)``) and ``labels``."""
-    import fastxent as fx
-
+) -> dict[str, Any]:
+    """The metrics of ``logits`` (an array or memory map, ``(..., C)``) and ``labels``,
+    streamed in chunks of ``chunk_rows`` rows (default ~32 MB of logits)."""
     from ._progress import Progress
 
     rows, n_classes = _check_inputs(logits, labels, ignore_index)
     if chunk_rows is None:
         itemsize = np.dtype(logits.dtype).itemsize
         chunk_rows = max(1, DEFAULT_CHUNK_BYTES // (itemsize * n_classes))
-    losses = FixedOrderSum()
-    calibration = FixedOrderSum(2 * ECE_BINS)  # per bin: confidence sum, correct count
-    kept = correct = top5 = 0
-    bin_counts = np.zeros(ECE_BINS, np.int64)
+    losses = FixedOrderSum()  # the per-row values in fixed blocks: independent of chunk_rows
+    confidences = FixedOrderSum(ECE_BINS)
+    totals = np.zeros(PARTIAL_WIDTH)  # the integer counts (exact in any order)
     bar = Progress(rows, "score", unit="row") if progress else None
     try:
         for r0 in range(0, rows, chunk_rows):
@@ -158,48 +214,60 @@ def score(
             x = _rows(logits, r0, r1, 1)
             y = _rows(labels, r0, r1, 0).astype(np.int64)
             keep = y != ignore_index
-            x, y = x[keep], y[keep]
-            if len(y):
-                _, stats = fx.cross_entropy(x, y, reduction="none", return_stats=True)
-                rows_idx = np.arange(len(y))
-                x_y = x[rows_idx, y].astype(np.float64)
-                losses.add(stats.lse - x_y)
-                x_y_native = x[rows_idx, y][:, None]
-                ahead = np.count_nonzero(x > x_y_native, axis=1)
-                tied_before = np.count_nonzero((x == x_y_native) & (np.arange(n_classes) < y[:, None]), axis=1)
-                rank = ahead + tied_before
-                is_correct = rank == 0
-                correct += int(np.count_nonzero(is_correct))
-                top5 += int(np.count_nonzero(rank < 5))
-                confidence = np.exp(np.max(x, axis=1).astype(np.float64) - stats.lse)
-                bins = np.minimum((confidence * ECE_BINS).astype(np.int64), ECE_BINS - 1)
-                per_bin = np.zeros((len(y), 2 * ECE_BINS))
-                per_bin[rows_idx, bins] = confidence
-                per_bin[rows_idx, ECE_BINS + bins] = is_correct
-                calibration.add(per_bin)
-                bin_counts += np.bincount(bins, minlength=ECE_BINS)
-                kept += len(y)
+            if keep.any():
+                loss, confidence, correct, top5, bins = _per_row(x[keep], y[keep])
+                losses.add(loss)
+                per_bin = np.zeros((len(loss), ECE_BINS))
+                per_bin[np.arange(len(loss)), bins] = confidence
+                confidences.add(per_bin)
+                totals[1:4] += np.array([len(loss), np.count_nonzero(correct), np.count_nonzero(top5)], np.float64)
+                totals[4 : 4 + ECE_BINS] += np.bincount(bins, minlength=ECE_BINS)
+                totals[4 + 2 * ECE_BINS :] += np.bincount(bins, weights=correct.astype(np.float64), minlength=ECE_BINS)
             if bar is not None:
                 bar.step(count=r1 - r0)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
-    if kept == 0:
-        nan = float("nan")
-        return {"cross_entropy": nan, "perplexity": nan, "accuracy": nan, "top5_accuracy": nan, "ece": nan, "rows": 0}
-    cross_entropy = float(losses.result()[0]) / kept
-    sums = calibration.result()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        gaps = np.abs(sums[ECE_BINS:] - sums[:ECE_BINS])  # |correct_b - confidence_b| (sums)
-    ece = float(np.sum(gaps[bin_counts > 0])) / kept
-    return {
-        "cross_entropy": cross_entropy,
-        "perplexity": math.exp(cross_entropy) if cross_entropy < 709 else float("inf"),
-        "accuracy": correct / kept,
-        "top5_accuracy": top5 / kept,
-        "ece": ece,
-        "rows": kept,
-    }
+    totals[0] = losses.result()[0]
+    totals[4 + ECE_BINS : 4 + 2 * ECE_BINS] = confidences.result()
+    return metrics_from_sums(totals)
+
+
+def _read_rows(path: str, r0: int, r1: int) -> np.ndarray:
+    """Rows ``r0:r1`` of a file, read on the worker that runs the task (no logits travel)."""
+    array = open_array(path, "logits")
+    return _rows(array, r0, r1, 1)
+
+
+def score_on_cluster(logits_path: str, labels_path: str, logits: Any, labels: Any, args: Any) -> dict[str, Any]:
+    """``score`` on the Dask cluster at ``args.scheduler``: one task per row chunk reads its
+    rows from the files and returns the metrics' partial sums (fastxent.dask.score)."""
+    import dask
+    import dask.array as da
+    from distributed import Client
+
+    from . import dask as fx_dask
+
+    rows, n_classes = _check_inputs(logits, labels, args.ignore_index)
+    chunk_rows = args.chunk_rows or max(1, DEFAULT_CHUNK_BYTES // (np.dtype(logits.dtype).itemsize * n_classes))
+    bounds = [(r0, min(rows, r0 + chunk_rows)) for r0 in range(0, rows, chunk_rows)]
+    x = da.concatenate(
+        [
+            da.from_delayed(
+                dask.delayed(_read_rows)(os.path.abspath(logits_path), r0, r1),
+                shape=(r1 - r0, n_classes),
+                dtype=logits.dtype,
+            )
+            for r0, r1 in bounds
+        ]
+    )
+    y = np.concatenate([_rows(labels, r0, r1, 0) for r0, r1 in bounds]).astype(np.int64)
+    try:
+        client = Client(args.scheduler, timeout=30)
+    except OSError as error:
+        raise ScoreError(f"could not reach the Dask scheduler at {args.scheduler} ({error})") from None
+    with client:
+        return fx_dask.score(x, y, ignore_index=args.ignore_index)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +276,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk (default: ~32 MB of logits)")
     parser.add_argument("--json", metavar="PATH", help="write the metrics as JSON (exactly the keys printed)")
     parser.add_argument("--ignore-index", type=int, default=-100, help="label of rows left out (default: -100)")
+    parser.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on the Dask cluster at ADDRESS (e.g. tcp://10.0.0.1:8786; needs the dask extra): "
+        "each worker reads its rows from the files itself",
+    )
 
 
 def main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -217,10 +291,18 @@ def main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--chunk-rows {args.chunk_rows}: at least 1")
     if args.json is not None:
         _writable_file(parser, "--json", args.json)
+    if args.scheduler is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("distributed") is None or importlib.util.find_spec("dask") is None:
+            parser.error("--scheduler needs Dask: pip install 'fastxent[dask]'")
     try:
         logits = open_array(args.logits, "logits")
         labels = open_array(args.labels, "labels")
-        metrics = score(logits, labels, chunk_rows=args.chunk_rows, ignore_index=args.ignore_index)
+        if args.scheduler is None:
+            metrics = score(logits, labels, chunk_rows=args.chunk_rows, ignore_index=args.ignore_index)
+        else:
+            metrics = score_on_cluster(args.logits, args.labels, logits, labels, args)
     except ScoreError as error:
         print(f"fastxent score: error: {error}", file=sys.stderr)
         return 1
