@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import warnings
 from types import ModuleType
 
@@ -38,19 +39,20 @@ COMPUTE_DTYPE: dict[np.dtype, np.dtype] = {
     np.dtype(np.longdouble): np.dtype(np.float64),  # no long double kernels: float64
 }
 
-try:  # bfloat16 NumPy arrays are ml_dtypes' (an optional dependency: the "bfloat16" extra)
-    import ml_dtypes
-except ImportError:  # pragma: no cover - without it no array can be bfloat16
-    BFLOAT16 = None
-else:
-    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-    COMPUTE_DTYPE[BFLOAT16] = np.dtype(np.float32)
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is ml_dtypes' bfloat16 (the "bfloat16" extra). ml_dtypes is not
+    imported here: an array of that dtype exists only once its owner imported it, and the
+    import takes ~1.2 s on this machine (it was a third of every ``import fastxent``)."""
+    if dtype.kind != "V" or dtype.name != "bfloat16":
+        return False
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    return ml_dtypes is not None and dtype == np.dtype(ml_dtypes.bfloat16)
+
 
 #: 16-bit storage dtypes that a kernel module with ``STORAGE_16BIT`` reads and writes as
 #: 16-bit words (``Params.storage``), computing in float32: no float32 copy of the logits
+#: (bfloat16 too: see is_bfloat16)
 STORAGE: dict[np.dtype, int] = {np.dtype(np.float16): STORAGE_F16}
-if BFLOAT16 is not None:
-    STORAGE[BFLOAT16] = STORAGE_BF16
 
 
 def storage_of(dtype: np.dtype, kernels: ModuleType) -> int:
@@ -58,19 +60,29 @@ def storage_of(dtype: np.dtype, kernels: ModuleType) -> int:
     module reads the words natively, else STORAGE_NATIVE (the API then casts to float32)."""
     if not getattr(kernels, "STORAGE_16BIT", False):
         return STORAGE_NATIVE
+    if is_bfloat16(dtype):
+        return STORAGE_BF16
     return STORAGE.get(dtype, STORAGE_NATIVE)
 
 
 def is_floating(dtype: np.dtype) -> bool:
     """NumPy floating dtypes, and bfloat16 (ml_dtypes' dtypes are of kind "V")."""
-    return dtype.kind == "f" or (BFLOAT16 is not None and dtype == BFLOAT16)
+    return dtype.kind == "f" or is_bfloat16(dtype)
 
 
 #: the dtypes with native kernels (every other floating dtype computes in one of them)
 NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: the backend functions the API calls, each compiled once per native dtype: the list
 #: precompile() walks (a backend that compiles lazily has ``warm_up(function, dtype)``)
-FUNCTIONS = ("xent_index", "xent_probability", "logsumexp_rows", "log_softmax_rows", "softmax_rows", "distill")
+FUNCTIONS = (
+    "xent_index",
+    "xent_probability",
+    "logsumexp_rows",
+    "log_softmax_rows",
+    "softmax_rows",
+    "distill",
+    "score_rows",  # fastxent score's per-row pass (numba only; without it NumPy does the same)
+)
 
 #: the environment variable that sets the default backend
 BACKEND_ENV = "FASTXENT_BACKEND"
@@ -216,6 +228,8 @@ def precompile_plan(backend: str) -> list[tuple[str, np.dtype]]:
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype a floating input is computed in; TypeError for any other dtype."""
+    if is_bfloat16(dtype):
+        return np.dtype(np.float32)
     native = np.dtype(dtype.type) if dtype.kind in "fV" else dtype
     try:
         return COMPUTE_DTYPE[native]

@@ -1423,6 +1423,33 @@ def _logsumexp_kernel(x, out):
             out[i] = m + math.log(row_sum_exp_only(row, m))
 
 
+@kernel
+def _score_rows_kernel(x, y, out):
+    """Per row with a valid label ``y_i`` (fastxent score): ``out[i] = (lse, x_y, rank, m)``,
+    the rank ``#{c: x_c > x_y} + #{c < y: x_c = x_y}`` (0: the first argmax, as
+    torch.argmax). Steps (1)-(3) as logsumexp, in float64 (``fast_log``), and the rank's
+    two counting loops, all over the row while it is in cache."""
+    for i in prange(x.shape[0]):
+        wide_vectors()
+        row = x[i]
+        label = y[i]
+        m = row_max(row)
+        x_y = row[label]
+        ahead = 0
+        for c in range(row.shape[0]):
+            ahead += 1 if row[c] > x_y else 0
+        tied_before = 0
+        for c in range(label):
+            tied_before += 1 if row[c] == x_y else 0
+        if math.isinf(m):
+            out[i, 0] = math.log(_sum_exp_unshifted(row))
+        else:
+            out[i, 0] = np.float64(m) + fast_log(row_sum_exp_only(row, m))
+        out[i, 1] = x_y
+        out[i, 2] = ahead + tied_before
+        out[i, 3] = m
+
+
 @exact_helper
 def _sum_exp_unshifted(row):
     """``sum_c exp(row_c)`` with libm's exp, in order: the rare rows whose max is infinite."""
@@ -1738,6 +1765,12 @@ def logsumexp_rows(x, out):
     _run(_logsumexp_kernel, x.shape[1], x, out)
 
 
+def score_rows(x, y, out):
+    """``out`` (n, 4) float64: per row the lse, the target logit, its rank, the max (every
+    label valid: the caller drops ignored rows and checks the range)."""
+    _run(_score_rows_kernel, x.shape[1], x, y, out)
+
+
 def log_softmax_rows(x, out):
     """``out_ic = (x_ic - m) - log(s)``; out may be x itself."""
     if out is x:
@@ -1792,6 +1825,10 @@ def warm_up(function: str, dtype: np.dtype) -> None:
         finish(kind, stats, target, weight, params, loss, np.zeros((2, 3)))
     elif function == "logsumexp_rows":
         logsumexp_rows(x, np.empty(2, dtype))
+    elif function == "score_rows":
+        labels = np.zeros(2, np.int64)
+        labels.flags.writeable = False
+        score_rows(x, labels, np.empty((2, 4)))
     else:
         run = log_softmax_rows if function == "log_softmax_rows" else softmax_rows
         run(x, np.empty((2, 3), dtype))

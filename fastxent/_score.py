@@ -130,19 +130,83 @@ def _rows(array: Any, r0: int, r1: int, trailing: int) -> np.ndarray:
     return np.asarray(array[index] if isinstance(array, np.ndarray) else array.vindex[index])
 
 
-def _per_row(x: np.ndarray, y: np.ndarray):
-    """Per kept row of a chunk: the loss, the confidence, correct, in the top 5, the bin."""
+def _row_numbers(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(n, 4) float64: per row the lse, the target logit, the target's rank (classes ahead
+    of it, and equal ones before it: first-index ties), the max. One pass of the numba
+    kernel (score_rows) where it loaded, else NumPy (three passes and temporaries)."""
+    from . import _dispatch
+
+    kernels = _dispatch.KERNELS.get("numba")
+    if x.dtype not in _dispatch.NATIVE_DTYPES:
+        x = x.astype(np.float32)
+    out = np.empty((len(y), 4))
+    if kernels is not None and hasattr(kernels, "score_rows"):
+        kernels.score_rows(np.ascontiguousarray(x), np.ascontiguousarray(y, np.int64), out)
+        return out
     import fastxent as fx
 
-    _, stats = fx.cross_entropy(x, y, reduction="none", return_stats=True)
     rows_idx = np.arange(len(y))
     x_y = x[rows_idx, y]
-    loss = stats.lse - x_y.astype(np.float64)
-    # the target's rank: classes ahead of it, and equal ones before it (first-index ties)
+    out[:, 0] = fx.cross_entropy(x, y, reduction="none", return_stats=True)[1].lse
+    out[:, 1] = x_y
     ahead = np.count_nonzero(x > x_y[:, None], axis=1)
-    tied_before = np.count_nonzero((x == x_y[:, None]) & (np.arange(x.shape[1]) < y[:, None]), axis=1)
-    rank = ahead + tied_before
-    confidence = np.exp(np.max(x, axis=1).astype(np.float64) - stats.lse)
+    out[:, 2] = ahead + np.count_nonzero((x == x_y[:, None]) & (np.arange(x.shape[1]) < y[:, None]), axis=1)
+    out[:, 3] = np.max(x, axis=1)
+    return out
+
+
+def _chunks(logits: Any, rows: int, chunk_rows: int):
+    """``(r0, r1, rows r0:r1 as an (r1 - r0, C) array)`` for every chunk, in order.
+
+    A ``.npy`` memory map is read through the map, with the NEXT chunk asked for ahead
+    (``MADV_WILLNEED``: the kernel reads it in the background while this one computes), so
+    that a file out of the page cache streams from disk during the compute. Measured on a
+    2.1 GB file evicted from the page cache (median of 3): 2.49 s without, 1.72 s with
+    (``cat``: 1.93 s); MADV_SEQUENTIAL on top was slower (2.00 s). The readinto of two
+    reused buffers by a reader thread measured slower still, warm (1.8 s against 0.5 s)."""
+    advise = _advisor(logits)
+    for r0 in range(0, rows, chunk_rows):
+        r1 = min(rows, r0 + chunk_rows)
+        if advise is not None:
+            advise(r1, min(rows, r1 + chunk_rows))
+        yield r0, r1, _rows(logits, r0, r1, 1)
+
+
+def _advisor(logits: Any):
+    """``advise(r0, r1)``: MADV_WILLNEED on rows r0:r1 of a C-ordered memory map, or None."""
+    import mmap
+
+    raw = getattr(logits, "_mmap", None)
+    if not isinstance(logits, np.memmap) or raw is None or not logits.flags.c_contiguous:
+        return None
+    if not hasattr(raw, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
+        return None
+    row_bytes = logits.dtype.itemsize * (math.prod(logits.shape[1:]) if len(logits.shape) > 1 else 1)
+    page = mmap.PAGESIZE
+    base = logits.offset - logits.offset % mmap.ALLOCATIONGRANULARITY  # where numpy's map starts
+    size = len(raw)
+
+    def advise(r0: int, r1: int) -> None:
+        if r1 <= r0:
+            return
+        first = logits.offset - base + r0 * row_bytes
+        first -= first % page
+        last = min(size, logits.offset - base + r1 * row_bytes)
+        try:
+            raw.madvise(mmap.MADV_WILLNEED, first, last - first)
+        except (OSError, ValueError):
+            pass
+
+    return advise
+
+
+def _per_row(x: np.ndarray, y: np.ndarray):
+    """Per kept row of a chunk: the loss, the confidence, correct, in the top 5, the bin."""
+    numbers = _row_numbers(x, y)
+    lse = numbers[:, 0]
+    loss = lse - numbers[:, 1]
+    rank = numbers[:, 2]
+    confidence = np.exp(numbers[:, 3] - lse)
     bins = np.minimum((confidence * ECE_BINS).astype(np.int64), ECE_BINS - 1)
     return loss, confidence, rank == 0, rank < 5, bins
 
@@ -209,9 +273,7 @@ def score(
     totals = np.zeros(PARTIAL_WIDTH)  # the integer counts (exact in any order)
     bar = Progress(rows, "score", unit="row") if progress else None
     try:
-        for r0 in range(0, rows, chunk_rows):
-            r1 = min(rows, r0 + chunk_rows)
-            x = _rows(logits, r0, r1, 1)
+        for r0, r1, x in _chunks(logits, rows, chunk_rows):
             y = _rows(labels, r0, r1, 0).astype(np.int64)
             keep = y != ignore_index
             if keep.any():

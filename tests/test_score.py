@@ -159,3 +159,35 @@ def test_bad_arguments_are_usage_errors(files, tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr, extra
         assert result.stderr.startswith("usage: fastxent score")
     assert not os.path.exists(tmp_path / "missing")
+
+
+def test_zarr_arrays(rng, tmp_path):
+    """LOGITS and LABELS as Zarr arrays (directories), read chunk by chunk."""
+    zarr = pytest.importorskip("zarr")
+    x, y = problem(rng, (500,))
+    logits = zarr.open(str(tmp_path / "logits.zarr"), mode="w", shape=x.shape, chunks=(128, x.shape[1]), dtype="f4")
+    logits[:] = x
+    labels = zarr.open(str(tmp_path / "labels.zarr"), mode="w", shape=y.shape, chunks=(128,), dtype="i8")
+    labels[:] = y
+    out = tmp_path / "m.json"
+    result = run_cli(
+        str(tmp_path / "logits.zarr"), str(tmp_path / "labels.zarr"), "--chunk-rows", "100", "--json", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text()) == _score.score(x, y, chunk_rows=100, progress=False)
+
+
+def test_without_numba_numpy_computes_the_same(rng, monkeypatch):
+    """The per-row numbers (lse, target logit, rank with first-index ties, max) from the
+    numba kernel and from the NumPy fallback agree."""
+    from fastxent import _dispatch
+
+    if "numba" not in _dispatch.KERNELS:
+        pytest.skip("needs numba for the comparison")
+    x, y = problem(rng, (300,))
+    keep = y != -100
+    with_numba = _score._row_numbers(x[keep], y[keep])
+    monkeypatch.setattr(_dispatch, "KERNELS", {k: v for k, v in _dispatch.KERNELS.items() if k != "numba"})
+    without = _score._row_numbers(x[keep], y[keep])
+    np.testing.assert_array_equal(with_numba[:, 1:], without[:, 1:])
+    np.testing.assert_allclose(with_numba[:, 0], without[:, 0], rtol=1e-6)
