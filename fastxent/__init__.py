@@ -22,6 +22,7 @@ from ._api import (
 from ._dispatch import available_backends
 from ._distill import distillation_loss, distillation_loss_with_grad
 from ._info import openmp_enabled, precompile
+from ._linear import linear_cross_entropy, linear_cross_entropy_with_grad
 from ._threads import get_num_threads, set_num_threads
 from .partial import RowStats, denominators, loss_from_stats, merge_row_stats, row_stats, shard_grad
 
@@ -39,6 +40,8 @@ __all__ = [
     "distillation_loss",
     "distillation_loss_with_grad",
     "get_num_threads",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
     "log_softmax",
     "logsumexp",
     "loss_from_stats",

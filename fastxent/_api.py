@@ -182,8 +182,14 @@ def _cross_entropy(
     logit_scale=1.0,
     softcap=None,
     return_stats=False,
+    denominators=None,
 ):
-    """Validate, run one fused kernel, reduce. Returns ``(loss, grad or None, stats or None)``."""
+    """Validate, run one fused kernel, reduce. Returns ``(loss, grad or None, stats or None)``.
+
+    ``denominators=(D, K)`` (index targets; fastxent's own row-chunked callers, e.g. the
+    fused linear loss): "mean" divides by these global totals instead of this call's, and
+    the loss comes back unrounded in float64 (a Python float, or float64 rows for "none"),
+    so that the chunks' losses add up to the whole batch's."""
     x = _as_logits(logits)
     dtype = _dispatch.compute_dtype(x.dtype)
     kernels = _dispatch.kernels_for(backend, n_classes=x.shape[-1])  # the fastest for this C
@@ -231,6 +237,8 @@ def _cross_entropy(
             _raise_out_of_range(labels, first_bad, batch_shape, n_classes, spec.ignore_index)
         # K, the rows not ignored: the z-loss's and the accuracy's denominator (D without weights)
         n_kept = float(np.count_nonzero(labels != spec.ignore_index)) if spec.row_outputs else denominator
+        if denominators is not None:
+            denominator, n_kept = (float(v) for v in denominators)
     else:
         if t.shape != x.shape:
             raise ValueError(
@@ -296,9 +304,9 @@ def _cross_entropy(
     if spec.reduction == "none":
         if row_out is not None:
             row_loss += row_out[:, OUT_Z]
-        loss = row_loss.astype(x.dtype).reshape(batch_shape)
+        loss = (row_loss if denominators is not None else row_loss.astype(x.dtype)).reshape(batch_shape)
     else:
-        loss = x.dtype.type(loss_value)
+        loss = loss_value if denominators is not None else x.dtype.type(loss_value)
     stats = _stats(spec, row_out, labels, n_kept, z_value, x.dtype, batch_shape) if spec.return_stats else None
     if grad2 is None:
         return loss, None, stats

@@ -39,6 +39,7 @@ COMPUTE_DTYPE: dict[np.dtype, np.dtype] = {
     np.dtype(np.longdouble): np.dtype(np.float64),  # no long double kernels: float64
 }
 
+
 def is_bfloat16(dtype: np.dtype) -> bool:
     """Whether ``dtype`` is ml_dtypes' bfloat16 (the "bfloat16" extra). ml_dtypes is not
     imported here: an array of that dtype exists only once its owner imported it, and the

@@ -1796,6 +1796,7 @@ COMPILED = {
     "logsumexp_rows": (_logsumexp_kernel,),
     "log_softmax_rows": (_log_softmax_kernel, _log_softmax_in_place_kernel),
     "softmax_rows": (_softmax_kernel, _softmax_in_place_kernel),
+    "score_rows": (_score_rows_kernel,),
 }
 
 

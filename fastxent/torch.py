@@ -107,8 +107,10 @@ from fastxent._spec import check_distill_options as _check_distill_options
 __all__ = [
     "CrossEntropyLoss",
     "InplaceBackwardError",
+    "LinearCrossEntropyLoss",
     "cross_entropy",
     "distillation_loss",
+    "linear_cross_entropy",
     "vocab_parallel_cross_entropy",
 ]
 
@@ -847,3 +849,143 @@ def vocab_parallel_cross_entropy(
         None if softcap is None else float(softcap),
     )
     return _VocabParallelCrossEntropy.apply(shard, target, weight, group, int(class_start), int(num_classes), options)
+
+
+# --- the fused linear cross-entropy: the N x V logits never exist ----------------------
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Forward: loss and the three gradients, a chunk of rows at a time (fastxent's
+    linear_cross_entropy_with_grad on the tensors' storage); backward scales them by
+    grad_output ("none": recomputes with each row's grad_output)."""
+
+    @staticmethod
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, options, chunk_rows):
+        from . import _linear
+
+        dtype = _compute_dtype(torch.promote_types(input.dtype, linear_weight.dtype))
+        h = _as_numpy(_kernel_ready(input.detach(), dtype))
+        w = _as_numpy(_kernel_ready(linear_weight.detach(), dtype))
+        b = None if linear_bias is None else _as_numpy(_kernel_ready(linear_bias.detach(), dtype))
+        y = target.detach().cpu().numpy()
+        cw = None if weight is None else _weight_array(weight, dtype)
+        wants = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        loss, grads = _linear._run(
+            h, w, y, b, {**options, "weight": cw}, chunk_rows, wants and options["reduction"] != "none", None
+        )
+        ctx.reduction = options["reduction"]
+        ctx.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
+        if ctx.reduction == "none" and wants:  # recomputed in backward with the row weights
+            ctx.recompute = (h, w, y, b, {**options, "weight": cw}, chunk_rows)
+            ctx.grads = None
+        else:
+            ctx.recompute = None
+            ctx.grads = grads
+        return _loss_tensor(loss, input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        from . import _linear
+
+        if ctx.recompute is not None:
+            h, w, y, b, options, chunk_rows = ctx.recompute
+            scale = grad_output.detach().to(torch.float64).reshape(-1).numpy()
+            _, grads = _linear._run(h, w, y, b, options, chunk_rows, True, None, row_scale=scale)
+            scale_by = None
+        else:
+            grads = ctx.grads
+            scale_by = None if grad_output.item() == 1.0 else grad_output
+        out = []
+        for grad, dtype in zip(grads, ctx.dtypes, strict=False):
+            g = torch.from_numpy(np.ascontiguousarray(grad))
+            if scale_by is not None:
+                g = g * scale_by.to(g.dtype)
+            out.append(g.to(dtype))
+        d_input, d_weight = out[0], out[1]
+        d_bias = out[2] if len(out) > 2 else None
+        ctx.grads = ctx.recompute = None
+        return d_input, d_weight, d_bias, None, None, None, None
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without
+    the logits: torch.nn.functional.linear_cross_entropy's call shape (``input`` (..., H),
+    ``linear_weight`` (V, H), class indices ``target``; ``weight`` the class weights), with
+    autograd to ``input``, ``linear_weight`` and ``linear_bias``. The chunks run on NumPy's
+    BLAS (SciPy's gemm for the in-place ``d_weight`` accumulation) and fastxent's in-place
+    kernel; see ``fastxent.linear_cross_entropy_with_grad``. CPU tensors only."""
+    if target.is_floating_point():
+        raise TypeError("linear_cross_entropy takes class-index targets")
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        if not t.is_cpu:
+            raise ValueError(f"fastxent.torch.linear_cross_entropy runs on CPU tensors ({name} is on {t.device})")
+    options = {
+        "ignore_index": int(ignore_index),
+        "reduction": reduction,
+        "label_smoothing": float(label_smoothing),
+        "z_loss": float(z_loss),
+        "logit_scale": float(logit_scale),
+        "softcap": None if softcap is None else float(softcap),
+    }
+    return _FusedLinearCrossEntropy.apply(input, linear_weight, linear_bias, target, weight, options, chunk_rows)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """A module for :func:`linear_cross_entropy`: holds the cross-entropy options (class
+    ``weight`` as a buffer); called as ``loss(input, linear_weight, target, linear_bias)``."""
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        *,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+        chunk_rows: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.chunk_rows = chunk_rows
+
+    weight: Tensor | None
+
+    def forward(
+        self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None = None
+    ) -> Tensor:
+        return linear_cross_entropy(
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            chunk_rows=self.chunk_rows,
+        )

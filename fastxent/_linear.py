@@ -1,0 +1,236 @@
+"""The fused linear cross-entropy: ``loss(hidden @ weight.T + bias, target)`` and its three
+gradients, with the ``N x V`` logits never held at once.
+
+Per chunk of rows (``chunk_rows``, by default ~64 MB of float32 logits):
+
+1. one GEMM writes the chunk's logits into a reused buffer: ``Z = H_c W^T (+ b)``;
+2. the fused kernel runs IN PLACE on it (``out=Z``), with the GLOBAL "mean" denominators
+   (``D``: the weights of the kept targets, ``K``: the kept rows, counted over all rows
+   before the chunks), so ``Z`` becomes ``dJ/dZ`` of the whole batch's loss;
+3. two GEMMs: ``d_hidden[c] = G W`` and ``d_weight += G^T H_c`` (BLAS ``gemm`` with
+   ``beta = 1`` straight into ``d_weight``: no ``V x H`` temporary; through SciPy's BLAS
+   when it is installed, else one ``V x H`` buffer), and ``d_bias += sum_rows G``.
+
+Memory beyond the inputs and the gradients: the chunk's logits (and with SciPy nothing
+else of size ``V x H``). Any chunk size gives the same loss and gradients up to the
+rounding of the GEMMs' sums. 16-bit inputs (float16, bfloat16) are computed in float32
+and ``d_weight`` / ``d_bias`` accumulate in float32 (bfloat16 accumulation diverges,
+Liger-Kernel's issues #512 and #827); the gradients are returned in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from . import _api, _dispatch
+from ._spec import check_ignore_index, check_reduction
+
+#: the default chunk: about this many bytes of float32 logits
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+def _gemm_accumulate():
+    """``acc(dW, G, Hc)``: ``dW += G^T Hc`` in place (SciPy's BLAS gemm, beta = 1, on the
+    Fortran-ordered view ``dW^T = Hc^T G``), or None without SciPy."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:
+        return None
+
+    def accumulate(d_weight: np.ndarray, grad: np.ndarray, hidden: np.ndarray) -> None:
+        gemm = blas.sgemm if d_weight.dtype == np.float32 else blas.dgemm
+        result = gemm(1.0, hidden, grad, beta=1.0, c=d_weight.T, trans_a=1, overwrite_c=1)
+        if not np.shares_memory(result, d_weight):  # (never seen: a copy would be silently lost)
+            d_weight += result.T
+
+    return accumulate
+
+
+def _chunk_rows(chunk_rows: Any, n: int, n_classes: int) -> int:
+    if chunk_rows is None:
+        return max(1, min(n, DEFAULT_CHUNK_BYTES // (4 * max(n_classes, 1))))
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    return int(chunk_rows)
+
+
+def _inputs(hidden, weight, target, bias):
+    h = np.asarray(hidden)
+    w = np.asarray(weight)
+    if not _dispatch.is_floating(h.dtype) or not _dispatch.is_floating(w.dtype):
+        raise TypeError(f"hidden and weight must be floating arrays, got {h.dtype} and {w.dtype}")
+    if w.ndim != 2:
+        raise ValueError(f"weight must be (V, H) (one row per class), got shape {w.shape}")
+    if h.ndim < 1 or h.shape[-1] != w.shape[1]:
+        raise ValueError(f"hidden must be (..., H) with H = weight.shape[1] = {w.shape[1]}, got shape {h.shape}")
+    compute = np.result_type(_dispatch.compute_dtype(h.dtype), _dispatch.compute_dtype(w.dtype))
+    b = None
+    if bias is not None:
+        b = np.asarray(bias)
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"bias must have shape ({w.shape[0]},), got {b.shape}")
+        b = np.ascontiguousarray(b, compute)
+    t = np.asarray(target)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"target must be integer class indices, got dtype {t.dtype}")
+    if t.shape != h.shape[:-1]:
+        raise ValueError(f"target must have shape {h.shape[:-1]} (hidden's without H), got {t.shape}")
+    h2 = np.ascontiguousarray(h.reshape(-1, h.shape[-1]), compute)
+    w2 = np.ascontiguousarray(w, compute)
+    return h, w, h2, w2, b, t.reshape(-1), compute
+
+
+def _run(hidden, weight, target, bias, options, chunk_rows, want_grad, backend, row_scale=None):
+    """The chunk loop. ``row_scale`` (n,): the gradient of ``sum_i row_scale_i l_i`` (the
+    backward of "none" with a grad_output), each chunk's gradient rows scaled before the
+    GEMMs."""
+    h, w, h2, w2, b, labels, compute = _inputs(hidden, weight, target, bias)
+    n, n_classes = h2.shape[0], w2.shape[0]
+    reduction = check_reduction(options["reduction"])
+    ignore_index = check_ignore_index(options["ignore_index"])
+    class_weight = options["weight"]
+    # the global denominators, before any chunk (the kernels' own label check and sums)
+    cw = None if class_weight is None else np.ascontiguousarray(class_weight, compute)
+    if cw is not None and cw.shape != (n_classes,):
+        raise ValueError(f"weight (class weights) must have shape ({n_classes},), got {cw.shape}")
+    labels64 = np.ascontiguousarray(labels, np.int64)
+    bad = (labels64 != ignore_index) & ((labels64 < 0) | (labels64 >= n_classes))
+    if bad.any():
+        _api._raise_out_of_range(labels64, int(np.argmax(bad)), h.shape[:-1], n_classes, ignore_index)
+    kept = labels64 != ignore_index
+    k = float(np.count_nonzero(kept))
+    d = float(np.sum(cw.astype(np.float64)[labels64[kept]])) if cw is not None else k
+    rows = _chunk_rows(chunk_rows, n, n_classes)
+    buffer = np.empty((min(rows, max(n, 1)), n_classes), compute)
+    d_hidden = np.empty_like(h2) if want_grad else None
+    d_weight = np.zeros_like(w2) if want_grad else None
+    d_bias = np.zeros(n_classes, compute) if want_grad and b is not None else None
+    accumulate = _gemm_accumulate() if want_grad else None
+    scratch = None
+    total = 0.0
+    row_losses = np.empty(n) if reduction == "none" else None
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        logits = buffer[: r1 - r0]
+        np.matmul(h2[r0:r1], w2.T, out=logits)  # (1) the chunk's logits
+        if b is not None:
+            logits += b
+        loss, grad, _ = _api._cross_entropy(  # (2) in place, with the global denominators
+            logits,
+            labels64[r0:r1],
+            cw,
+            ignore_index,
+            reduction,
+            options["label_smoothing"],
+            backend,
+            want_grad,
+            logits if want_grad else None,
+            options["z_loss"],
+            options["logit_scale"],
+            options["softcap"],
+            False,
+            denominators=(d, k),
+        )
+        if row_losses is not None:
+            row_losses[r0:r1] = loss
+        else:
+            total += float(loss)
+        if want_grad:  # (3) the two GEMMs, and the bias
+            if row_scale is not None:
+                logits *= row_scale[r0:r1, None].astype(logits.dtype)
+            np.matmul(logits, w2, out=d_hidden[r0:r1])
+            if accumulate is not None:
+                accumulate(d_weight, logits, h2[r0:r1])
+            else:
+                if scratch is None:
+                    scratch = np.empty_like(d_weight)
+                np.matmul(logits.T, h2[r0:r1], out=scratch)
+                d_weight += scratch
+            if d_bias is not None:
+                d_bias += logits.sum(axis=0)
+    if reduction == "none":
+        loss_out: Any = row_losses.astype(h.dtype).reshape(h.shape[:-1])
+    elif reduction == "mean" and d == 0:
+        loss_out = h.dtype.type(math.nan)
+    else:
+        loss_out = h.dtype.type(total)
+    if not want_grad:
+        return loss_out, None
+    grads = [d_hidden.reshape(h.shape).astype(h.dtype, copy=False), d_weight.astype(w.dtype, copy=False)]
+    if d_bias is not None:
+        grads.append(d_bias.astype(np.asarray(bias).dtype, copy=False))
+    return loss_out, grads
+
+
+def linear_cross_entropy_with_grad(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    target: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    class_weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_rows: int | None = None,
+    backend: str | None = None,
+) -> tuple[Any, ...]:
+    """``cross_entropy(hidden @ weight.T + bias, target, ...)`` and its gradients, a chunk of
+    rows at a time (the ``N x V`` logits never exist): returns ``(loss, d_hidden, d_weight)``,
+    plus ``d_bias`` when ``bias`` is given.
+
+    ``hidden`` (..., H), ``weight`` (V, H) (a Linear layer's), ``bias`` (V,), ``target``
+    class indices of shape ``hidden.shape[:-1]``. ``class_weight`` is cross-entropy's
+    per-class ``weight``; the other keywords are :func:`fastxent.cross_entropy`'s.
+    ``chunk_rows``: rows per chunk (default: ~64 MB of float32 logits); any value gives the
+    same results up to the GEMMs' rounding. "none" gives per-row losses and the gradients of
+    their sum."""
+    options = {
+        "weight": class_weight,
+        "ignore_index": ignore_index,
+        "reduction": reduction,
+        "label_smoothing": label_smoothing,
+        "z_loss": z_loss,
+        "logit_scale": logit_scale,
+        "softcap": softcap,
+    }
+    loss, grads = _run(hidden, weight, target, bias, options, chunk_rows, True, backend)
+    return (loss, *grads)
+
+
+def linear_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    target: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    class_weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    chunk_rows: int | None = None,
+    backend: str | None = None,
+) -> Any:
+    """The loss of :func:`linear_cross_entropy_with_grad` alone (evaluation): one GEMM and
+    the loss-only kernel per chunk, no gradient work."""
+    options = {
+        "weight": class_weight,
+        "ignore_index": ignore_index,
+        "reduction": reduction,
+        "label_smoothing": label_smoothing,
+        "z_loss": z_loss,
+        "logit_scale": logit_scale,
+        "softcap": softcap,
+    }
+    loss, _ = _run(hidden, weight, target, bias, options, chunk_rows, False, backend)
+    return loss
