@@ -660,6 +660,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--startup", action="store_true", help="also time a fresh process's import and first call (cache empty/warm)"
     )
     parser.add_argument(
+        "--linear",
+        action="store_true",
+        help="instead: the fused linear cross-entropy against torch's linear_cross_entropy (unchunked, chunked) "
+        "and the three GEMMs alone; time and extra peak memory, fresh processes",
+    )
+    parser.add_argument(
+        "--linear-shape",
+        type=_parse_linear_shape,
+        default=None,
+        metavar="NxHxV",
+        help="the --linear shape (default: 2048x512x65536)",
+    )
+    parser.add_argument(
         "--no-compile",
         dest="torch_compile",
         action="store_false",
@@ -667,8 +680,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _parse_linear_shape(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"the linear shape looks like 2048x512x65536 (NxHxV), got {text!r}")
+    n, h, v = (int(p) for p in parts)
+    return n, h, v
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark and print the table (arguments checked by the caller)."""
+    if args.linear:
+        from . import _bench_linear
+
+        return _bench_linear.main(args)
     header, rows, notes = run(args.shapes, args.dtype, args.threads, args.repeat, torch_compile=args.torch_compile)
     print(format_table(header, rows, notes), flush=True)  # the table first, whatever happens to the plot
     status = 0

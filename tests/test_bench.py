@@ -254,3 +254,24 @@ def test_the_command_times_torch_compile_on_a_tiny_shape(tmp_path):
         assert row["vs_compile"] == pytest.approx(compiled["median_ms"] / row["median_ms"])
         assert row["vs_torch"] is not None and row["x_floor"] is not None
     assert any(note.startswith("torch.compile's compile (first call, untimed) on 64x10") for note in record["notes"])
+
+
+@pytest.mark.slow
+def test_bench_linear_on_a_tiny_shape(tmp_path):
+    """`fastxent bench --linear`: every contender in its fresh process, a row each with time
+    and extra peak memory, the BLAS named, the JSON record."""
+    pytest.importorskip("torch")
+    record_path = tmp_path / "linear.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "fastxent", "bench", "--linear", "--linear-shape", "64x16x512", "--repeat", "1",
+         "--threads", "1", "--json", str(record_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "N=64 H=16 V=512" in result.stdout and "BLAS:" in result.stdout
+    record = json.loads(record_path.read_text())
+    assert set(record["results"]) == {
+        "fastxent (NumPy)", "fastxent.torch", "torch unchunked", "torch chunked", "three GEMMs alone"
+    }  # fmt: skip
+    for numbers in record["results"].values():
+        assert len(numbers["times"]) == 1 and numbers["times"][0] > 0 and numbers["extra_bytes"] >= 0

@@ -1,0 +1,134 @@
+"""``fastxent bench --linear``: the fused linear cross-entropy (loss and the three gradients)
+against torch.nn.functional.linear_cross_entropy unchunked and chunked, and the three GEMMs
+alone; time and extra peak memory, each contender in a fresh process.
+
+Extra peak memory is the process's peak RSS (``ru_maxrss``) during the timed calls minus
+its RSS just before them, with the inputs allocated and one warm-up call done: what one
+forward+backward needs beyond its inputs. The time is the median of the rounds. Both numba
+and the BLAS run at the bench's thread count (``--threads``); which BLAS ran is reported
+(threadpoolctl, when installed).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import textwrap
+
+DEFAULT_SHAPE = (2048, 512, 65536)  # N, H, V
+
+_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import numpy as np
+    n, h, v, which, repeat, threads = sys.argv[1:7]
+    n, h, v, repeat, threads = int(n), int(h), int(v), int(repeat), int(threads)
+    import torch
+    torch.set_num_threads(threads)
+    import fastxent as fx
+    fx.set_num_threads(threads)
+    blas = []
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+        threadpool_limits(threads)
+        blas = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}" for i in threadpool_info()
+                if i.get("user_api") == "blas"]
+    except ImportError:
+        pass
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((n, h), dtype=np.float32)
+    weight = (rng.standard_normal((v, h), dtype=np.float32) * 0.05)
+    target = rng.integers(0, v, n)
+    ht, wt, yt = torch.from_numpy(hidden), torch.from_numpy(weight), torch.from_numpy(target)
+    F = torch.nn.functional
+
+    def torch_call(options):
+        a, b = ht.detach().requires_grad_(), wt.detach().requires_grad_()
+        F.linear_cross_entropy(a, b, yt, options=options).backward()
+        return a.grad, b.grad
+
+    def gemms():
+        logits = hidden @ weight.T
+        return logits @ weight, logits.T @ hidden
+
+    def fastxent_torch():
+        import fastxent.torch as fxt
+        a, b = ht.detach().requires_grad_(), wt.detach().requires_grad_()
+        fxt.linear_cross_entropy(a, b, yt).backward()
+        return a.grad, b.grad
+
+    calls = {
+        "fastxent (NumPy)": lambda: fx.linear_cross_entropy_with_grad(hidden, weight, target),
+        "fastxent.torch": fastxent_torch,
+        "torch unchunked": lambda: torch_call(None),
+        "torch chunked": lambda: torch_call(torch.nn.LinearCrossEntropyOptions()),
+        "three GEMMs alone": gemms,
+    }
+    call = calls[which]
+    result = call()  # warm-up (compiles, first-touch of BLAS buffers)
+    del result
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    before = rss()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = call()
+        times.append(time.perf_counter() - start)
+        del result
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"times": times, "extra_bytes": max(0, peak - before), "blas": blas}))
+    """
+)
+
+CONTENDERS = ("fastxent (NumPy)", "fastxent.torch", "torch unchunked", "torch chunked", "three GEMMs alone")
+
+
+def run(shape=DEFAULT_SHAPE, threads: int = 2, repeat: int = 3) -> dict:
+    """Each contender in its own process; returns the numbers by contender."""
+    n, h, v = shape
+    results = {}
+    for name in CONTENDERS:
+        completed = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(n), str(h), str(v), name, str(repeat), str(threads)],
+            capture_output=True,
+            text=True,
+        )
+        if completed.returncode != 0:
+            reason = (completed.stderr.strip().splitlines() or ["failed"])[-1]
+            print(f"note: {name} skipped ({reason})", file=sys.stderr)
+            continue
+        results[name] = json.loads(completed.stdout.strip().splitlines()[-1])
+    return results
+
+
+def format_table(shape, threads: int, repeat: int, results: dict) -> str:
+    n, h, v = shape
+    logits_bytes = n * v * 4
+    lines = [
+        f"fused linear cross-entropy, fwd+bwd: N={n} H={h} V={v} float32, {threads} threads, median of {repeat} "
+        f"(each contender a fresh process); logits would be {logits_bytes / 1e9:.2f} GB",
+        f"BLAS: {'; '.join(next(iter(results.values()))['blas']) if results else '?'}",
+        f"{'contender':<22} {'seconds':>8} {'extra peak MB':>14} {'vs torch unchunked':>19}",
+    ]
+    base = results.get("torch unchunked")
+    for name, record in results.items():
+        median = statistics.median(record["times"])
+        ratio = "" if base is None else f"{statistics.median(base['times']) / median:.2f}x"
+        lines.append(f"{name:<22} {median:8.2f} {record['extra_bytes'] / 1e6:14.0f} {ratio:>19}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    shape = tuple(args.linear_shape) if getattr(args, "linear_shape", None) else DEFAULT_SHAPE
+    threads = args.threads or 2
+    repeat = args.repeat
+    results = run(shape, threads, repeat)
+    print(format_table(shape, threads, repeat, results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": shape, "threads": threads, "results": results}, f, indent=1)
+    return 0 if results else 1
