@@ -13,10 +13,12 @@ parallel loop. Nothing here imports numba.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from . import _cy_xent  # type: ignore[attr-defined]  # the compiled extension: no stub
-from ._spec import N_OUTS, kernel_weight, no_gradient
+from ._spec import N_OUTS, SMALL_CALL_ELEMENTS, kernel_weight, no_gradient
 
 LOSS, GRAD, IN_PLACE, STATS, SHARD_GRAD = _cy_xent.MODES
 STAT_M, STAT_S, STAT_TARGET, STAT_A, STAT_B = _cy_xent.STAT_COLUMNS
@@ -74,7 +76,23 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
         mode = IN_PLACE
     if rowdata is None:
         rowdata = _NO_ROWDATA
-    kernel_function(x, target, kernel_weight(weight, x), params, mode, lanes, loss, grad, rowdata)
+    with _one_thread_if_small(x.size):
+        kernel_function(x, target, kernel_weight(weight, x), params, mode, lanes, loss, grad, rowdata)
+
+
+@contextlib.contextmanager
+def _one_thread_if_small(elements: int):
+    """A call over fewer than SMALL_CALL_ELEMENTS logits runs on one OpenMP thread (see
+    _spec.SMALL_CALL_ELEMENTS; omp_set_num_threads applies to this Python thread only)."""
+    threads = _cy_xent.get_num_threads()
+    if elements >= SMALL_CALL_ELEMENTS or threads <= 1:
+        yield
+        return
+    _cy_xent.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _cy_xent.set_num_threads(threads)
 
 
 def _row_outputs(x, params, row_out):
@@ -151,4 +169,5 @@ def distill(z, t, labels, params, loss, grad=None):
     mode = LOSS if grad is None else IN_PLACE if grad is z else GRAD
     if grad is None:
         grad = no_gradient(z.dtype)
-    _cy_xent.distill(z, t, labels if labels is not None else _NO_LABELS, params, mode, loss, grad)
+    with _one_thread_if_small(z.size):
+        _cy_xent.distill(z, t, labels if labels is not None else _NO_LABELS, params, mode, loss, grad)

@@ -84,6 +84,7 @@ from ._spec import (
     OUT_LSE,
     OUT_Z,
     REVERSE_KL,
+    SMALL_CALL_ELEMENTS,
     STORAGE_BF16,
     STORAGE_NATIVE,
     kernel_weight,
@@ -1589,9 +1590,17 @@ def _run(kernel_function, elements_per_iteration, *args):
 
 def _run_chunked(kernel_function, elements_per_iteration, args):
     previous = _set_chunksize(max(1, BLOCK_ELEMENTS // max(elements_per_iteration, 1)))  # launches the layer
+    # a small call on one thread (SMALL_CALL_ELEMENTS: the largest 2-D array is the logits)
+    elements = max((a.size for a in args if isinstance(a, np.ndarray) and a.ndim == 2), default=0)
+    threads = numba.get_num_threads()
+    single = elements < SMALL_CALL_ELEMENTS and threads > 1
+    if single:
+        numba.set_num_threads(1)  # (for this Python thread's launches only)
     try:
         kernel_function(*args)
     finally:
+        if single:
+            numba.set_num_threads(threads)
         _set_chunksize(previous)
 
 
