@@ -43,7 +43,9 @@ def _gemm_accumulate():
 
     def accumulate(d_weight: np.ndarray, grad: np.ndarray, hidden: np.ndarray) -> None:
         gemm = blas.sgemm if d_weight.dtype == np.float32 else blas.dgemm
-        result = gemm(1.0, hidden, grad, beta=1.0, c=d_weight.T, trans_a=1, overwrite_c=1)
+        # every operand a Fortran-ordered view of a C-ordered array, so SciPy copies none:
+        # dW^T (H x V) += Hc^T (H x rows, as hidden.T) @ G (rows x V, as the transpose of G.T)
+        result = gemm(1.0, hidden.T, grad.T, beta=1.0, c=d_weight.T, trans_b=1, overwrite_c=1)
         if not np.shares_memory(result, d_weight):  # (never seen: a copy would be silently lost)
             d_weight += result.T
 
