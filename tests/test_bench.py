@@ -14,7 +14,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from fastxent import _bench
+from fastxent import _bench, _bench_small
 
 
 def test_logits_are_standard_normal_rows_of_the_requested_dtype():
@@ -275,3 +275,19 @@ def test_bench_linear_on_a_tiny_shape(tmp_path):
     }  # fmt: skip
     for numbers in record["results"].values():
         assert len(numbers["times"]) == 1 and numbers["times"][0] > 0 and numbers["extra_bytes"] >= 0
+
+
+def test_bench_small_prints_every_shape_and_contender(tmp_path):
+    record_path = tmp_path / "small.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "fastxent", "bench", "--small", "--repeat", "1", "--json", str(record_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads(record_path.read_text())
+    shapes = {tuple(row["shape"]) for row in record}
+    assert shapes == set(_bench_small.SHAPES)
+    names = {row["name"] for row in record}
+    assert {"fastxent out=", "fastxent (fresh grad)", "numpy reference"} <= names
+    assert all(row["us"] > 0 for row in record)
+    assert "1024x1000" in result.stdout.replace(" ", "")
