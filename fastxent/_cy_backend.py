@@ -66,9 +66,6 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
         if kernel_function is not _cy_xent.xent_index:
             raise ValueError("16-bit words are read for class-index targets only")
         kernel_function = _cy_xent.xent_index_words
-        # (params.transformed is set for any storage: a real scale or cap is what counts)
-        plain = params.logit_scale == 1.0 and params.softcap == 0.0 and not params.row_outputs
-        lanes = small_ok and plain and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
         weight = kernel_weight(weight, np.empty((0, n_classes), np.float32))  # float32 ones for none
     if grad is None:
         grad = _NO_WORDS if x.dtype == np.uint16 else no_gradient(x.dtype)

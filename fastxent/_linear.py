@@ -28,6 +28,7 @@ from numpy.typing import ArrayLike
 
 from . import _api, _dispatch
 from ._spec import check_ignore_index, check_reduction
+from .partial import _labels, denominators
 
 #: the default chunk: about this many bytes of float32 logits
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -83,14 +84,27 @@ def _inputs(hidden, weight, target, bias):
         raise ValueError(f"target must have shape {h.shape[:-1]} (hidden's without H), got {t.shape}")
     h2 = np.ascontiguousarray(h.reshape(-1, h.shape[-1]), compute)
     w2 = np.ascontiguousarray(w, compute)
-    return h, w, h2, w2, b, t.reshape(-1), compute
+    return h, w, h2, w2, b, t, compute
+
+
+def _options(class_weight, ignore_index, reduction, label_smoothing, z_loss, logit_scale, softcap) -> dict:
+    """The cross-entropy keywords of one call, as ``_run`` takes them."""
+    return {
+        "weight": class_weight,
+        "ignore_index": ignore_index,
+        "reduction": reduction,
+        "label_smoothing": label_smoothing,
+        "z_loss": z_loss,
+        "logit_scale": logit_scale,
+        "softcap": softcap,
+    }
 
 
 def _run(hidden, weight, target, bias, options, chunk_rows, want_grad, backend, row_scale=None):
     """The chunk loop. ``row_scale`` (n,): the gradient of ``sum_i row_scale_i l_i`` (the
     backward of "none" with a grad_output), each chunk's gradient rows scaled before the
     GEMMs."""
-    h, w, h2, w2, b, labels, compute = _inputs(hidden, weight, target, bias)
+    h, w, h2, w2, b, t, compute = _inputs(hidden, weight, target, bias)
     n, n_classes = h2.shape[0], w2.shape[0]
     reduction = check_reduction(options["reduction"])
     ignore_index = check_ignore_index(options["ignore_index"])
@@ -99,13 +113,8 @@ def _run(hidden, weight, target, bias, options, chunk_rows, want_grad, backend, 
     cw = None if class_weight is None else np.ascontiguousarray(class_weight, compute)
     if cw is not None and cw.shape != (n_classes,):
         raise ValueError(f"weight (class weights) must have shape ({n_classes},), got {cw.shape}")
-    labels64 = np.ascontiguousarray(labels, np.int64)
-    bad = (labels64 != ignore_index) & ((labels64 < 0) | (labels64 >= n_classes))
-    if bad.any():
-        _api._raise_out_of_range(labels64, int(np.argmax(bad)), h.shape[:-1], n_classes, ignore_index)
-    kept = labels64 != ignore_index
-    k = float(np.count_nonzero(kept))
-    d = float(np.sum(cw.astype(np.float64)[labels64[kept]])) if cw is not None else k
+    labels64 = _labels(t, h.shape[:-1], n_classes, ignore_index)  # int64 (n,), range checked
+    d, k = denominators(labels64, num_classes=n_classes, weight=cw, ignore_index=ignore_index)
     rows = _chunk_rows(chunk_rows, n, n_classes)
     buffer = np.empty((min(rows, max(n, 1)), n_classes), compute)
     d_hidden = np.empty_like(h2) if want_grad else None
@@ -194,15 +203,7 @@ def linear_cross_entropy_with_grad(
     ``chunk_rows``: rows per chunk (default: ~64 MB of float32 logits); any value gives the
     same results up to the GEMMs' rounding. "none" gives per-row losses and the gradients of
     their sum."""
-    options = {
-        "weight": class_weight,
-        "ignore_index": ignore_index,
-        "reduction": reduction,
-        "label_smoothing": label_smoothing,
-        "z_loss": z_loss,
-        "logit_scale": logit_scale,
-        "softcap": softcap,
-    }
+    options = _options(class_weight, ignore_index, reduction, label_smoothing, z_loss, logit_scale, softcap)
     loss, grads = _run(hidden, weight, target, bias, options, chunk_rows, True, backend)
     return (loss, *grads)
 
@@ -225,14 +226,6 @@ def linear_cross_entropy(
 ) -> Any:
     """The loss of :func:`linear_cross_entropy_with_grad` alone (evaluation): one GEMM and
     the loss-only kernel per chunk, no gradient work."""
-    options = {
-        "weight": class_weight,
-        "ignore_index": ignore_index,
-        "reduction": reduction,
-        "label_smoothing": label_smoothing,
-        "z_loss": z_loss,
-        "logit_scale": logit_scale,
-        "softcap": softcap,
-    }
+    options = _options(class_weight, ignore_index, reduction, label_smoothing, z_loss, logit_scale, softcap)
     loss, _ = _run(hidden, weight, target, bias, options, chunk_rows, False, backend)
     return loss

@@ -1669,8 +1669,10 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
         x16 = _frozen(x)
         x = _NO_LOGITS
     dtype = x.dtype
+    # 16-bit words are widened into the x' rows (step (0)) whether or not they are scaled
+    widened = params.transformed or x16 is not _NO_WORDS_IN
     # the lanes layout has none of the extensions (x', z-loss, statistics): rows at a time
-    plain = not (params.transformed or params.row_outputs)
+    plain = not (widened or params.row_outputs)
     small = small_ok and plain and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
     block_rows = rows_per_block(n_classes)
     # a row; or the lanes' rows transposed and their max (probability targets: twice)
@@ -1678,7 +1680,7 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
     scratch, lanes = _scratch(dtype, width)
     # the x' rows, written under one name and read under another, read-only, so that a row
     # of x and a row of x' have one numba type (and the steps after (0) one specialisation)
-    xt_out = _transformed_rows(dtype, n_classes, scratch.shape[0]) if params.transformed else scratch
+    xt_out = _transformed_rows(dtype, n_classes, scratch.shape[0]) if widened else scratch
     if grad is None:
         grad = no_gradient(dtype)
     if grad is x:  # in place: the kernel reads a read-only view and writes the array itself

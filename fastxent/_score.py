@@ -3,9 +3,10 @@ memory, streamed in row chunks.
 
 LOGITS is a ``.npy`` file, opened with ``mmap_mode="r"`` (never loaded whole), or a Zarr
 array (the ``zarr`` package); LABELS a ``.npy`` / Zarr array of class indices of shape
-``LOGITS.shape[:-1]`` (``ignore_index`` -100 marks rows left out). Per chunk, one fused
-kernel call gives each row's log-sum-exp in float64 (``return_stats``), and NumPy the row
-max and the target's rank. Reported (stdout; ``--json PATH`` writes exactly these keys):
+``LOGITS.shape[:-1]`` (``ignore_index`` -100 marks rows left out). Per chunk, one pass of
+the numba kernel ``score_rows`` gives each row's log-sum-exp in float64, the target logit,
+its rank and the max (NumPy does the same without numba). Reported (stdout; ``--json
+PATH`` writes exactly these keys):
 
 - ``cross_entropy``: the mean of ``lse_i - x_{i,y_i}`` over the kept rows. The per-row
   values are summed in blocks of ``BLOCK_ROWS`` consecutive rows of the whole file, and the

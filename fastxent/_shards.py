@@ -108,21 +108,27 @@ def row_stats(
     return stats
 
 
+def rebase(stats: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """One part's statistics rebased to the max ``m`` of all parts, as the terms of a SUM
+    (columns ``S, TARGET, A, B``): ``s e^(m_k - m)``, the target logit, ``A`` and
+    ``B + A (m - m_k)``. A part that holds the max has shift 0 (also where both are -inf).
+    The merge of two parts is their sum; vocab-parallel torch all-reduces these terms."""
+    parts = np.empty((stats.shape[0], 4))
+    with np.errstate(invalid="ignore", over="ignore"):
+        shift = np.where(stats[:, _M] == m, 0.0, m - stats[:, _M])  # >= 0
+        parts[:, 0] = stats[:, _S] * np.exp(-shift)
+        parts[:, 1] = stats[:, _TARGET]
+        parts[:, 2] = stats[:, _A]
+        parts[:, 3] = stats[:, _B] + np.where(stats[:, _A] != 0, stats[:, _A] * shift, 0.0)
+    return parts
+
+
 def merge_row_stats(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """The statistics of two shards of the same rows, as if computed on both at once."""
     m = np.maximum(first[:, _M], second[:, _M])
     merged = np.empty_like(first)
     merged[:, _M] = m
-    merged[:, _S] = 0.0
-    merged[:, _B] = 0.0
-    with np.errstate(invalid="ignore", over="ignore"):
-        for part in (first, second):
-            shift = m - part[:, _M]  # >= 0; 0 where this part holds the max (also -inf - -inf)
-            shift = np.where(part[:, _M] == m, 0.0, shift)
-            merged[:, _S] += part[:, _S] * np.exp(-shift)
-            merged[:, _B] += part[:, _B] + np.where(part[:, _A] != 0, part[:, _A] * shift, 0.0)
-    merged[:, _TARGET] = first[:, _TARGET] + second[:, _TARGET]
-    merged[:, _A] = first[:, _A] + second[:, _A]
+    merged[:, _S:] = rebase(first, m) + rebase(second, m)
     return merged
 
 

@@ -243,7 +243,7 @@ class LossSpec:
             z_grad_scale=float(z_grad_scale),
             logit_scale=float(self.logit_scale),
             softcap=float(self.softcap) if self.softcap is not None else 0.0,
-            transformed=self.transformed or storage != STORAGE_NATIVE,  # 16-bit: widened into x'
+            transformed=self.transformed,  # (16-bit words: each backend widens them its own way)
             row_outputs=self.row_outputs,
             stats=bool(self.return_stats),
             storage=int(storage),

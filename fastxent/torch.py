@@ -102,6 +102,7 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
 import fastxent as _fx
+from fastxent import _shards
 from fastxent._spec import check_distill_options as _check_distill_options
 
 __all__ = [
@@ -716,21 +717,6 @@ def distillation_loss(
 # --- vocab-parallel: each rank holds a slice of the classes ---------------------------
 
 
-def _rescaled_parts(stats: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """This rank's statistics rebased to the global max ``m``, as the terms of a SUM: per row
-    ``s_k e^(m_k - m)``, the target logit, ``A_k`` and ``B_k + A_k (m - m_k)`` (the merge
-    of fastxent.partial, term by term; a part that holds the max has shift 0, also -inf)."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        m_k = stats[:, 0]
-        shift = np.where(m_k == m, 0.0, m - m_k)
-        parts = np.empty((stats.shape[0], 4))
-        parts[:, 0] = stats[:, 1] * np.exp(-shift)
-        parts[:, 1] = stats[:, 2]
-        parts[:, 2] = stats[:, 3]
-        parts[:, 3] = stats[:, 4] + np.where(stats[:, 3] != 0, stats[:, 3] * shift, 0.0)
-    return parts
-
-
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Forward: local row statistics, two all-reduces (MAX of the row max, SUM of the
     rebased sums), the loss; backward: this shard's gradient from the merged statistics,
@@ -756,7 +742,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         data = local.data.copy()
         m = torch.from_numpy(data[:, 0].copy())
         torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
-        sums = torch.from_numpy(_rescaled_parts(data, m.numpy()))
+        sums = torch.from_numpy(_shards.rebase(data, m.numpy()))  # the merge's terms, summed over ranks
         torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=group)
         merged_data = np.column_stack([m.numpy(), sums.numpy()])
         merged = _fx.RowStats.from_array(merged_data, num_classes, "index", local.batch_shape)

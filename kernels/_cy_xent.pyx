@@ -295,10 +295,6 @@ cdef Params _unpack_params(object record) except *:
         raise ValueError(f"unknown Params.storage {p.storage}")
     if p.storage == STORAGE_F16 and not FX_FLOAT16:
         raise ValueError("this build of the extension has no float16 conversions (no _Float16 in its compiler)")
-    # 16-bit words are widened into float32 rows before the row phases see them, so only a
-    # real scale or cap transforms the logits here (_spec sets transformed for any storage)
-    if p.storage != STORAGE_NATIVE:
-        p.transformed = p.logit_scale != 1.0 or p.softcap != 0.0
     return p
 
 
@@ -1536,6 +1532,17 @@ cdef int _check_options(int mode, bint lanes, const Params *p) except -1:
     return 0
 
 
+cdef void _set_arrays(Task *task, const void *x, const void *weight, double *loss, void *out,
+                      double[:, ::1] rowdata) noexcept:
+    """The arrays every fused call has (the target's own field is set by the caller)."""
+    task.x = x
+    task.weight = weight
+    task.loss = loss
+    task.out = out
+    task.rowdata = &rowdata[0, 0]
+    task.rowdata_stride = rowdata.shape[1]
+
+
 def xent_index(const floating[:, ::1] x, const int64_t[::1] y, const floating[::1] weight, params, int mode,
                bint lanes, double[::1] loss, floating[:, ::1] grad, double[:, ::1] rowdata):
     """Steps (1)-(4) of ``mode`` for class-index targets, in the row layout or (``lanes``)
@@ -1549,13 +1556,8 @@ def xent_index(const floating[:, ::1] x, const int64_t[::1] y, const floating[::
     cdef Task task = _xent_task(XENT_INDEX, mode, lanes, x.shape[0], x.shape[1], floating is double, &p)
     if task.n == 0:
         return
-    task.x = &x[0, 0]
     task.labels = &y[0]
-    task.weight = &weight[0] if weight.shape[0] != 0 else NULL
-    task.loss = &loss[0]
-    task.out = &grad[0, 0]
-    task.rowdata = &rowdata[0, 0]
-    task.rowdata_stride = rowdata.shape[1]
+    _set_arrays(&task, &x[0, 0], &weight[0] if weight.shape[0] != 0 else NULL, &loss[0], &grad[0, 0], rowdata)
     _run(&task, &p)
 
 
@@ -1575,13 +1577,8 @@ def xent_index_words(const uint16_t[:, ::1] x, const int64_t[::1] y, const float
         return
     task.storage = <int>p.storage
     task.wide_elements = task.block_rows * task.n_classes
-    task.x = &x[0, 0]
     task.labels = &y[0]
-    task.weight = &weight[0] if weight.shape[0] != 0 else NULL
-    task.loss = &loss[0]
-    task.out = &grad[0, 0]
-    task.rowdata = &rowdata[0, 0]
-    task.rowdata_stride = rowdata.shape[1]
+    _set_arrays(&task, &x[0, 0], &weight[0] if weight.shape[0] != 0 else NULL, &loss[0], &grad[0, 0], rowdata)
     _run(&task, &p)
 
 
@@ -1594,13 +1591,8 @@ def xent_probability(const floating[:, ::1] x, const floating[:, ::1] t, const f
     cdef Task task = _xent_task(XENT_PROBABILITY, mode, lanes, x.shape[0], x.shape[1], floating is double, &p)
     if task.n == 0:
         return
-    task.x = &x[0, 0]
     task.probabilities = &t[0, 0]
-    task.weight = &weight[0] if weight.shape[0] != 0 else NULL
-    task.loss = &loss[0]
-    task.out = &grad[0, 0]
-    task.rowdata = &rowdata[0, 0]
-    task.rowdata_stride = rowdata.shape[1]
+    _set_arrays(&task, &x[0, 0], &weight[0] if weight.shape[0] != 0 else NULL, &loss[0], &grad[0, 0], rowdata)
     _run(&task, &p)
 
 
