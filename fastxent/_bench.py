@@ -666,6 +666,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and the three GEMMs alone; time and extra peak memory, fresh processes",
     )
     parser.add_argument(
+        "--small",
+        action="store_true",
+        help="instead: the latency of small calls (8x10 to 1024x1000, or --shapes) against PyTorch and NumPy",
+    )
+    parser.add_argument(
         "--linear-shape",
         type=_parse_linear_shape,
         default=None,
@@ -694,6 +699,10 @@ def main(args: argparse.Namespace) -> int:
         from . import _bench_linear
 
         return _bench_linear.main(args)
+    if args.small:
+        from . import _bench_small
+
+        return _bench_small.main(args)
     header, rows, notes = run(args.shapes, args.dtype, args.threads, args.repeat, torch_compile=args.torch_compile)
     print(format_table(header, rows, notes), flush=True)  # the table first, whatever happens to the plot
     status = 0
