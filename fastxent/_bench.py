@@ -490,10 +490,35 @@ def _family(name: str) -> str:
     return next((cmap for prefixes, cmap in _FAMILIES if name.startswith(prefixes)), "Purples")
 
 
+def _fastxent_style(name: str) -> tuple[float, str]:
+    """Shade (in the blues) and marker of a fastxent row: by backend or adapter."""
+    for key, shade, marker in (
+        ("[numba]", 0.95, "o"),
+        ("[cython]", 0.65, "^"),
+        ("fastxent.torch", 0.5, "s"),
+        ("fastxent.jax", 0.45, "D"),
+    ):
+        if key in name:
+            return shade, marker
+    return 0.8, "*"  # the extensions row
+
+
+def _call_linestyle(name: str) -> str:
+    """Line style of a fastxent row by the kind of call."""
+    if "loss only" in name:
+        return "-."
+    if "in place" in name:
+        return ":"
+    if "out=" in name:
+        return "--"
+    return "-"
+
+
 def plot(rows, path: str, header: dict[str, Any] | None = None) -> None:
-    """Time per element against C: fastxent's backends as one colour family (solid lines,
-    circles), the peers as others (dotted, squares), the memory floor as a black reference
-    line; dtype, threads and N in the title."""
+    """Time per element against C: fastxent's rows as one colour family (blues: the backend
+    by shade and marker, the call by line style: fresh solid, ``out=`` dashed, in place
+    dotted, loss only dash-dotted), the peers as others (dotted, squares), the memory floor
+    as a black reference line; dtype, threads and N in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -513,11 +538,12 @@ def plot(rows, path: str, header: dict[str, Any] | None = None) -> None:
         style: dict[str, Any]
         if mine[0].kind == "floor":
             style = {"color": "black", "linestyle": "--", "linewidth": 2.2}
-        elif name.startswith("fastxent"):  # the backend by its marker, loss only dash-dotted
+        elif name.startswith("fastxent"):  # blues: the backend by shade and marker, the call by line style
+            shade, marker = _fastxent_style(name)
             style = {
                 "color": plt.get_cmap(family)(shade),
-                "marker": "^" if "cython" in name else "o",
-                "linestyle": "-." if "loss only" in name else "-",
+                "marker": marker,
+                "linestyle": _call_linestyle(name),
                 "linewidth": 2,
             }
         else:

@@ -8,11 +8,23 @@ import pytest
 
 from fastxent import _bench
 
-pytest.importorskip("jax")
-pytest.importorskip("optax")
+
+def test_every_fastxent_row_of_the_plot_has_its_own_style():
+    """Blues for all of fastxent's rows, told apart by shade/marker (backend) and line style (call)."""
+    names = [
+        f"fastxent[{backend}] {call}"
+        for backend in ("numba", "cython")
+        for call in ("loss+grad", "loss+grad out=", "in place", "loss only")
+    ] + [_bench.EXTENSIONS_ROW, "fastxent.torch fwd+bwd (adapter)", "fastxent.jax jit(value_and_grad)"]
+    styles = {(*_bench._fastxent_style(name), _bench._call_linestyle(name)) for name in names}
+    assert len(styles) == len(names)
+    assert {_bench._family(name) for name in names} == {"Blues"}
+    assert _bench._family("torch fwd+bwd") != "Blues" and _bench._family("torch.compile fwd") != "Blues"
 
 
 def test_jax_rows_are_optax_and_fastxent_jax_and_compute_the_loss_and_gradient():
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
     import fastxent as fx
 
     rng = np.random.default_rng(0)
