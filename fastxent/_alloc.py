@@ -21,6 +21,7 @@ most :data:`MAX_FREE_BLOCKS` free blocks, none larger than needed by more than 2
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ MIN_FILL = 0.5
 ENABLED = os.environ.get("FASTXENT_GRADIENT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 _free: list[np.ndarray] = []  # free blocks (uint8 arrays that own their memory), newest last
+_lock = threading.RLock()
 
 
 class _Lease:
@@ -53,25 +55,25 @@ class _Lease:
         }
 
     def __del__(self) -> None:
-        # list operations are atomic under the GIL: no lock, so a collection that runs
-        # this in the middle of acquire() in the same thread cannot deadlock
         try:
-            _free.append(self.block)
-            while len(_free) > MAX_FREE_BLOCKS:
-                _free.pop(0)  # the oldest goes back to the OS
+            with _lock:  # reentrant: a collection inside _take in this thread may run this
+                _free.append(self.block)
+                while len(_free) > MAX_FREE_BLOCKS:
+                    _free.pop(0)  # the oldest goes back to the OS
         except Exception:  # noqa: BLE001 - interpreter shutdown: the module is gone
             pass
 
 
 def _take(nbytes: int) -> np.ndarray | None:
     """A free block of ``nbytes`` to ``nbytes / MIN_FILL`` bytes (the newest fitting), or None."""
-    for block in reversed(list(_free)):
-        if nbytes <= block.nbytes and nbytes >= MIN_FILL * block.nbytes:
-            try:
-                _free.remove(block)
-            except ValueError:  # taken meanwhile by another thread
-                continue
-            return block
+    # by index, never list.remove: that compares arrays with ==, elementwise (a 500 MB
+    # temporary, and a ValueError once two blocks are free)
+    with _lock:
+        for index in range(len(_free) - 1, -1, -1):
+            block = _free[index]
+            if nbytes <= block.nbytes and nbytes >= MIN_FILL * block.nbytes:
+                del _free[index]
+                return block
     return None
 
 
@@ -97,6 +99,7 @@ def release_memory() -> int:
     """Give every free cached gradient block back to the operating system; returns the
     bytes released. Gradients still in use are not affected (their blocks go back to
     the OS when they die, if the cache is full)."""
-    released = cached_bytes()
-    _free.clear()
+    with _lock:
+        released = sum(block.nbytes for block in _free)
+        _free.clear()
     return released

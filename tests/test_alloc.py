@@ -144,3 +144,17 @@ def test_environment_switch_turns_the_cache_off():
     env = dict(os.environ, FASTXENT_GRADIENT_CACHE="0")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.split() == ["False", "ndarray"]
+
+
+def test_with_two_free_blocks_the_newest_is_taken_without_comparing_arrays():
+    """Blocks leave the free list by index: list.remove compared them with == (elementwise: a
+    block-sized temporary and a ValueError), so the newest was skipped and the faults came back."""
+    x, y = _data()
+    first, second = fx.cross_entropy_with_grad(x, y)[1], fx.cross_entropy_with_grad(x, y)[1]
+    newest = _address(second)
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    assert len(_alloc._free) == 2
+    assert _address(_alloc.empty((N, C), np.float32)) == newest
