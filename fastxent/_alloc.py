@@ -12,7 +12,8 @@ array (or view, or torch tensor made by ``torch.from_numpy``) using a block dies
 block returns to the cache instead of to the OS, and the next fresh gradient of a similar
 size reuses its pages, already faulted in. This is what PyTorch's CUDA caching allocator
 does for device memory. The cost is memory held after the user drops the gradient: at
-most :data:`MAX_FREE_BLOCKS` free blocks, none larger than needed by more than 2x, and
+most :data:`MAX_FREE_BLOCKS` free blocks holding at most :data:`MAX_FREE_BYTES` (a quarter of
+physical memory), none larger than needed by more than 2x, and
 :func:`release_memory` (``fastxent.release_memory()``) or ``FASTXENT_GRADIENT_CACHE=0``
 (read at import) gives it back / turns the cache off. Measurements in docs/DESIGN.md
 ("Fresh gradients").
@@ -34,6 +35,18 @@ MIN_BYTES = 8 << 20
 MAX_FREE_BLOCKS = 2
 #: a free block serves requests of at least this fraction of its size
 MIN_FILL = 0.5
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
+#: free blocks kept hold at most this many bytes together (a quarter of physical memory):
+#: a block that would pass it goes back to the OS when its gradient dies
+MAX_FREE_BYTES = _physical_memory() // 4
 
 ENABLED = os.environ.get("FASTXENT_GRADIENT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -58,7 +71,7 @@ class _Lease:
         try:
             with _lock:  # reentrant: a collection inside _take in this thread may run this
                 _free.append(self.block)
-                while len(_free) > MAX_FREE_BLOCKS:
+                while len(_free) > MAX_FREE_BLOCKS or sum(b.nbytes for b in _free) > MAX_FREE_BYTES:
                     _free.pop(0)  # the oldest goes back to the OS
         except Exception:  # noqa: BLE001 - interpreter shutdown: the module is gone
             pass

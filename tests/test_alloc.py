@@ -158,3 +158,12 @@ def test_with_two_free_blocks_the_newest_is_taken_without_comparing_arrays():
     gc.collect()
     assert len(_alloc._free) == 2
     assert _address(_alloc.empty((N, C), np.float32)) == newest
+
+
+def test_free_blocks_hold_at_most_max_free_bytes(monkeypatch):
+    monkeypatch.setattr(_alloc, "MAX_FREE_BYTES", N * C * 4 + 1)  # room for one block
+    x, y = _data()
+    grads = [fx.cross_entropy_with_grad(x, y)[1] for _ in range(2)]
+    del grads
+    gc.collect()
+    assert _alloc.cached_bytes() == N * C * 4
