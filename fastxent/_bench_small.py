@@ -26,7 +26,7 @@ from . import _api
 from ._progress import Progress
 from ._spec import SMALL_CALL_ELEMENTS
 
-SMALL_SHAPES = ((8, 10), (64, 10), (8, 1000), (64, 1000), (256, 1000), (1024, 100), (1024, 1000))
+SHAPES = ((8, 10), (64, 10), (8, 1000), (64, 1000), (256, 1000), (1024, 100), (1024, 1000))
 ONE_THREAD_TORCH = "torch fwd+bwd, 1 thread"
 #: the burst of back-to-back calls each timing sample averages over, in seconds
 BURST_S = 2e-3
@@ -108,7 +108,7 @@ def _burst(call: Callable[[], object], count: int, one_thread: bool = False) -> 
     return (time.perf_counter() - start) / count
 
 
-def run(shapes=SMALL_SHAPES, threads: int = 1, repeat: int = 7, seed: int = 0, progress: bool = True):
+def run(shapes=SHAPES, threads: int = 1, repeat: int = 7, seed: int = 0, progress: bool = True):
     """Latency of every contender on every shape; returns ``(header, rows, notes)``."""
     from . import _bench
     from ._threads import set_num_threads
@@ -204,7 +204,7 @@ def main(args: Any) -> int:
     from ._threads import get_num_threads
 
     threads = args.threads if args.threads is not None else get_num_threads()
-    shapes = SMALL_SHAPES if args.shapes is DEFAULT_SHAPES else args.shapes  # --shapes given: those
+    shapes = SHAPES if args.shapes is DEFAULT_SHAPES else args.shapes  # --shapes given: those
     header, rows, notes = run(shapes, threads, args.repeat)
     print(format_table(header, rows, notes), flush=True)
     if args.json:

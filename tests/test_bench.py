@@ -14,7 +14,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from fastxent import _bench
+from fastxent import _bench, _bench_small
 
 
 def test_logits_are_standard_normal_rows_of_the_requested_dtype():
@@ -275,3 +275,19 @@ def test_bench_linear_on_a_tiny_shape(tmp_path):
     }  # fmt: skip
     for numbers in record["results"].values():
         assert len(numbers["times"]) == 1 and numbers["times"][0] > 0 and numbers["extra_bytes"] >= 0
+
+
+def test_bench_small_prints_every_shape_and_contender(tmp_path):
+    record_path = tmp_path / "small.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "fastxent", "bench", "--small", "--repeat", "1", "--json", str(record_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(record_path.read_text())["rows"]
+    shapes = {tuple(row["shape"]) for row in rows}
+    assert shapes == set(_bench_small.SHAPES)
+    names = {row["name"] for row in rows}
+    assert {"fastxent loss+grad out=", "fastxent loss+grad", "numpy loss+grad"} <= names
+    assert all(row["median_us"] > 0 for row in rows)
+    assert "1024x1000" in result.stdout.replace(" ", "")
