@@ -9,6 +9,7 @@ The class axis is the last axis. See ``help(fx.cross_entropy)`` for the formulas
 
 from __future__ import annotations
 
+from ._alloc import release_memory
 from ._api import (
     CrossEntropyStats,
     TargetOutOfRangeError,
@@ -48,6 +49,7 @@ __all__ = [
     "merge_row_stats",
     "openmp_enabled",
     "precompile",
+    "release_memory",
     "row_stats",
     "set_num_threads",
     "shard_grad",

@@ -55,6 +55,8 @@ def _check_bench_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error(f"--threads {args.threads}: this machine gives this process {cores} cores (1..{cores})")
     if args.repeat < 1:
         parser.error(f"--repeat {args.repeat}: at least 1 timed round")
+    if args.plot is not None and args.small:
+        parser.error("--plot draws the main table's time per logit, not --small's latencies")
     if args.plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
             parser.error("--plot needs matplotlib: pip install 'fastxent[bench]'")

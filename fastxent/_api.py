@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import _dispatch
+from . import _alloc, _dispatch
 from ._spec import (
     N_OUTS,
     OUT_CORRECT,
@@ -162,7 +162,7 @@ def _gradient_rows(x: np.ndarray, x2: np.ndarray, out: np.ndarray | None) -> np.
         return out.reshape(x2.shape)
     if x2.flags.owndata:
         return x2  # the cast or contiguous copy is ours to overwrite (a view of x never owns)
-    return np.empty(x2.shape, x2.dtype)
+    return _alloc.empty(x2.shape, x2.dtype)  # large ones: pages already mapped, see _alloc
 
 
 # --- the cross-entropy driver --------------------------------------------------------

@@ -27,13 +27,13 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import _api, _dispatch
+from . import _api, _compare, _dispatch
 from ._progress import Progress
 from ._threads import get_num_threads, set_num_threads
 
@@ -97,10 +97,18 @@ def _cpu_name() -> str:
 
 
 def _contenders(
-    x: np.ndarray, y: np.ndarray, threads: int, notes: list[str], with_reference: bool, torch_compile: bool = True
+    x: np.ndarray,
+    y: np.ndarray,
+    threads: int,
+    notes: list[str],
+    with_reference: bool,
+    torch_compile: bool = True,
+    compare: Sequence[Any] = (),
 ):
-    """The callables to time on logits ``x`` and labels ``y``; ``torch_compile``: also
-    torch.compile's (compiled by their first call, see :func:`_warm_up_compiled`)."""
+    """The one registry of what ``fastxent bench`` (and bench/'s pytest-benchmark suite)
+    times on logits ``x`` and labels ``y``; ``torch_compile``: also torch.compile's
+    (compiled by their first call, see :func:`_warm_up_compiled`); ``compare``: the user's
+    functions (:mod:`fastxent._compare`), each checked against the reference first."""
     grad_out = np.empty_like(x)
     in_place = x.copy()
     floor_out = np.empty_like(x)
@@ -183,16 +191,40 @@ def _contenders(
     except ImportError:
         notes.append("jax not installed: no JAX row")
     else:
+        try:
+            import optax  # type: ignore[import-untyped]
+        except ImportError:  # the same loss by hand
 
-        def jax_loss(z, labels):
-            lse = jax.nn.logsumexp(z, axis=-1)
-            return jnp.mean(lse - jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0])
+            def jax_loss(z, labels):
+                lse = jax.nn.logsumexp(z, axis=-1)
+                return jnp.mean(lse - jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0])
 
+            jax_name = "jax jit(value_and_grad)"
+        else:
+
+            def jax_loss(z, labels):
+                return optax.softmax_cross_entropy_with_integer_labels(z, labels).mean()
+
+            jax_name = "jax jit(value_and_grad) optax"
         value_and_grad = jax.jit(jax.value_and_grad(jax_loss))
         xj, yj = jnp.asarray(x), jnp.asarray(y)
+        found.append(Contender(jax_name, "fwd+bwd", lambda: jax.block_until_ready(value_and_grad(xj, yj))))
+        import fastxent.jax as fxj
+
+        fxj_value_and_grad = jax.jit(jax.value_and_grad(fxj.cross_entropy))
         found.append(
-            Contender("jax jit(value_and_grad)", "fwd+bwd", lambda: jax.block_until_ready(value_and_grad(xj, yj)))
+            Contender(
+                "fastxent.jax jit(value_and_grad)",
+                "fwd+bwd",
+                lambda: jax.block_until_ready(fxj_value_and_grad(xj, yj)),
+            )
         )
+    for user in compare:
+        wrong = _compare.check(user, x, y)
+        if wrong is not None:
+            _note(f"{user.name} not timed on {x.shape[0]}x{x.shape[1]}: {wrong}", notes)
+            continue
+        found.append(Contender(user.name, "fwd+bwd", functools.partial(user.function, x, y)))
     copy = _parallel_copy()
     found.append(Contender("memory floor (copy)", "floor", lambda: copy(x, floor_out)))
     return found
@@ -246,7 +278,11 @@ def _skip_note(name: str, shape, error: BaseException, notes: list[str]) -> None
     reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
     if len(reason) > 160:
         reason = reason[:157] + "..."
-    message = f"{name} skipped on {shape[0]}x{shape[1]} ({reason})"
+    _note(f"{name} skipped on {shape[0]}x{shape[1]} ({reason})", notes)
+
+
+def _note(message: str, notes: list[str]) -> None:
+    """``message`` on stderr now (above a progress bar, not over it) and in the table's notes."""
     try:
         from tqdm import tqdm
     except ImportError:
@@ -307,11 +343,11 @@ def _logits(rng: np.random.Generator, n: int, n_classes: int, dtype) -> np.ndarr
     return x
 
 
-def _run_shape(n, n_classes, dtype, threads, repeat, rng, notes, rows, torch_compile, bar) -> None:
+def _run_shape(n, n_classes, dtype, threads, repeat, rng, notes, rows, torch_compile, bar, compare=()) -> None:
     """The rounds of one shape: every contender, interleaved; appends its rows."""
     x = _logits(rng, n, n_classes, dtype)
     y = rng.integers(0, n_classes, n).astype(np.int64)
-    contenders = _contenders(x, y, threads, notes, n * n_classes <= REFERENCE_MAX_ELEMENTS, torch_compile)
+    contenders = _contenders(x, y, threads, notes, n * n_classes <= REFERENCE_MAX_ELEMENTS, torch_compile, compare)
 
     def compiling(name: str) -> None:
         if bar is not None:
@@ -336,7 +372,16 @@ def _run_shape(n, n_classes, dtype, threads, repeat, rng, notes, rows, torch_com
     _note_extensions(rows[-len(contenders) :], n_classes, notes)
 
 
-def run(shapes=DEFAULT_SHAPES, dtype="float32", threads=None, repeat=5, seed=0, progress=True, torch_compile=True):
+def run(
+    shapes=DEFAULT_SHAPES,
+    dtype="float32",
+    threads=None,
+    repeat=5,
+    seed=0,
+    progress=True,
+    torch_compile=True,
+    compare=(),
+):
     """Time every contender on every shape; returns ``(header, rows, notes)``.
 
     ``torch_compile``: also time torch.compile's rows (when torch is installed); each
@@ -350,7 +395,7 @@ def run(shapes=DEFAULT_SHAPES, dtype="float32", threads=None, repeat=5, seed=0, 
     bar = Progress(len(shapes) * (repeat + 1), f"bench {dtype}, {threads} threads", unit="round") if progress else None
     with bar or contextlib.nullcontext():
         for n, n_classes in shapes:
-            _run_shape(n, n_classes, dtype, threads, repeat, rng, notes, rows, torch_compile, bar)
+            _run_shape(n, n_classes, dtype, threads, repeat, rng, notes, rows, torch_compile, bar, compare)
     n, n_classes = shapes[-1] if shapes else (0, 0)
     if n * n_classes > REFERENCE_MAX_ELEMENTS:
         notes.append(f"numpy reference timed only where N*C <= {REFERENCE_MAX_ELEMENTS} (it makes float64 temporaries)")
@@ -463,7 +508,7 @@ _FAMILIES = (
     (("fastxent",), "Blues"),
     (("torch.compile",), "Reds"),
     (("torch",), "Oranges"),
-    (("jax",), "Greens"),
+    (("jax",), "Greens"),  # fastxent.jax is fastxent's (blues): "fastxent" matches first
     (("numpy",), "Greys"),
 )
 
@@ -472,10 +517,35 @@ def _family(name: str) -> str:
     return next((cmap for prefixes, cmap in _FAMILIES if name.startswith(prefixes)), "Purples")
 
 
+def _fastxent_style(name: str) -> tuple[float, str]:
+    """Shade (in the blues) and marker of a fastxent row: by backend or adapter."""
+    for key, shade, marker in (
+        ("[numba]", 0.95, "o"),
+        ("[cython]", 0.65, "^"),
+        ("fastxent.torch", 0.5, "s"),
+        ("fastxent.jax", 0.45, "D"),
+    ):
+        if key in name:
+            return shade, marker
+    return 0.8, "*"  # the extensions row
+
+
+def _call_linestyle(name: str) -> str:
+    """Line style of a fastxent row by the kind of call."""
+    if "loss only" in name:
+        return "-."
+    if "in place" in name:
+        return ":"
+    if "out=" in name:
+        return "--"
+    return "-"
+
+
 def plot(rows, path: str, header: dict[str, Any] | None = None) -> None:
-    """Time per element against C: fastxent's backends as one colour family (solid lines,
-    circles), the peers as others (dotted, squares), the memory floor as a black reference
-    line; dtype, threads and N in the title."""
+    """Time per element against C: fastxent's rows as one colour family (blues: the backend
+    by shade and marker, the call by line style: fresh solid, ``out=`` dashed, in place
+    dotted, loss only dash-dotted), the peers as others (dotted, squares), the memory floor
+    as a black reference line; dtype, threads and N in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -495,11 +565,12 @@ def plot(rows, path: str, header: dict[str, Any] | None = None) -> None:
         style: dict[str, Any]
         if mine[0].kind == "floor":
             style = {"color": "black", "linestyle": "--", "linewidth": 2.2}
-        elif name.startswith("fastxent"):  # the backend by its marker, loss only dash-dotted
+        elif name.startswith("fastxent"):  # blues: the backend by shade and marker, the call by line style
+            shade, marker = _fastxent_style(name)
             style = {
                 "color": plt.get_cmap(family)(shade),
-                "marker": "^" if "cython" in name else "o",
-                "linestyle": "-." if "loss only" in name else "-",
+                "marker": marker,
+                "linestyle": _call_linestyle(name),
                 "linewidth": 2,
             }
         else:
@@ -666,9 +737,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and the three GEMMs alone; time and extra peak memory, fresh processes",
     )
     parser.add_argument(
+        "--compare",
+        action="append",
+        type=_compare.load,
+        metavar="MODULE:FUNCTION",
+        help="also time your function f(logits, labels) -> (mean loss, gradient), checked against the reference "
+        "first (repeatable; see `fastxent._compare` for the signature)",
+    )
+    parser.add_argument(
         "--small",
         action="store_true",
-        help="instead: the latency of small calls (8x10 .. 1024x1000) against PyTorch and the NumPy reference",
+        help="instead: the latency of small calls (8x10 to 1024x1000, or --shapes) against PyTorch and NumPy",
     )
     parser.add_argument(
         "--linear-shape",
@@ -703,7 +782,9 @@ def main(args: argparse.Namespace) -> int:
         from . import _bench_small
 
         return _bench_small.main(args)
-    header, rows, notes = run(args.shapes, args.dtype, args.threads, args.repeat, torch_compile=args.torch_compile)
+    header, rows, notes = run(
+        args.shapes, args.dtype, args.threads, args.repeat, torch_compile=args.torch_compile, compare=args.compare or ()
+    )
     print(format_table(header, rows, notes), flush=True)  # the table first, whatever happens to the plot
     status = 0
     if args.plot:

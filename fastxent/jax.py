@@ -6,6 +6,10 @@ and a ``jax.custom_vjp`` whose forward keeps the gradient of the same fused pass
     loss = jax.jit(fxj.cross_entropy)(logits, labels)          # = optax's ...with_integer_labels(...).mean()
     grads = jax.grad(fxj.cross_entropy)(logits, labels)
 
+Cost: ``jax.pure_callback`` copies the operands to the host and the results back (for
+4096 x 32000 float32 the operand copy alone took 320 ms, more than the kernel), so under
+``jax.jit`` this is slower than XLA's own cross-entropy at large sizes for now (README).
+
 CPU only (the callback hands device buffers to NumPy); float32 / float64 logits ``(..., C)``
 and integer labels ``logits.shape[:-1]``; the keywords are :func:`fastxent.cross_entropy`'s
 (``reduction`` "mean", "sum" or "none"; "none" differentiates through ``jax.vjp`` with any
