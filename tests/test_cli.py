@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,18 @@ def test_version():
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"fastxent {fastxent.__version__}"
+
+
+def test_the_installed_console_script_runs():
+    """The `fastxent` entry point that pip installs beside this interpreter (not only
+    `python -m fastxent`): --version, and a usage error's exit status."""
+    script = Path(sys.executable).with_name("fastxent")
+    if not script.is_file():
+        pytest.skip("no fastxent console script beside this interpreter (not pip-installed here)")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"fastxent {fastxent.__version__}"
+    result = subprocess.run([str(script), "bench", "--repeat", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("command", ["bench", "demo", "precompile"])
@@ -136,3 +149,23 @@ def test_importing_the_torch_adapter_without_torch_names_the_install(tmp_path):
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: fastxent.torch needs PyTorch") and "torch==2.13.0" in last
+
+
+@pytest.mark.parametrize(
+    ("module", "dependency", "install"),
+    [("fastxent.jax", "jax", "fastxent[jax]"), ("fastxent.dask", "dask", "fastxent[dask]")],
+)
+def test_importing_an_adapter_without_its_dependency_names_the_install(tmp_path, module, dependency, install):
+    """With the dependency hidden, the adapter's import error says what to pip install."""
+    hide = tmp_path / dependency
+    hide.mkdir()
+    (hide / "__init__.py").write_text(
+        f"raise ModuleNotFoundError(\"No module named '{dependency}'\", name='{dependency}')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ImportError: {module} needs") and install in last
