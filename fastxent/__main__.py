@@ -1,5 +1,5 @@
-"""Command line: ``fastxent bench`` (the benchmark table), ``fastxent demo`` and
-``fastxent precompile``.
+"""Command line: ``fastxent bench`` (the benchmark table), ``fastxent score``, ``fastxent
+demo``, ``fastxent precompile`` and ``fastxent info``.
 
 Conventions: results on stdout, progress and notes on stderr, ``--json`` for machines.
 Every argument is checked before any work starts: a bad one is a usage error (exit 2,
@@ -8,6 +8,7 @@ one line, no traceback)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -122,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         description="Compile every numba kernel specialisation of the dispatch table into numba's on-disk cache "
         "(two worker processes), so that no later call pays a compile.",
     )
+    info_command = commands.add_parser(
+        "info",
+        help="what fastxent runs on: versions, CPU, backends, threads, NumPy's and torch's BLAS",
+        description="Print what this installation runs on: versions, the CPU and its vector extensions, the "
+        "backends, threads and numba's threading layer and cache, NumPy's BLAS (threadpoolctl: library, version, "
+        "the kernel it runs), torch's BLAS, the optional packages and the environment variables that change them. "
+        "Paste it into a bug report.",
+    )
+    info_command.add_argument("--json", action="store_true", help="print it as JSON")
     score = commands.add_parser(
         "score",
         help="metrics of saved logits (.npy / Zarr), streamed: cross-entropy, perplexity, accuracy, ECE",
@@ -144,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         return demo()
     if args.command == "precompile":
         return precompile()
+    if args.command == "info":
+        from fastxent._info import format_info, info
+
+        found = info()
+        print(json.dumps(found, indent=2) if args.json else format_info(found))
+        return 0
     parser.print_help()
     return 0
 

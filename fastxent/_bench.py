@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import _api, _compare, _dispatch
+from ._info import cpu_name
 from ._progress import Progress
 from ._threads import get_num_threads, set_num_threads
 
@@ -83,17 +84,6 @@ def _versions() -> dict[str, str]:
         except Exception:  # noqa: BLE001 - any failure means "not available"
             pass
     return found
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _contenders(
@@ -400,7 +390,7 @@ def run(
     if n * n_classes > REFERENCE_MAX_ELEMENTS:
         notes.append(f"numpy reference timed only where N*C <= {REFERENCE_MAX_ELEMENTS} (it makes float64 temporaries)")
     header = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": threads,
         "dtype": str(np.dtype(dtype)),

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import _api
+from ._info import cpu_name
 from ._progress import Progress
 from ._spec import SMALL_CALL_ELEMENTS
 
@@ -164,7 +165,7 @@ def run(shapes=SHAPES, threads: int = 1, repeat: int = 7, seed: int = 0, progres
     if bar is not None:
         bar.__exit__(None, None, None)
     header = {
-        "cpu": _bench._cpu_name(),
+        "cpu": cpu_name(),
         "threads": threads,
         "dtype": "float32",
         "repeat": repeat,

@@ -77,3 +77,170 @@ def _cache_is_on() -> bool:
     import numba
 
     return not numba.config.DISABLE_JIT
+
+
+# --- what this installation runs on: ``fastxent info`` ---------------------------------
+
+#: optional packages whose presence changes what fastxent can do (the extras)
+OPTIONAL_PACKAGES = (
+    "torch", "jax", "optax", "dask", "distributed", "zarr", "ml_dtypes", "threadpoolctl", "scipy", "tqdm", "rich",
+    "matplotlib", "Cython",
+)  # fmt: skip
+#: environment variables that change threads, BLAS kernels or fastxent's behaviour
+ENVIRONMENT = (
+    "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR", "NUMBA_DISABLE_JIT", "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "MKL_NUM_THREADS",
+    "FASTXENT_GRADIENT_CACHE", "FASTXENT_BUILD_EXT",
+)  # fmt: skip
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _simd_flags() -> list[str]:
+    """The vector extensions the kernels can use, from /proc/cpuinfo's flags (Linux)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    wanted = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16")
+                    return [flag for flag in wanted if flag in flags]
+    except OSError:
+        pass
+    return []
+
+
+def _version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def numpy_blas() -> list[dict[str, object]]:
+    """NumPy's BLAS as threadpoolctl sees it (library, version, the kernel it runs
+    ("architecture"), threads), or from ``numpy.show_config`` without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        import numpy as np
+
+        try:
+            config = np.show_config(mode="dicts")
+            blas = config["Build Dependencies"]["blas"]
+            return [{"internal_api": blas.get("name"), "version": blas.get("version"), "source": "numpy.show_config"}]
+        except Exception:  # noqa: BLE001 - older NumPy: no dict mode
+            return []
+    keys = ("internal_api", "version", "architecture", "num_threads", "threading_layer", "filepath")
+    return [{k: entry.get(k) for k in keys} for entry in threadpool_info() if entry.get("user_api") == "blas"]
+
+
+def torch_blas() -> dict[str, object] | None:
+    """torch's BLAS and threads (from ``torch.__config__.show()``), when torch is installed."""
+    if _version("torch") is None:
+        return None
+    try:
+        import torch
+
+        shown = torch.__config__.show()
+        blas = next(
+            (part.split("=", 1)[1] for part in shown.replace(",", "\n").split() if part.startswith("BLAS_INFO=")), None
+        )
+        return {"version": torch.__version__, "blas": blas, "mkl": torch.backends.mkl.is_available(),
+                "threads": torch.get_num_threads()}  # fmt: skip
+    except Exception as error:  # noqa: BLE001 - a broken torch install is reported, not raised
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def _numba_info() -> dict[str, object] | None:
+    if "numba" not in _dispatch.KERNELS:
+        return None
+    import numba
+    import numpy as np
+
+    from . import _numba_kernels
+    from ._api import logsumexp
+
+    try:  # the threading layer is chosen at the first parallel call (loaded from the cache)
+        logsumexp(np.zeros((2, 3), np.float32), backend="numba")
+        layer = numba.threading_layer()
+    except Exception as error:  # noqa: BLE001
+        layer = f"unknown ({type(error).__name__})"
+    cache = getattr(getattr(_numba_kernels._logsumexp_kernel, "_cache", None), "_cache_path", None)
+    return {
+        "version": numba.__version__,
+        "threading_layer": layer,
+        "max_threads": int(numba.config.NUMBA_NUM_THREADS),
+        "cache_dir": cache,
+        "kernels_loaded": _numba_kernels.compiled_count(),
+    }
+
+
+def info() -> dict[str, object]:
+    """What this installation of fastxent runs on, as ``fastxent info`` prints it: versions,
+    the CPU and its vector extensions, the backends, threads, NumPy's BLAS (and which
+    kernel it runs: threadpoolctl's "architecture"), torch's BLAS, the optional packages
+    and the environment variables that change any of these."""
+    import platform
+
+    import numpy as np
+
+    from . import __version__
+    from ._threads import get_num_threads
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "fastxent": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": {"name": cpu_name(), "cores": cores, "simd": _simd_flags()},
+        "backends": list(_dispatch.available_backends()),
+        "openmp": openmp_enabled(),
+        "threads": get_num_threads(),
+        "numba": _numba_info(),
+        "numpy": {"version": np.__version__, "blas": numpy_blas()},
+        "torch": torch_blas(),
+        "optional": {name: _version(name) for name in OPTIONAL_PACKAGES},
+        "environment": {name: os.environ[name] for name in ENVIRONMENT if name in os.environ},
+    }
+
+
+def format_info(found: dict[str, object]) -> str:
+    """``info()`` as aligned ``key: value`` lines, a section per nested dict."""
+    lines: list[str] = []
+
+    def show(value: object) -> str:
+        if isinstance(value, list):
+            return ", ".join(show(v) for v in value) if value else "(none)"
+        if isinstance(value, dict):
+            return "  ".join(f"{k}={show(v)}" for k, v in value.items() if v is not None)
+        return "(not installed)" if value is None else str(value)
+
+    for key, value in found.items():
+        if isinstance(value, dict) and key != "cpu":
+            lines.append(f"{key}:")
+            if not value:
+                lines.append("  (none)")
+            for sub, item in value.items():
+                if isinstance(item, list) and item and isinstance(item[0], dict):
+                    for entry in item:
+                        lines.append(f"  {sub + ':':18} {show(entry)}")
+                else:
+                    lines.append(f"  {sub + ':':18} {show(item)}")
+        else:
+            lines.append(f"{key + ':':20} {show(value)}")
+    return "\n".join(lines)

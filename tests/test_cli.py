@@ -4,6 +4,7 @@ stdout and progress on stderr, and `fastxent.torch` without torch named clearly.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def test_the_installed_console_script_runs():
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command", ["bench", "demo", "precompile"])
+@pytest.mark.parametrize("command", ["bench", "demo", "precompile", "info", "score"])
 def test_every_command_has_help(command):
     top = run_cli("--help")
     assert top.returncode == 0 and command in top.stdout
@@ -169,3 +170,24 @@ def test_importing_an_adapter_without_its_dependency_names_the_install(tmp_path,
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"ImportError: {module} needs") and install in last
+
+
+def test_info_names_the_blas_backends_and_threads():
+    """`fastxent info`: the versions, backends, threads and NumPy's BLAS (the library and
+    the kernel it runs); `--json` the same as a record."""
+    result = run_cli("info")
+    assert result.returncode == 0, result.stderr
+    assert f"fastxent:            {fastxent.__version__}" in result.stdout
+    assert "backends:" in result.stdout and "numpy" in result.stdout.split("backends:")[1].splitlines()[0]
+    record = json.loads(run_cli("info", "--json").stdout)
+    assert record["fastxent"] == fastxent.__version__
+    assert record["backends"] == list(fastxent.available_backends())
+    assert record["threads"] >= 1 and record["cpu"]["cores"] >= 1
+    if record["optional"]["threadpoolctl"] is not None:
+        assert record["numpy"]["blas"], "threadpoolctl is installed: NumPy's BLAS must be named"
+        assert all(entry["internal_api"] for entry in record["numpy"]["blas"])
+        assert "blas:" in result.stdout
+    if record["optional"]["torch"] is not None:
+        assert record["torch"]["version"] == record["optional"]["torch"]
+    if "numba" in record["backends"]:
+        assert record["numba"]["threading_layer"] in ("omp", "tbb", "workqueue")
