@@ -6,7 +6,9 @@ Extra peak memory is the process's peak RSS (``ru_maxrss``) during the timed cal
 its RSS just before them, with the inputs allocated and one warm-up call done: what one
 forward+backward needs beyond its inputs. The time is the median of the rounds. Both numba
 and the BLAS run at the bench's thread count (``--threads``); which BLAS ran is reported
-(threadpoolctl, when installed).
+(threadpoolctl for NumPy's, ``torch.__config__`` for torch's). "fastxent (NumPy)" multiplies
+with NumPy's BLAS and is compared with "three GEMMs alone" (NumPy's); fastxent.torch
+multiplies with torch's and is compared with "three GEMMs (torch)".
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ _CHILD = textwrap.dedent(
         logits = hidden @ weight.T
         return logits @ weight, logits.T @ hidden
 
+    def gemms_torch():
+        logits = ht @ wt.T
+        return logits @ wt, logits.T @ ht
+
     def fastxent_torch():
         import fastxent.torch as fxt
         a, b = ht.detach().requires_grad_(), wt.detach().requires_grad_()
@@ -65,6 +71,7 @@ _CHILD = textwrap.dedent(
         "torch unchunked": lambda: torch_call(None),
         "torch chunked": lambda: torch_call(torch.nn.LinearCrossEntropyOptions()),
         "three GEMMs alone": gemms,
+        "three GEMMs (torch)": gemms_torch,
     }
     call = calls[which]
     result = call()  # warm-up (compiles, first-touch of BLAS buffers)
@@ -80,11 +87,21 @@ _CHILD = textwrap.dedent(
         times.append(time.perf_counter() - start)
         del result
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from fastxent._info import torch_blas
+    torch_info = torch_blas() or {}
+    blas.append(f"torch: {torch_info.get('blas')} ({torch_info.get('threads')} threads)")
     print(json.dumps({"times": times, "extra_bytes": max(0, peak - before), "blas": blas}))
     """
 )
 
-CONTENDERS = ("fastxent (NumPy)", "fastxent.torch", "torch unchunked", "torch chunked", "three GEMMs alone")
+CONTENDERS = (
+    "fastxent (NumPy)",
+    "fastxent.torch",
+    "torch unchunked",
+    "torch chunked",
+    "three GEMMs alone",
+    "three GEMMs (torch)",
+)
 
 
 def run(shape=DEFAULT_SHAPE, threads: int = 2, repeat: int = 3) -> dict:

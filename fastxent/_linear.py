@@ -11,6 +11,9 @@ Per chunk of rows (``chunk_rows``, by default ~64 MB of float32 logits):
    ``beta = 1`` straight into ``d_weight``: no ``V x H`` temporary; through SciPy's BLAS
    when it is installed, else one ``V x H`` buffer), and ``d_bias += sum_rows G``.
 
+The GEMMs are NumPy's (``NumpyGemms``) for the NumPy API; fastxent.torch runs the same
+loop with torch's matmul (``torch.mm`` / ``addmm_`` on tensors sharing the arrays' memory).
+
 Memory beyond the inputs and the gradients: the chunk's logits (and with SciPy nothing
 else of size ``V x H``). Any chunk size gives the same loss and gradients up to the
 rounding of the GEMMs' sums. 16-bit inputs (float16, bfloat16) are computed in float32
@@ -34,23 +37,41 @@ from .partial import _labels, denominators
 DEFAULT_CHUNK_BYTES = 64 << 20
 
 
-def _gemm_accumulate():
-    """``acc(dW, G, Hc)``: ``dW += G^T Hc`` in place (SciPy's BLAS gemm, beta = 1, on the
-    Fortran-ordered view ``dW^T = Hc^T G``), or None without SciPy."""
-    try:
-        from scipy.linalg import blas
-    except ImportError:
-        return None
+class NumpyGemms:
+    """The three GEMMs of a chunk on NumPy's BLAS (``np.matmul``), the ``d_weight``
+    accumulation through SciPy's ``gemm`` with ``beta = 1`` when SciPy is installed (no
+    ``V x H`` temporary), else through one ``V x H`` scratch buffer."""
 
-    def accumulate(d_weight: np.ndarray, grad: np.ndarray, hidden: np.ndarray) -> None:
-        gemm = blas.sgemm if d_weight.dtype == np.float32 else blas.dgemm
+    def __init__(self) -> None:
+        try:
+            from scipy.linalg import blas
+        except ImportError:
+            blas = None
+        self._blas = blas
+        self._scratch: np.ndarray | None = None
+
+    def logits(self, hidden: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
+        """``out = hidden @ weight.T``."""
+        np.matmul(hidden, weight.T, out=out)
+
+    def d_hidden(self, grad: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
+        """``out = grad @ weight``."""
+        np.matmul(grad, weight, out=out)
+
+    def accumulate(self, d_weight: np.ndarray, grad: np.ndarray, hidden: np.ndarray) -> None:
+        """``d_weight += grad.T @ hidden``, in place."""
+        if self._blas is None:
+            if self._scratch is None:
+                self._scratch = np.empty_like(d_weight)
+            np.matmul(grad.T, hidden, out=self._scratch)
+            d_weight += self._scratch
+            return
+        gemm = self._blas.sgemm if d_weight.dtype == np.float32 else self._blas.dgemm
         # every operand a Fortran-ordered view of a C-ordered array, so SciPy copies none:
         # dW^T (H x V) += Hc^T (H x rows, as hidden.T) @ G (rows x V, as the transpose of G.T)
         result = gemm(1.0, hidden.T, grad.T, beta=1.0, c=d_weight.T, trans_b=1, overwrite_c=1)
         if not np.shares_memory(result, d_weight):  # (never seen: a copy would be silently lost)
             d_weight += result.T
-
-    return accumulate
 
 
 def _chunk_rows(chunk_rows: Any, n: int, n_classes: int) -> int:
@@ -100,10 +121,11 @@ def _options(class_weight, ignore_index, reduction, label_smoothing, z_loss, log
     }
 
 
-def _run(hidden, weight, target, bias, options, chunk_rows, want_grad, backend, row_scale=None):
+def _run(hidden, weight, target, bias, options, chunk_rows, want_grad, backend, row_scale=None, gemms=None):
     """The chunk loop. ``row_scale`` (n,): the gradient of ``sum_i row_scale_i l_i`` (the
     backward of "none" with a grad_output), each chunk's gradient rows scaled before the
-    GEMMs."""
+    GEMMs. ``gemms``: who multiplies (``NumpyGemms()`` by default; fastxent.torch passes
+    one on torch's matmul, over the same arrays)."""
     h, w, h2, w2, b, t, compute = _inputs(hidden, weight, target, bias)
     n, n_classes = h2.shape[0], w2.shape[0]
     reduction = check_reduction(options["reduction"])
@@ -120,14 +142,14 @@ def _run(hidden, weight, target, bias, options, chunk_rows, want_grad, backend, 
     d_hidden = np.empty_like(h2) if want_grad else None
     d_weight = np.zeros_like(w2) if want_grad else None
     d_bias = np.zeros(n_classes, compute) if want_grad and b is not None else None
-    accumulate = _gemm_accumulate() if want_grad else None
-    scratch = None
+    if gemms is None:
+        gemms = NumpyGemms()
     total = 0.0
     row_losses = np.empty(n) if reduction == "none" else None
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         logits = buffer[: r1 - r0]
-        np.matmul(h2[r0:r1], w2.T, out=logits)  # (1) the chunk's logits
+        gemms.logits(h2[r0:r1], w2, logits)  # (1) the chunk's logits
         if b is not None:
             logits += b
         loss, grad, _ = _api._cross_entropy(  # (2) in place, with the global denominators
@@ -153,14 +175,8 @@ def _run(hidden, weight, target, bias, options, chunk_rows, want_grad, backend, 
         if want_grad:  # (3) the two GEMMs, and the bias
             if row_scale is not None:
                 logits *= row_scale[r0:r1, None].astype(logits.dtype)
-            np.matmul(logits, w2, out=d_hidden[r0:r1])
-            if accumulate is not None:
-                accumulate(d_weight, logits, h2[r0:r1])
-            else:
-                if scratch is None:
-                    scratch = np.empty_like(d_weight)
-                np.matmul(logits.T, h2[r0:r1], out=scratch)
-                d_weight += scratch
+            gemms.d_hidden(logits, w2, d_hidden[r0:r1])
+            gemms.accumulate(d_weight, logits, h2[r0:r1])
             if d_bias is not None:
                 d_bias += logits.sum(axis=0)
     if reduction == "none":

@@ -840,6 +840,24 @@ def vocab_parallel_cross_entropy(
 # --- the fused linear cross-entropy: the N x V logits never exist ----------------------
 
 
+class _TorchGemms:
+    """The chunk loop's three GEMMs on torch's matmul (its BLAS and its intra-op threads,
+    as the rest of a torch program), over tensors that share the NumPy arrays' memory
+    (``torch.from_numpy``: no copies); the interface of ``fastxent._linear.NumpyGemms``."""
+
+    @staticmethod
+    def logits(hidden: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
+        torch.mm(torch.from_numpy(hidden), torch.from_numpy(weight).T, out=torch.from_numpy(out))
+
+    @staticmethod
+    def d_hidden(grad: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
+        torch.mm(torch.from_numpy(grad), torch.from_numpy(weight), out=torch.from_numpy(out))
+
+    @staticmethod
+    def accumulate(d_weight: np.ndarray, grad: np.ndarray, hidden: np.ndarray) -> None:
+        torch.from_numpy(d_weight).addmm_(torch.from_numpy(grad).T, torch.from_numpy(hidden))
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Forward: loss and the three gradients, a chunk of rows at a time (fastxent's
     linear_cross_entropy_with_grad on the tensors' storage); backward scales them by
@@ -857,7 +875,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         cw = None if weight is None else _weight_array(weight, dtype)
         wants = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         loss, grads = _linear._run(
-            h, w, y, b, {**options, "weight": cw}, chunk_rows, wants and options["reduction"] != "none", None
+            h,
+            w,
+            y,
+            b,
+            {**options, "weight": cw},
+            chunk_rows,
+            wants and options["reduction"] != "none",
+            None,
+            gemms=_TorchGemms,
         )
         ctx.reduction = options["reduction"]
         ctx.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
@@ -876,7 +902,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if ctx.recompute is not None:
             h, w, y, b, options, chunk_rows = ctx.recompute
             scale = grad_output.detach().to(torch.float64).reshape(-1).numpy()
-            _, grads = _linear._run(h, w, y, b, options, chunk_rows, True, None, row_scale=scale)
+            _, grads = _linear._run(h, w, y, b, options, chunk_rows, True, None, row_scale=scale, gemms=_TorchGemms)
             scale_by = None
         else:
             grads = ctx.grads
@@ -911,9 +937,10 @@ def linear_cross_entropy(
     """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without
     the logits: torch.nn.functional.linear_cross_entropy's call shape (``input`` (..., H),
     ``linear_weight`` (V, H), class indices ``target``; ``weight`` the class weights), with
-    autograd to ``input``, ``linear_weight`` and ``linear_bias``. The chunks run on NumPy's
-    BLAS (SciPy's gemm for the in-place ``d_weight`` accumulation) and fastxent's in-place
-    kernel; see ``fastxent.linear_cross_entropy_with_grad``. CPU tensors only."""
+    autograd to ``input``, ``linear_weight`` and ``linear_bias``. The chunks run on torch's
+    matmul (``torch.mm``, ``addmm_`` into ``d_weight``: torch's BLAS and intra-op threads)
+    and fastxent's in-place kernel; see ``fastxent.linear_cross_entropy_with_grad``. CPU
+    tensors only."""
     if target.is_floating_point():
         raise TypeError("linear_cross_entropy takes class-index targets")
     for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):

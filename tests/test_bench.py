@@ -268,10 +268,11 @@ def test_bench_linear_on_a_tiny_shape(tmp_path):
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "N=64 H=16 V=512" in result.stdout and "BLAS:" in result.stdout
+    assert "N=64 H=16 V=512" in result.stdout and "BLAS:" in result.stdout and "torch: " in result.stdout
     record = json.loads(record_path.read_text())
     assert set(record["results"]) == {
-        "fastxent (NumPy)", "fastxent.torch", "torch unchunked", "torch chunked", "three GEMMs alone"
+        "fastxent (NumPy)", "fastxent.torch", "torch unchunked", "torch chunked", "three GEMMs alone",
+        "three GEMMs (torch)",
     }  # fmt: skip
     for numbers in record["results"].values():
         assert len(numbers["times"]) == 1 and numbers["times"][0] > 0 and numbers["extra_bytes"] >= 0

@@ -150,3 +150,45 @@ def test_torch_adapter_autograd(rng, reduction):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-11, atol=1e-14)
     module = fxt.LinearCrossEntropyLoss(reduction=reduction)
     assert module(inputs[0], inputs[1], torch.tensor(y)).shape == loss.shape
+
+
+def test_torch_adapter_multiplies_with_torch(rng, monkeypatch):
+    """fastxent.torch's chunks multiply with torch.mm / addmm_ (torch's BLAS and threads),
+    not NumPy's: with NumPy's matmul made to fail, the adapter still runs and is exact."""
+    import fastxent.torch as fxt
+
+    def no_numpy_gemm(*args, **kwargs):
+        raise AssertionError("the adapter must not use NumPy's GEMMs")
+
+    from fastxent import _linear
+
+    monkeypatch.setattr(_linear.NumpyGemms, "logits", no_numpy_gemm)
+    monkeypatch.setattr(_linear.NumpyGemms, "accumulate", no_numpy_gemm)
+    h, w, b, y = problem(rng)
+    inputs = [torch.tensor(a, requires_grad=True) for a in (h, w, b)]
+    loss = fxt.linear_cross_entropy(inputs[0], inputs[1], torch.tensor(y), linear_bias=inputs[2], chunk_rows=7)
+    loss.backward()
+    want_loss, *want_grads = torch_reference(h, w, b, y, "mean", {})
+    np.testing.assert_allclose(loss.detach().numpy(), want_loss, rtol=1e-12)
+    for got, want in zip(inputs, want_grads, strict=True):
+        np.testing.assert_allclose(got.grad.numpy(), want, rtol=1e-11, atol=1e-14)
+    with pytest.raises(AssertionError, match="must not use NumPy"):
+        fx.linear_cross_entropy(h, w, y)  # (the patch is live for the NumPy API)
+
+
+def test_without_scipy_d_weight_accumulates_through_a_buffer(rng, monkeypatch):
+    """The fallback without SciPy's in-place gemm (one V x H scratch) gives the same gradients."""
+    from fastxent import _linear
+
+    h, w, b, y = problem(rng)
+    expected = fx.linear_cross_entropy_with_grad(h, w, y, bias=b, chunk_rows=7)
+    original_init = _linear.NumpyGemms.__init__
+
+    def without_scipy(self):
+        original_init(self)
+        self._blas = None
+
+    monkeypatch.setattr(_linear.NumpyGemms, "__init__", without_scipy)
+    got = fx.linear_cross_entropy_with_grad(h, w, y, bias=b, chunk_rows=7)
+    for a, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-14)
