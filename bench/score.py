@@ -4,6 +4,7 @@ and fastxent.dask.score on a 2-worker LocalCluster against the single-process pa
 same in-memory array.
 
     python bench/score.py [--rows 65536] [--classes 32000] [--dir /tmp] [--rounds 3]
+                          [--dask-rows 16384] [--chunk-mb 0]   (--rows 0: Dask only)
 
 Reports the median of the rounds (cold and warm runs interleaved) and the GB/s of each.
 """
@@ -39,14 +40,26 @@ def timed(command: list[str]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=65536)
+    parser.add_argument("--rows", type=int, default=65536, help="rows of the file comparison (0: none)")
     parser.add_argument("--classes", type=int, default=32000)
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dask-rows", type=int, default=16384, help="rows of the in-memory Dask comparison (0: none)")
+    parser.add_argument(
+        "--chunk-mb", type=int, default=0, help="row chunk size of the Dask array, in MB (0: Dask's 'auto', 128 MiB)"
+    )
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
+    if args.rows:
+        file_comparison(args, rng)
+    if args.dask_rows:
+        dask_comparison(args, rng)
+    return 0
+
+
+def file_comparison(args: argparse.Namespace, rng: np.random.Generator) -> None:
+    """`fastxent score` on a .npy file against `cat` of it, cold and warm."""
     logits_path = os.path.join(args.dir, "fastxent-score-logits.npy")
     labels_path = os.path.join(args.dir, "fastxent-score-labels.npy")
     gigabytes = args.rows * args.classes * 4 / 1e9
@@ -84,10 +97,10 @@ def main() -> int:
         print(f"fastxent score / cat, {state}: {ratio:.2f}x")
     os.remove(logits_path)
     os.remove(labels_path)
-    if args.dask_rows == 0:
-        return 0
 
-    # Dask on a 2-worker LocalCluster against the single process, the same in-memory array
+
+def dask_comparison(args: argparse.Namespace, rng: np.random.Generator) -> None:
+    """fastxent.dask.score on a 2-worker LocalCluster against the single process, in memory."""
     import dask.array as da
     from distributed import Client, LocalCluster
 
@@ -96,7 +109,7 @@ def main() -> int:
 
     x = rng.standard_normal((args.dask_rows, args.classes), dtype=np.float32)
     y = rng.integers(0, args.classes, args.dask_rows)
-    chunk_rows = max(1, (32 << 20) // (4 * args.classes))
+    chunk_rows: int | str = max(1, (args.chunk_mb << 20) // (4 * args.classes)) if args.chunk_mb else "auto"
     single, dask_times = [], []
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
@@ -115,9 +128,9 @@ def main() -> int:
     print(
         f"\n{args.dask_rows} x {args.classes} float32 in memory: single process {statistics.median(single):.2f} s, "
         f"Dask 2-worker LocalCluster (data persisted on the workers) {statistics.median(dask_times):.2f} s: "
-        f"{statistics.median(dask_times) / statistics.median(single):.2f}x (median of {args.rounds})"
+        f"{statistics.median(dask_times) / statistics.median(single):.2f}x (median of {args.rounds}; "
+        f"{len(logits_dask.chunks[0])} row chunks of {logits_dask.chunks[0][0] * args.classes * 4 / 2**20:.0f} MiB)"
     )
-    return 0
 
 
 if __name__ == "__main__":

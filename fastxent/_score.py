@@ -201,9 +201,17 @@ def _advisor(logits: Any):
     return advise
 
 
-def _per_row(x: np.ndarray, y: np.ndarray):
-    """Per kept row of a chunk: the loss, the confidence, correct, in the top 5, the bin."""
-    numbers = _row_numbers(x, y)
+def _per_row(x: np.ndarray, y: np.ndarray, keep: np.ndarray):
+    """Per kept row of a chunk: the loss, the confidence, correct, in the top 5, the bin.
+
+    The kernel runs over every row of the chunk (an ignored row's label read as 0) and the
+    kept rows' numbers are selected after: ``x[keep]`` would copy the chunk's logits, a
+    32 MB allocation whose pages fault on every chunk where glibc returns large blocks at
+    once (in Dask's workers, whose nanny sets ``MALLOC_TRIM_THRESHOLD_``: half the time of
+    a task there)."""
+    numbers = _row_numbers(x, np.where(keep, y, 0))
+    if not keep.all():
+        numbers = numbers[keep]
     lse = numbers[:, 0]
     loss = lse - numbers[:, 1]
     rank = numbers[:, 2]
@@ -224,7 +232,7 @@ def partial_sums(x: np.ndarray, y: np.ndarray, ignore_index: int = -100) -> np.n
     out = np.zeros(PARTIAL_WIDTH)
     if not keep.any():
         return out
-    loss, confidence, correct, top5, bins = _per_row(x[keep], y[keep])
+    loss, confidence, correct, top5, bins = _per_row(x, y, keep)
     out[:4] = (np.sum(loss), len(loss), np.count_nonzero(correct), np.count_nonzero(top5))
     out[4 : 4 + ECE_BINS] = np.bincount(bins, minlength=ECE_BINS)
     out[4 + ECE_BINS : 4 + 2 * ECE_BINS] = np.bincount(bins, weights=confidence, minlength=ECE_BINS)
@@ -278,7 +286,7 @@ def score(
             y = _rows(labels, r0, r1, 0).astype(np.int64)
             keep = y != ignore_index
             if keep.any():
-                loss, confidence, correct, top5, bins = _per_row(x[keep], y[keep])
+                loss, confidence, correct, top5, bins = _per_row(x, y, keep)
                 losses.add(loss)
                 per_bin = np.zeros((len(loss), ECE_BINS))
                 per_bin[np.arange(len(loss)), bins] = confidence

@@ -104,3 +104,25 @@ def test_the_command_on_a_cluster(client, problem, tmp_path):
     assert record["rows"] == expected["rows"]
     for key in ("cross_entropy", "accuracy", "top5_accuracy", "ece"):
         assert record[key] == pytest.approx(expected[key], rel=1e-12), key
+
+
+def _threads_in_a_task(_block):
+    """What a block's kernel would run on, seen from inside a Dask task."""
+    with fxd._one_thread_per_task():
+        inside = fx.get_num_threads()
+    return np.array([inside, fx.get_num_threads()])
+
+
+def test_a_task_runs_its_kernel_on_one_thread(client):
+    """Dask runs blocks side by side: inside a task (a worker process's thread, or the threaded
+    scheduler's pool thread) the kernel uses one thread, and the count is restored after; on
+    the main thread (the synchronous scheduler) nothing changes."""
+    blocks = da.zeros((4, 1), chunks=(1, 1))
+    on_workers = blocks.map_blocks(lambda b: _threads_in_a_task(b)[None, :], chunks=(1, 2)).compute()
+    assert (on_workers[:, 0] == 1).all()
+    assert (on_workers[:, 1] == on_workers[:, 1].max()).all()  # restored: the worker's own count
+    threaded = blocks.map_blocks(lambda b: _threads_in_a_task(b)[None, :], chunks=(1, 2)).compute(scheduler="threads")
+    assert (threaded[:, 0] == 1).all()
+    before = fx.get_num_threads()
+    inside, after = _threads_in_a_task(None)
+    assert inside == before and after == before  # main thread, main process: untouched
