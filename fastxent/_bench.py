@@ -747,11 +747,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the --linear shape (default: 2048x512x65536)",
     )
     parser.add_argument(
+        "--linear-chunk-rows",
+        type=_positive_int,
+        default=None,
+        metavar="ROWS",
+        help="fastxent's chunk_rows in --linear (default: 64 MB of logits or a quarter of d_weight, the larger; "
+        "larger chunks: faster GEMMs, more memory)",
+    )
+    parser.add_argument(
         "--no-compile",
         dest="torch_compile",
         action="store_false",
         help="leave out the torch.compile rows (each shape otherwise compiles them first: seconds to tens of seconds)",
     )
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer, got {text!r}")
+    return int(text)
 
 
 def _parse_linear_shape(text: str) -> tuple[int, int, int]:

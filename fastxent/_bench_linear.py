@@ -25,8 +25,9 @@ _CHILD = textwrap.dedent(
     """
     import json, resource, sys, time
     import numpy as np
-    n, h, v, which, repeat, threads = sys.argv[1:7]
+    n, h, v, which, repeat, threads, chunk_rows = sys.argv[1:8]
     n, h, v, repeat, threads = int(n), int(h), int(v), int(repeat), int(threads)
+    chunk_rows = int(chunk_rows) or None
     import torch
     torch.set_num_threads(threads)
     import fastxent as fx
@@ -62,11 +63,11 @@ _CHILD = textwrap.dedent(
     def fastxent_torch():
         import fastxent.torch as fxt
         a, b = ht.detach().requires_grad_(), wt.detach().requires_grad_()
-        fxt.linear_cross_entropy(a, b, yt).backward()
+        fxt.linear_cross_entropy(a, b, yt, chunk_rows=chunk_rows).backward()
         return a.grad, b.grad
 
     calls = {
-        "fastxent (NumPy)": lambda: fx.linear_cross_entropy_with_grad(hidden, weight, target),
+        "fastxent (NumPy)": lambda: fx.linear_cross_entropy_with_grad(hidden, weight, target, chunk_rows=chunk_rows),
         "fastxent.torch": fastxent_torch,
         "torch unchunked": lambda: torch_call(None),
         "torch chunked": lambda: torch_call(torch.nn.LinearCrossEntropyOptions()),
@@ -104,13 +105,27 @@ CONTENDERS = (
 )
 
 
-def run(shape=DEFAULT_SHAPE, threads: int = 2, repeat: int = 3) -> dict:
-    """Each contender in its own process; returns the numbers by contender."""
+def run(
+    shape=DEFAULT_SHAPE, threads: int = 2, repeat: int = 3, chunk_rows: int | None = None, contenders=CONTENDERS
+) -> dict:
+    """Each contender in its own process; returns the numbers by contender. ``chunk_rows``:
+    fastxent's (None: its default, ``_linear._chunk_rows``)."""
     n, h, v = shape
     results = {}
-    for name in CONTENDERS:
+    for name in contenders:
         completed = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(n), str(h), str(v), name, str(repeat), str(threads)],
+            [
+                sys.executable,
+                "-c",
+                _CHILD,
+                str(n),
+                str(h),
+                str(v),
+                name,
+                str(repeat),
+                str(threads),
+                str(chunk_rows or 0),
+            ],
             capture_output=True,
             text=True,
         )
@@ -122,12 +137,16 @@ def run(shape=DEFAULT_SHAPE, threads: int = 2, repeat: int = 3) -> dict:
     return results
 
 
-def format_table(shape, threads: int, repeat: int, results: dict) -> str:
+def format_table(shape, threads: int, repeat: int, results: dict, chunk_rows: int | None = None) -> str:
     n, h, v = shape
     logits_bytes = n * v * 4
+    from ._linear import _chunk_rows
+
+    rows = _chunk_rows(chunk_rows, n, v, h)
     lines = [
         f"fused linear cross-entropy, fwd+bwd: N={n} H={h} V={v} float32, {threads} threads, median of {repeat} "
-        f"(each contender a fresh process); logits would be {logits_bytes / 1e9:.2f} GB",
+        f"(each contender a fresh process); logits would be {logits_bytes / 1e9:.2f} GB; fastxent's chunks: "
+        f"{rows} rows ({rows * v * 4 / 2**20:.0f} MiB of logits)",
         f"BLAS: {'; '.join(next(iter(results.values()))['blas']) if results else '?'}",
         f"{'contender':<22} {'seconds':>8} {'extra peak MB':>14} {'vs torch unchunked':>19}",
     ]
@@ -143,9 +162,10 @@ def main(args) -> int:
     shape = tuple(args.linear_shape) if getattr(args, "linear_shape", None) else DEFAULT_SHAPE
     threads = args.threads or 2
     repeat = args.repeat
-    results = run(shape, threads, repeat)
-    print(format_table(shape, threads, repeat, results))
+    chunk_rows = getattr(args, "linear_chunk_rows", None)
+    results = run(shape, threads, repeat, chunk_rows)
+    print(format_table(shape, threads, repeat, results, chunk_rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": shape, "threads": threads, "results": results}, f, indent=1)
+            json.dump({"shape": shape, "threads": threads, "chunk_rows": chunk_rows, "results": results}, f, indent=1)
     return 0 if results else 1

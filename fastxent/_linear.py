@@ -1,7 +1,8 @@
 """The fused linear cross-entropy: ``loss(hidden @ weight.T + bias, target)`` and its three
 gradients, with the ``N x V`` logits never held at once.
 
-Per chunk of rows (``chunk_rows``, by default ~64 MB of float32 logits):
+Per chunk of rows (``chunk_rows``; by default the larger of ~64 MB of float32 logits and a
+quarter of ``d_weight``'s size, see ``_chunk_rows``):
 
 1. one GEMM writes the chunk's logits into a reused buffer: ``Z = H_c W^T (+ b)``;
 2. the fused kernel runs IN PLACE on it (``out=Z``), with the GLOBAL "mean" denominators
@@ -23,6 +24,7 @@ Liger-Kernel's issues #512 and #827); the gradients are returned in the inputs' 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -33,14 +35,21 @@ from . import _api, _dispatch
 from ._spec import check_ignore_index, check_reduction
 from .partial import _labels, denominators
 
-#: the default chunk: about this many bytes of float32 logits
+#: the default chunk: about this many bytes of float32 logits at least ...
 DEFAULT_CHUNK_BYTES = 64 << 20
+#: ... or this fraction of ``d_weight``'s bytes, if more (see ``_chunk_rows``)
+CHUNK_FRACTION_OF_WEIGHT = 0.25
 
 
 class NumpyGemms:
     """The three GEMMs of a chunk on NumPy's BLAS (``np.matmul``), the ``d_weight``
     accumulation through SciPy's ``gemm`` with ``beta = 1`` when SciPy is installed (no
-    ``V x H`` temporary), else through one ``V x H`` scratch buffer."""
+    ``V x H`` temporary), else through one ``V x H`` scratch buffer.
+
+    ``threads()`` holds the BLAS libraries to fastxent's thread count
+    (``fx.set_num_threads``) for the chunk loop, through threadpoolctl when it is installed
+    (the ``linear`` extra), so the GEMMs and the kernels use the same cores; they run one
+    after the other, never at once."""
 
     def __init__(self) -> None:
         try:
@@ -49,6 +58,16 @@ class NumpyGemms:
             blas = None
         self._blas = blas
         self._scratch: np.ndarray | None = None
+
+    @staticmethod
+    def threads() -> contextlib.AbstractContextManager[Any]:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            return contextlib.nullcontext()
+        from ._threads import get_num_threads
+
+        return threadpool_limits(limits=get_num_threads(), user_api="blas")
 
     def logits(self, hidden: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
         """``out = hidden @ weight.T``."""
@@ -74,9 +93,17 @@ class NumpyGemms:
             d_weight += result.T
 
 
-def _chunk_rows(chunk_rows: Any, n: int, n_classes: int) -> int:
+def _chunk_rows(chunk_rows: Any, n: int, n_classes: int, hidden: int) -> int:
+    """Rows per chunk: ``chunk_rows``, or by default as many as fit in the larger of 64 MB
+    and a quarter of ``d_weight``'s bytes (``V x H`` float32). ``d_weight`` is a result the
+    caller holds anyway, so the chunk adds at most a quarter to it; and wide heads get
+    chunks long enough for the GEMMs to run at full speed (the ``d_weight += G^T H_c``
+    update is a rank-``rows`` update of all of ``d_weight``). At 8192 x 2048 x 128256:
+    512 rows, the cross-entropy +3.5% over the three GEMMs alone; 64 MB (130 rows) was
+    +45% (docs/DESIGN.md "Fused linear cross-entropy")."""
     if chunk_rows is None:
-        return max(1, min(n, DEFAULT_CHUNK_BYTES // (4 * max(n_classes, 1))))
+        budget = max(DEFAULT_CHUNK_BYTES, int(CHUNK_FRACTION_OF_WEIGHT * 4 * n_classes * hidden))
+        return max(1, min(n, budget // (4 * max(n_classes, 1))))
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     return int(chunk_rows)
@@ -137,7 +164,7 @@ def _run(hidden, weight, target, bias, options, chunk_rows, want_grad, backend, 
         raise ValueError(f"weight (class weights) must have shape ({n_classes},), got {cw.shape}")
     labels64 = _labels(t, h.shape[:-1], n_classes, ignore_index)  # int64 (n,), range checked
     d, k = denominators(labels64, num_classes=n_classes, weight=cw, ignore_index=ignore_index)
-    rows = _chunk_rows(chunk_rows, n, n_classes)
+    rows = _chunk_rows(chunk_rows, n, n_classes, h2.shape[1])
     buffer = np.empty((min(rows, max(n, 1)), n_classes), compute)
     d_hidden = np.empty_like(h2) if want_grad else None
     d_weight = np.zeros_like(w2) if want_grad else None
@@ -146,39 +173,40 @@ def _run(hidden, weight, target, bias, options, chunk_rows, want_grad, backend, 
         gemms = NumpyGemms()
     total = 0.0
     row_losses = np.empty(n) if reduction == "none" else None
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        logits = buffer[: r1 - r0]
-        gemms.logits(h2[r0:r1], w2, logits)  # (1) the chunk's logits
-        if b is not None:
-            logits += b
-        loss, grad, _ = _api._cross_entropy(  # (2) in place, with the global denominators
-            logits,
-            labels64[r0:r1],
-            cw,
-            ignore_index,
-            reduction,
-            options["label_smoothing"],
-            backend,
-            want_grad,
-            logits if want_grad else None,
-            options["z_loss"],
-            options["logit_scale"],
-            options["softcap"],
-            False,
-            denominators=(d, k),
-        )
-        if row_losses is not None:
-            row_losses[r0:r1] = loss
-        else:
-            total += float(loss)
-        if want_grad:  # (3) the two GEMMs, and the bias
-            if row_scale is not None:
-                logits *= row_scale[r0:r1, None].astype(logits.dtype)
-            gemms.d_hidden(logits, w2, d_hidden[r0:r1])
-            gemms.accumulate(d_weight, logits, h2[r0:r1])
-            if d_bias is not None:
-                d_bias += logits.sum(axis=0)
+    with gemms.threads():  # the BLAS on fastxent's thread count (NumpyGemms.threads)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            logits = buffer[: r1 - r0]
+            gemms.logits(h2[r0:r1], w2, logits)  # (1) the chunk's logits
+            if b is not None:
+                logits += b
+            loss, grad, _ = _api._cross_entropy(  # (2) in place, with the global denominators
+                logits,
+                labels64[r0:r1],
+                cw,
+                ignore_index,
+                reduction,
+                options["label_smoothing"],
+                backend,
+                want_grad,
+                logits if want_grad else None,
+                options["z_loss"],
+                options["logit_scale"],
+                options["softcap"],
+                False,
+                denominators=(d, k),
+            )
+            if row_losses is not None:
+                row_losses[r0:r1] = loss
+            else:
+                total += float(loss)
+            if want_grad:  # (3) the two GEMMs, and the bias
+                if row_scale is not None:
+                    logits *= row_scale[r0:r1, None].astype(logits.dtype)
+                gemms.d_hidden(logits, w2, d_hidden[r0:r1])
+                gemms.accumulate(d_weight, logits, h2[r0:r1])
+                if d_bias is not None:
+                    d_bias += logits.sum(axis=0)
     if reduction == "none":
         loss_out: Any = row_losses.astype(h.dtype).reshape(h.shape[:-1])
     elif reduction == "mean" and d == 0:
@@ -216,9 +244,9 @@ def linear_cross_entropy_with_grad(
     ``hidden`` (..., H), ``weight`` (V, H) (a Linear layer's), ``bias`` (V,), ``target``
     class indices of shape ``hidden.shape[:-1]``. ``class_weight`` is cross-entropy's
     per-class ``weight``; the other keywords are :func:`fastxent.cross_entropy`'s.
-    ``chunk_rows``: rows per chunk (default: ~64 MB of float32 logits); any value gives the
-    same results up to the GEMMs' rounding. "none" gives per-row losses and the gradients of
-    their sum."""
+    ``chunk_rows``: rows per chunk (default: the larger of ~64 MB of float32 logits and a
+    quarter of ``d_weight``'s size); any value gives the same results up to the GEMMs'
+    rounding. "none" gives per-row losses and the gradients of their sum."""
     options = _options(class_weight, ignore_index, reduction, label_smoothing, z_loss, logit_scale, softcap)
     loss, grads = _run(hidden, weight, target, bias, options, chunk_rows, True, backend)
     return (loss, *grads)

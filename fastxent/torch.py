@@ -84,6 +84,7 @@ gradient is zeros where PyTorch gives NaN; out-of-range targets raise
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -843,7 +844,12 @@ def vocab_parallel_cross_entropy(
 class _TorchGemms:
     """The chunk loop's three GEMMs on torch's matmul (its BLAS and its intra-op threads,
     as the rest of a torch program), over tensors that share the NumPy arrays' memory
-    (``torch.from_numpy``: no copies); the interface of ``fastxent._linear.NumpyGemms``."""
+    (``torch.from_numpy``: no copies); the interface of ``fastxent._linear.NumpyGemms``.
+    Threads: torch's (``torch.set_num_threads``) for the GEMMs, fastxent's for the kernel."""
+
+    @staticmethod
+    def threads() -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     @staticmethod
     def logits(hidden: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:

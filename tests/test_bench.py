@@ -264,12 +264,14 @@ def test_bench_linear_on_a_tiny_shape(tmp_path):
     record_path = tmp_path / "linear.json"
     result = subprocess.run(
         [sys.executable, "-m", "fastxent", "bench", "--linear", "--linear-shape", "64x16x512", "--repeat", "1",
-         "--threads", "1", "--json", str(record_path)],
+         "--threads", "1", "--linear-chunk-rows", "24", "--json", str(record_path)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "N=64 H=16 V=512" in result.stdout and "BLAS:" in result.stdout and "torch: " in result.stdout
+    assert "fastxent's chunks: 24 rows" in result.stdout
     record = json.loads(record_path.read_text())
+    assert record["chunk_rows"] == 24
     assert set(record["results"]) == {
         "fastxent (NumPy)", "fastxent.torch", "torch unchunked", "torch chunked", "three GEMMs alone",
         "three GEMMs (torch)",

@@ -192,3 +192,38 @@ def test_without_scipy_d_weight_accumulates_through_a_buffer(rng, monkeypatch):
     got = fx.linear_cross_entropy_with_grad(h, w, y, bias=b, chunk_rows=7)
     for a, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-14)
+
+
+def test_default_chunk_is_the_larger_of_64_mb_and_a_quarter_of_d_weight():
+    """The default chunk of logits takes max(64 MB, V*H*4/4) bytes: a narrow head gets 64 MB
+    of rows, a wide one a quarter of d_weight (long enough chunks for full-speed GEMMs), never
+    more rows than there are, and an explicit chunk_rows wins."""
+    from fastxent import _linear
+
+    assert _linear._chunk_rows(None, 2048, 65536, 512) == (64 << 20) // (4 * 65536)  # 256
+    assert _linear._chunk_rows(None, 8192, 128256, 2048) == (128256 * 2048) // (4 * 128256)  # 512
+    assert _linear._chunk_rows(None, 29, 40, 12) == 29
+    assert _linear._chunk_rows(7, 8192, 128256, 2048) == 7
+    with pytest.raises(ValueError, match="chunk_rows must be a positive integer"):
+        _linear._chunk_rows(0, 10, 10, 10)
+
+
+def test_numpy_blas_runs_on_fastxents_thread_count():
+    """The NumPy path holds the BLAS libraries to fx.get_num_threads() for the chunk loop
+    (threadpoolctl), and gives them back their count after."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from fastxent import _linear
+
+    def blas_threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+
+    before_blas, before = blas_threads(), fx.get_num_threads()
+    if not before_blas:
+        pytest.skip("no BLAS library that threadpoolctl sees")
+    fx.set_num_threads(1)
+    try:
+        with _linear.NumpyGemms.threads():
+            assert set(blas_threads().values()) == {1}
+    finally:
+        fx.set_num_threads(before)
+    assert blas_threads() == before_blas
