@@ -32,14 +32,13 @@ _CHILD = textwrap.dedent(
     torch.set_num_threads(threads)
     import fastxent as fx
     fx.set_num_threads(threads)
-    blas = []
+    from fastxent._info import numpy_blas, torch_blas
     try:
-        from threadpoolctl import threadpool_info, threadpool_limits
+        from threadpoolctl import threadpool_limits
         threadpool_limits(threads)
-        blas = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}" for i in threadpool_info()
-                if i.get("user_api") == "blas"]
     except ImportError:
         pass
+    blas = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture') or ''}".strip() for i in numpy_blas()]
     rng = np.random.default_rng(0)
     hidden = rng.standard_normal((n, h), dtype=np.float32)
     weight = (rng.standard_normal((v, h), dtype=np.float32) * 0.05)
@@ -88,7 +87,6 @@ _CHILD = textwrap.dedent(
         times.append(time.perf_counter() - start)
         del result
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    from fastxent._info import torch_blas
     torch_info = torch_blas() or {}
     blas.append(f"torch: {torch_info.get('blas')} ({torch_info.get('threads')} threads)")
     print(json.dumps({"times": times, "extra_bytes": max(0, peak - before), "blas": blas}))
