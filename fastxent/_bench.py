@@ -42,6 +42,7 @@ DEFAULT_SHAPES = ((262144, 10), (65536, 128), (16384, 1000), (4096, 32000), (204
 #: the extensions timed together (Gemma 2's cap, PaLM's z-loss coefficient) with return_stats
 EXTENSIONS: dict[str, Any] = {"z_loss": 1e-4, "softcap": 30.0}
 EXTENSIONS_ROW = "fastxent z-loss+softcap+stats"
+BFLOAT16_ROW = "fastxent bfloat16 loss+grad out="
 #: the NumPy reference makes several float64 N x C temporaries: only below this size
 REFERENCE_MAX_ELEMENTS = 1 << 23
 
@@ -135,6 +136,21 @@ def _contenders(
             functools.partial(_api.cross_entropy_with_grad, x, y, return_stats=True, **EXTENSIONS),
         )
     )
+    if x.dtype == np.float32:  # the same logits as bfloat16 words (issue 10's target: <= 0.6x float32)
+        try:
+            import ml_dtypes
+        except ImportError:
+            notes.append("ml_dtypes not installed: no bfloat16 row (pip install 'fastxent[bfloat16]')")
+        else:
+            x_brain = x.astype(ml_dtypes.bfloat16)
+            brain_out = np.empty_like(x_brain)
+            found.append(
+                Contender(
+                    BFLOAT16_ROW,
+                    "fwd+bwd",
+                    functools.partial(_api.cross_entropy_with_grad, x_brain, y, out=brain_out),
+                )
+            )
     if with_reference:
         found.append(
             Contender(
@@ -415,6 +431,12 @@ def _note_extensions(rows: list[Row], n_classes: int, notes: list[str]) -> None:
             f"{rows[0].shape[0]}x{n_classes}: {EXTENSIONS_ROW} ({backend}) takes "
             f"{times[EXTENSIONS_ROW] / plain:.2f}x the plain loss+grad"
         )
+    plain_out = times.get(f"fastxent[{backend}] loss+grad out=")
+    if plain_out and BFLOAT16_ROW in times:
+        notes.append(
+            f"{rows[0].shape[0]}x{n_classes}: {BFLOAT16_ROW} ({backend}) takes "
+            f"{times[BFLOAT16_ROW] / plain_out:.2f}x the float32 loss+grad out="
+        )
 
 
 def _threading_layer() -> str:
@@ -514,6 +536,7 @@ def _fastxent_style(name: str) -> tuple[float, str]:
         ("[cython]", 0.65, "^"),
         ("fastxent.torch", 0.5, "s"),
         ("fastxent.jax", 0.45, "D"),
+        ("bfloat16", 0.8, "P"),
     ):
         if key in name:
             return shade, marker

@@ -15,7 +15,12 @@ def test_every_fastxent_row_of_the_plot_has_its_own_style():
         f"fastxent[{backend}] {call}"
         for backend in ("numba", "cython")
         for call in ("loss+grad", "loss+grad out=", "in place", "loss only")
-    ] + [_bench.EXTENSIONS_ROW, "fastxent.torch fwd+bwd (adapter)", "fastxent.jax jit(value_and_grad)"]
+    ] + [
+        _bench.EXTENSIONS_ROW,
+        _bench.BFLOAT16_ROW,
+        "fastxent.torch fwd+bwd (adapter)",
+        "fastxent.jax jit(value_and_grad)",
+    ]
     styles = {(*_bench._fastxent_style(name), _bench._call_linestyle(name)) for name in names}
     assert len(styles) == len(names)
     assert {_bench._family(name) for name in names} == {"Blues"}
@@ -57,3 +62,30 @@ def test_the_pytest_benchmark_suite_times_the_registry():
     registry = [c.name for c in _bench._contenders(x, y, 1, [], False, torch_compile=False)]
     assert module.NAMES == registry
     assert "memory floor (copy)" in module.NAMES and "fastxent.torch fwd+bwd (adapter)" in module.NAMES
+
+
+def test_the_bfloat16_row_times_the_words_and_is_noted_against_float32():
+    """The bfloat16 row runs the default backend on bfloat16 words (not a float32 copy) with
+    ``out=``, and its ratio to the float32 ``out=`` row of that backend is in the notes."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import fastxent as fx
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 300), dtype=np.float32)
+    y = rng.integers(0, 300, 16)
+    contenders = {c.name: c for c in _bench._contenders(x, y, 1, [], False, torch_compile=False)}
+    loss, grad = contenders[_bench.BFLOAT16_ROW].run()
+    assert grad.dtype == ml_dtypes.bfloat16
+    expected_loss, expected_grad = fx.cross_entropy_with_grad(x.astype(ml_dtypes.bfloat16), y)
+    np.testing.assert_array_equal(grad.view(np.uint16), expected_grad.view(np.uint16))
+    assert float(loss) == float(expected_loss)
+    backend = fx._dispatch.default_backend(300)
+    rows = [
+        _bench.Row((16, 300), name, "fwd+bwd", ms, 0.0, 0.0, None, None, None, [], None)
+        for name, ms in ((f"fastxent[{backend}] loss+grad out=", 2.0), (_bench.BFLOAT16_ROW, 1.5))
+    ]
+    notes: list[str] = []
+    _bench._note_extensions(rows, 300, notes)
+    assert notes == [f"16x300: {_bench.BFLOAT16_ROW} ({backend}) takes 0.75x the float32 loss+grad out="]
+    float64 = {c.name for c in _bench._contenders(x.astype(np.float64), y, 1, [], False, torch_compile=False)}
+    assert _bench.BFLOAT16_ROW not in float64
