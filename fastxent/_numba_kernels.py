@@ -863,6 +863,9 @@ def chunked_steps(src, xt_out, row, e, chunks, p, dst):
     width = chunk_width(n_classes)
     n_chunks = (n_classes + width - 1) // width
     whole = row.shape[0] >= n_classes  # else x' has one chunk's room (plain 16-bit rows)
+    # the row takes its own terms (plain in place): two names of one row would fail LLVM's
+    # run-time overlap check and run the scalar loop
+    in_place_terms = row.ctypes.data == e.ctypes.data
     sums = chunks[MAX_CHUNKS : 2 * MAX_CHUNKS]
     entropies = chunks[2 * MAX_CHUNKS : 3 * MAX_CHUNKS]
     m = row[0]
@@ -880,6 +883,8 @@ def chunked_steps(src, xt_out, row, e, chunks, p, dst):
         e_k = e[c0:c1] if e.shape[0] >= n_classes else e[: c1 - c0]  # (a chunk's room: loss only)
         if p.stats:
             s_k, h_k = row_sum_exp_entropy(row_k, shift, e_k)
+        elif in_place_terms:  # one name for the row and its terms: the loop vectorises
+            s_k, h_k = row_sum_exp(e_k, shift, e_k), 0.0
         else:
             s_k, h_k = row_sum_exp(row_k, shift, e_k), 0.0
         chunks[k] = m_k
@@ -1023,6 +1028,8 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt, x16
     # (0)-(2), in one piece (row_steps) or a long row a chunk at a time (chunked_steps); from
     # here on the row is x'. SHARD_GRAD: (0) alone (the max and the sums come merged)
     chunked = chunks_long_rows(row) and n_classes >= LONG_ROW and (mode == LOSS or mode == GRAD or mode == IN_PLACE)
+    in_row = mode == IN_PLACE and chunked and not (narrow or p.transformed or p.smoothing or p.stats)
+    x_y_first = 0.0
     s = 0.0
     h = 0.0
     if mode == SHARD_GRAD:
@@ -1045,6 +1052,15 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt, x16
     elif p.transformed:
         m, s, h = steps_0_to_2(chunked, row, xt_out, xt, e, chunks, p, grad16[0, :0])
         row = xt
+    elif in_row:
+        # plain in place of a long row: the row itself takes each chunk's terms, as the
+        # gradient row does with out= (x_y read first); a whole row of them in scratch (128 KB
+        # more in L2) made in place slower than out= (4096 x 32000, two threads: 53-57 ms
+        # against 40-45)
+        e = grad[i]
+        if not ignored and label - p.class_start >= 0 and label - p.class_start < n_classes:
+            x_y_first = np.float64(row[label - p.class_start])
+        m, s, h = steps_0_to_2(chunked, e, xt_out, e, e, chunks, p, grad16[0, :0])
     else:
         m, s, h = steps_0_to_2(chunked, row, xt_out, row, e, chunks, p, grad16[0, :0])
     y_local = label - p.class_start
@@ -1058,7 +1074,7 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt, x16
         else:
             index_grad_row(grad[i], e, y_local, rowdata[i, COEF_A], rowdata[i, COEF_Y], weight, p)
         return
-    x_y = np.float64(row[y_local]) if y_local >= 0 else 0.0
+    x_y = np.float64(row[y_local]) if y_local >= 0 and not in_row else x_y_first
     if narrow and chunked and not (p.transformed or p.smoothing or p.stats) and y_local >= 0:
         x_y = np.float64(widen16(x16[i, y_local], p.storage))  # (x' held its last chunk only)
     sw = row_smoothing_sum(row, m, weight, p.weighted) if p.smoothing else 0.0
@@ -1086,8 +1102,9 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt, x16
     loss[i] = row_loss
     if mode == LOSS:
         return
-    if chunked:
-        float32_index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode)
+    if chunked:  # (in_row: the terms are in the gradient row, as with GRAD)
+        mode_4 = GRAD if in_row else mode
+        float32_index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode_4)
     elif narrow:  # (4), (4') in float32, (4'') rounded into the 16-bit words
         index_grad_row_words(grad16[i], e, y_local, a, y_term, weight, p, row)
     elif p.transformed:  # (4) and (4'): the chain rule through x', in one loop
