@@ -1052,16 +1052,16 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt, x16
     elif p.transformed:
         m, s, h = steps_0_to_2(chunked, row, xt_out, xt, e, chunks, p, grad16[0, :0])
         row = xt
-    elif in_row:
-        # plain in place of a long row: the row itself takes each chunk's terms, as the
-        # gradient row does with out= (x_y read first); a whole row of them in scratch (128 KB
-        # more in L2) made in place slower than out= (4096 x 32000, two threads: 53-57 ms
-        # against 40-45)
-        e = grad[i]
-        if not ignored and label - p.class_start >= 0 and label - p.class_start < n_classes:
-            x_y_first = np.float64(row[label - p.class_start])
-        m, s, h = steps_0_to_2(chunked, e, xt_out, e, e, chunks, p, grad16[0, :0])
     else:
+        if in_row:
+            # plain in place of a long row: the row itself takes each chunk's terms, as the
+            # gradient row does with out= (x_y read first; the same specialisation of the
+            # steps, the row read under its read-only name); a whole row of terms in scratch
+            # (128 KB more in L2) made in place slower than out= (4096 x 32000, two threads:
+            # 53-57 ms against 40-45)
+            e = grad[i]
+            if not ignored and label - p.class_start >= 0 and label - p.class_start < n_classes:
+                x_y_first = np.float64(row[label - p.class_start])
         m, s, h = steps_0_to_2(chunked, row, xt_out, row, e, chunks, p, grad16[0, :0])
     y_local = label - p.class_start
     if ignored or y_local < 0 or y_local >= n_classes:
