@@ -25,11 +25,17 @@ from ._spec import STORAGE_BF16, STORAGE_F16, STORAGE_NATIVE
 
 #: backends in order of preference for ``backend=None``
 PREFERENCE = ("numba", "cython", "numpy")
-#: the cross-entropy's preference where the Cython extension runs its rows-across-lanes
-#: layout (``C <= _cy_backend.SMALL_C``): there gcc's code runs about twice as fast as
-#: LLVM's from numba (float32, 262144 x 10, 2 threads: in place 2.50 ms against 4.95; the
-#: copy floor 0.93; see docs/bench-float32.txt). Above it the two are within about 20%.
+#: the cross-entropy's preference up to CYTHON_MAX_C classes: there gcc's code runs faster
+#: than LLVM's from numba. In the rows-across-lanes layout (C <= 32) about twice as fast
+#: (float32, 262144 x 10, 2 threads: in place 2.50 ms against 4.95, the copy floor 0.93,
+#: Intel Xeon); above it, where both run rows one at a time, the per-row work (the max's
+#: chain, a log, a divide, the finish) still costs numba more. Measured on the AMD EPYC of
+#: 2026-12-04 (float32, 8M logits, 2 threads, median of 9 interleaved; numba over cython,
+#: loss+grad out= / in place / loss only): C = 48 2.45 / 2.66 / 2.53, 64 1.99 / 2.09 / 2.19,
+#: 128 1.57 / 1.68 / 1.83, 256 1.14 / 1.30 / 1.52, 512 0.95 / 1.00 / 1.30, 1000 0.95 / 0.89 /
+#: 1.14 (the Intel Xeon run of docs' earlier table: at 128 1.16 / 1.45, at 1000 0.99 / 1.03).
 SMALL_C_PREFERENCE = ("cython", "numba", "numpy")
+CYTHON_MAX_C = 256
 
 #: floating input dtype -> dtype the kernels compute in (and write the gradient in)
 COMPUTE_DTYPE: dict[np.dtype, np.dtype] = {
@@ -196,8 +202,7 @@ def available_backends() -> tuple[str, ...]:
 def default_backend(n_classes: int | None = None) -> str:
     """The backend ``backend=None`` runs when ``$FASTXENT_BACKEND`` is unset: the fastest that
     loaded, for a cross-entropy of ``n_classes`` classes (None: any other function)."""
-    cython = KERNELS.get("cython")
-    small = n_classes is not None and cython is not None and n_classes <= cython.SMALL_C
+    small = n_classes is not None and "cython" in KERNELS and n_classes <= CYTHON_MAX_C
     return next(name for name in (SMALL_C_PREFERENCE if small else PREFERENCE) if name in KERNELS)
 
 
