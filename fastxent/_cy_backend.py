@@ -77,19 +77,14 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
         kernel_function(x, target, kernel_weight(weight, x), params, mode, lanes, loss, grad, rowdata)
 
 
-@contextlib.contextmanager
 def _one_thread_if_small(elements: int):
     """A call over fewer than SMALL_CALL_ELEMENTS logits runs on one OpenMP thread (see
     _spec.SMALL_CALL_ELEMENTS; omp_set_num_threads applies to this Python thread only)."""
-    threads = _cy_xent.get_num_threads()
-    if elements >= SMALL_CALL_ELEMENTS or threads <= 1:
-        yield
-        return
-    _cy_xent.set_num_threads(1)
-    try:
-        yield
-    finally:
-        _cy_xent.set_num_threads(threads)
+    from ._threads import limited  # (here: _threads imports the dispatch table, which loads this module)
+
+    if elements >= SMALL_CALL_ELEMENTS:
+        return contextlib.nullcontext()
+    return limited(1, [(_cy_xent.get_num_threads, _cy_xent.set_num_threads)])
 
 
 def _row_outputs(x, params, row_out):

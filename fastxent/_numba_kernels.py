@@ -50,6 +50,7 @@ Labels are checked by ``label_stats`` before any kernel writes, so a bad label n
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -1631,17 +1632,16 @@ def _run(kernel_function, elements_per_iteration, *args):
 
 def _run_chunked(kernel_function, elements_per_iteration, args):
     previous = _set_chunksize(max(1, BLOCK_ELEMENTS // max(elements_per_iteration, 1)))  # launches the layer
-    # a small call on one thread (SMALL_CALL_ELEMENTS: the largest 2-D array is the logits)
+    # a small call on one thread (SMALL_CALL_ELEMENTS: the largest 2-D array is the logits;
+    # numba's count is per Python thread, so other threads' launches are unaffected)
     elements = max((a.size for a in args if isinstance(a, np.ndarray) and a.ndim == 2), default=0)
-    threads = numba.get_num_threads()
-    single = elements < SMALL_CALL_ELEMENTS and threads > 1
-    if single:
-        numba.set_num_threads(1)  # (for this Python thread's launches only)
+    small = elements < SMALL_CALL_ELEMENTS
+    from ._threads import limited  # (here: _threads imports the dispatch table, which loads this module)
+
     try:
-        kernel_function(*args)
+        with limited(1, [(numba.get_num_threads, numba.set_num_threads)]) if small else contextlib.nullcontext():
+            kernel_function(*args)
     finally:
-        if single:
-            numba.set_num_threads(threads)
         _set_chunksize(previous)
 
 

@@ -3,10 +3,16 @@ loaded, its OpenMP pool (both set together, so every backend uses the same count
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
+from collections.abc import Callable, Iterator, Sequence
 
 from ._dispatch import KERNELS
+
+#: a thread pool's count for the calling thread: (get, set), e.g. numba's get_num_threads
+#: and set_num_threads, or the extension's OpenMP pair
+Pool = tuple[Callable[[], int], Callable[[int], None]]
 
 
 def _max_threads() -> int:
@@ -45,3 +51,34 @@ def get_num_threads() -> int:
     if "cython" in KERNELS:
         return int(KERNELS["cython"].get_num_threads())
     return 1
+
+
+def loaded_pools() -> list[Pool]:
+    """The (get, set) count pairs of every pool that loaded: numba's, the extension's OpenMP."""
+    pools: list[Pool] = []
+    if "numba" in KERNELS:
+        import numba
+
+        pools.append((numba.get_num_threads, numba.set_num_threads))
+    if "cython" in KERNELS:
+        pools.append((KERNELS["cython"].get_num_threads, KERNELS["cython"].set_num_threads))
+    return pools
+
+
+@contextlib.contextmanager
+def limited(n: int, pools: Sequence[Pool] | None = None) -> Iterator[None]:
+    """At most ``n`` threads in each of ``pools`` (default: every loaded pool) for the
+    kernels this thread calls inside the block; each pool gets its own count back after.
+    The counts are per calling thread, so calls from other threads are unaffected. A pool
+    already at ``n`` or fewer is left alone."""
+    restore: list[tuple[Callable[[int], None], int]] = []
+    for get, set_ in loaded_pools() if pools is None else pools:
+        before = int(get())
+        if before > n:
+            set_(n)
+            restore.append((set_, before))
+    try:
+        yield
+    finally:
+        for set_, before in reversed(restore):
+            set_(before)

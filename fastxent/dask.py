@@ -64,15 +64,8 @@ def _one_thread_per_task() -> Iterator[None]:
     in_a_worker = (
         threading.current_thread() is not threading.main_thread() or multiprocessing.parent_process() is not None
     )
-    before = _threads.get_num_threads()
-    if not in_a_worker or before == 1:
+    with _threads.limited(1) if in_a_worker else contextlib.nullcontext():
         yield
-        return
-    _threads.set_num_threads(1)
-    try:
-        yield
-    finally:
-        _threads.set_num_threads(before)
 
 
 def _block_stats(x_block, y_block, *, starts, num_classes, options, block_id=None):

@@ -48,3 +48,29 @@ def test_small_calls_run_on_one_thread_and_restore_the_count(monkeypatch, rng, b
     # one thread or two: the same rows, the same bits (thread-count invariance)
     np.testing.assert_array_equal(fx.cross_entropy_with_grad(x, y, backend=backend, reduction="none")[1], big[1][:64])
     assert np.isfinite(small[0])
+
+
+def test_limited_gives_each_pool_its_own_count_back():
+    """``_threads.limited(n)``: every pool above n runs n threads inside the block and gets its
+    own count back after (also after an exception); a pool at n or fewer is left alone."""
+    from fastxent import _threads
+
+    counts = {"a": 4, "b": 2, "c": 1}
+    calls = []
+
+    def pool(name):
+        def set_(k):
+            calls.append((name, k))
+            counts[name] = k
+
+        return (lambda: counts[name]), set_
+
+    pools = [pool("a"), pool("b"), pool("c")]
+    with _threads.limited(2, pools):
+        assert counts == {"a": 2, "b": 2, "c": 1}
+    assert counts == {"a": 4, "b": 2, "c": 1}
+    assert calls == [("a", 2), ("a", 4)]
+    with pytest.raises(RuntimeError), _threads.limited(1, pools):
+        assert counts == {"a": 1, "b": 1, "c": 1}
+        raise RuntimeError
+    assert counts == {"a": 4, "b": 2, "c": 1}
