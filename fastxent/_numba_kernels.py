@@ -782,7 +782,6 @@ def row_sum_exp_entropy(row, m, e_out):
 # contributes nothing (f_k = 0; its terms exp(-inf - 0) = 0), so masked classes stay
 # exact; a NaN or +inf reaches every result through its chunk's sum, as before.
 LONG_ROW = 4096
-_LINE_WORDS = 32  # 16-bit words in a 64-byte cache line
 CHUNK = 512
 
 
@@ -875,7 +874,7 @@ def chunked_steps(src, xt_out, row, e, chunks, p, dst):
         c1 = min(c0 + width, n_classes)
         row_k = row[c0:c1] if whole else row[: c1 - c0]
         if dst.shape[0] != 0:  # the 16-bit gradient row's lines, fetched for writing here
-            for c in range(c0, c1, _LINE_WORDS):
+            for c in range(c0, c1, _CACHE_LINE // dst.itemsize):
                 prefetch_for_write(dst, c)
         m_k = chunk_max(src[c0:c1], xt_out[c0:c1] if whole else xt_out[: c1 - c0], p)
         if k == 0 or m_k > m:
@@ -1019,18 +1018,33 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt, x16
     m = xt[0]  # (defined on every path: a variable set in one branch only would be
     # carried across the prange iterations, which numba's reduction analysis cannot follow)
     n_classes = row.shape[0]
-    if mode == GRAD:  # the exponentials go straight into the gradient row (see the docstring)
+    # (0)-(2), in one piece (row_steps) or a long row a chunk at a time (chunked_steps); from
+    # here on the row is x'. SHARD_GRAD: (0) alone (the max and the sums come merged)
+    chunked = chunks_long_rows(row) and n_classes >= LONG_ROW and (mode == LOSS or mode == GRAD or mode == IN_PLACE)
+    # a long row whose x' (or logits) nothing reads after its own chunk: no scale, cap,
+    # smoothing sum or statistics
+    plain_chunks = chunked and not (p.transformed or p.smoothing or p.stats)
+    # plain in place of a long row: the row itself takes each chunk's terms, as the gradient
+    # row does with out= (the same specialisation of the steps, the row read under its
+    # read-only name); a whole row of terms in scratch (128 KB more in L2) made in place
+    # slower than out= (4096 x 32000, two threads: 53-57 ms against 40-45)
+    in_row = mode == IN_PLACE and plain_chunks and not narrow
+    if mode == GRAD or in_row:  # the exponentials go straight into the gradient row (see the docstring)
         e = grad[i]
-    elif mode == LOSS and chunks_long_rows(row) and n_classes >= LONG_ROW:
+    elif mode == LOSS and chunked:
         # loss only: no step (4) reads the terms, so each chunk's go to the same few KB of
         # scratch (in L1); a whole row of them (128 KB at C = 32000) left L1 chunk after
         # chunk: 4096 x 32000, one thread, 85-88 -> 61-64 ms
         e = e[: chunk_width(n_classes)]
-    # (0)-(2), in one piece (row_steps) or a long row a chunk at a time (chunked_steps); from
-    # here on the row is x'. SHARD_GRAD: (0) alone (the max and the sums come merged)
-    chunked = chunks_long_rows(row) and n_classes >= LONG_ROW and (mode == LOSS or mode == GRAD or mode == IN_PLACE)
-    in_row = mode == IN_PLACE and chunked and not (narrow or p.transformed or p.smoothing or p.stats)
-    x_y_first = 0.0
+    y_local = label - p.class_start
+    if ignored or y_local < 0 or y_local >= n_classes:
+        y_local = -1  # the target is not among these columns (a class shard), or ignored
+    # x_y read before the steps where the row will not hold it after them: in place (the row
+    # then holds the terms) and plain 16-bit rows (x' holds its last chunk only)
+    x_y_apart = plain_chunks and (narrow or in_row)
+    x_y = 0.0
+    if x_y_apart and y_local >= 0:
+        x_y = np.float64(widen16(x16[i, y_local], p.storage)) if narrow else np.float64(row[y_local])
     s = 0.0
     h = 0.0
     if mode == SHARD_GRAD:
@@ -1046,7 +1060,7 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt, x16
         # The gradient's words are first written in step (4), after the row's exponentials:
         # their lines are fetched for writing during steps (1)-(2), chunk by chunk, instead
         # (4096 x 32000 bfloat16, loss+grad, one thread: 108.7 -> 94.7 ms, two 55.8 -> 49.2)
-        room = chunk_width(n_classes) if chunked and not (p.transformed or p.smoothing or p.stats) else n_classes
+        room = chunk_width(n_classes) if plain_chunks else n_classes
         words_out = grad16[i] if mode == IN_PLACE else grad16[0, :0]
         m, s, h = steps_0_to_2(chunked, x16[i], xt_out[:room], xt[:room], e, chunks, p, words_out)
         row = xt
@@ -1054,19 +1068,7 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt, x16
         m, s, h = steps_0_to_2(chunked, row, xt_out, xt, e, chunks, p, grad16[0, :0])
         row = xt
     else:
-        if in_row:
-            # plain in place of a long row: the row itself takes each chunk's terms, as the
-            # gradient row does with out= (x_y read first; the same specialisation of the
-            # steps, the row read under its read-only name); a whole row of terms in scratch
-            # (128 KB more in L2) made in place slower than out= (4096 x 32000, two threads:
-            # 53-57 ms against 40-45)
-            e = grad[i]
-            if not ignored and label - p.class_start >= 0 and label - p.class_start < n_classes:
-                x_y_first = np.float64(row[label - p.class_start])
         m, s, h = steps_0_to_2(chunked, row, xt_out, row, e, chunks, p, grad16[0, :0])
-    y_local = label - p.class_start
-    if ignored or y_local < 0 or y_local >= n_classes:
-        y_local = -1  # the target is not among these columns (a class shard), or ignored
     if mode == SHARD_GRAD:  # (4) from the merged statistics
         m = x.dtype.type(rowdata[i, COEF_M])
         row_sum_exp(row, m, e)
@@ -1075,9 +1077,8 @@ def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt, x16
         else:
             index_grad_row(grad[i], e, y_local, rowdata[i, COEF_A], rowdata[i, COEF_Y], weight, p)
         return
-    x_y = np.float64(row[y_local]) if y_local >= 0 and not in_row else x_y_first
-    if narrow and chunked and not (p.transformed or p.smoothing or p.stats) and y_local >= 0:
-        x_y = np.float64(widen16(x16[i, y_local], p.storage))  # (x' held its last chunk only)
+    if not x_y_apart and y_local >= 0:
+        x_y = np.float64(row[y_local])
     sw = row_smoothing_sum(row, m, weight, p.weighted) if p.smoothing else 0.0
     if mode == STATS:
         rowdata[i, STAT_M] = m
