@@ -33,24 +33,15 @@ def set_num_threads(n: int) -> None:
     limit = _max_threads()
     if not 1 <= n <= limit:
         raise ValueError(f"number of threads must be between 1 and {limit}, got {n}")
-    if "numba" in KERNELS:
-        import numba
-
-        numba.set_num_threads(n)
-    if "cython" in KERNELS:
-        KERNELS["cython"].set_num_threads(n)  # a no-op when built without OpenMP
+    for _, set_pool in loaded_pools():  # (the extension's: a no-op when built without OpenMP)
+        set_pool(n)
 
 
 def get_num_threads() -> int:
     """The number of threads the kernels use for calls from this thread (numba's count
     when numba loaded, else the OpenMP count of the Cython backend, else 1)."""
-    if "numba" in KERNELS:
-        import numba
-
-        return int(numba.get_num_threads())
-    if "cython" in KERNELS:
-        return int(KERNELS["cython"].get_num_threads())
-    return 1
+    pools = loaded_pools()
+    return int(pools[0][0]()) if pools else 1
 
 
 def loaded_pools() -> list[Pool]:
