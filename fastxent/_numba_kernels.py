@@ -1559,8 +1559,23 @@ def label_stats(y, n_classes, ignore_index, weight):
     Returns ``(first_bad, total)``: the first row whose label is neither ignore_index nor
     in [0, n_classes) (-1 if none), and ``D = sum_i [y_i != ignore_index] w[y_i]`` in
     float64 (the count of kept rows when weight has length 0), summed in row order.
+
+    Without weights, one branch-free pass counts the kept rows and the bad labels (integer
+    counts, which LLVM vectorises; ``total += 1.0`` in row order is a chain of dependent
+    float64 additions); only when a label is bad does the row-order loop run, to find the
+    first. ``float(count)`` is the row-order sum of ones exactly (below 2**53).
     """
     has_weight = weight.shape[0] != 0
+    if not has_weight:
+        kept = 0
+        bad = 0
+        for i in range(y.shape[0]):
+            yi = y[i]
+            keep = yi != ignore_index
+            kept += keep
+            bad += keep & ((yi < 0) | (yi >= n_classes))
+        if bad == 0:
+            return -1, float(kept)
     total = 0.0
     for i in range(y.shape[0]):
         yi = y[i]

@@ -306,8 +306,10 @@ def test_probability_matches_numba(dtype, n_classes, weighted, eps):
 
 # --- few classes: the lanes layout, at every lane-group and block edge -----------------
 
-#: the class counts around the layouts' switch: C <= SMALL_C runs LANES rows across the lanes
-SMALL_CLASS_COUNTS = (1, 2, 3, 10, 16, 31, 32, 33)
+#: the class counts around the layouts' switch: C <= SMALL_C runs LANES rows across the lanes;
+#: 7 / 8 around the float32 register transposes' way out (whole windows from 8 classes), 17
+#: and 31 with a second 16-class part of one and of 15 classes
+SMALL_CLASS_COUNTS = (1, 2, 3, 7, 8, 10, 16, 17, 31, 32, 33)
 #: option sets: (weighted, label smoothing, some rows ignored)
 SMALL_OPTIONS = {"plain": (False, 0.0, False), "smoothing+ignore": (False, 0.1, True), "all": (True, 0.25, True)}
 
