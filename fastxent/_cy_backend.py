@@ -39,6 +39,8 @@ openmp_enabled = _cy_xent.openmp_enabled
 set_num_threads = _cy_xent.set_num_threads
 get_num_threads = _cy_xent.get_num_threads
 simd_level = _cy_xent.simd_level
+#: the small-C layout transposes float32 lane groups in registers (AVX-512F, GCC)
+VECTOR_TRANSPOSES = bool(_cy_xent.VECTOR_TRANSPOSES)
 exp_array = _cy_xent.exp_array  # the exponential alone, for its accuracy tests
 log_array = _cy_xent.log_array  # the logarithm alone, likewise
 tanh_array = _cy_xent.tanh_array  # the soft cap's tanh alone, likewise

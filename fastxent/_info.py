@@ -190,9 +190,20 @@ def _numba_info() -> dict[str, object] | None:
     }
 
 
+def _cython_info() -> dict[str, object]:
+    """The extension's build as it runs here: the ``target_clones`` clone the loader picked
+    and whether the small-C layout transposes float32 in registers (AVX-512F with GCC)."""
+    extension = _dispatch.KERNELS.get("cython")
+    if extension is None:
+        return {}
+    transposes = "registers" if extension.VECTOR_TRANSPOSES else "scalar loops"
+    return {"clone": extension.simd_level(), "transposes": transposes}
+
+
 def info() -> dict[str, object]:
     """What this installation of fastxent runs on, as ``fastxent info`` prints it: versions,
-    the CPU and its vector extensions, the backends, threads, NumPy's BLAS (and which
+    the CPU and its vector extensions, the backends (the Cython extension's clone and
+    whether it transposes in registers), threads, NumPy's BLAS (and which
     kernel it runs: threadpoolctl's "architecture"), torch's BLAS, the optional packages
     and the environment variables that change any of these."""
     import platform
@@ -210,6 +221,7 @@ def info() -> dict[str, object]:
         "cpu": {"name": cpu_name(), "cores": cores, "simd": _simd_flags()},
         "backends": list(_dispatch.available_backends()),
         "openmp": openmp_enabled(),
+        "cython": _cython_info(),
         "threads": get_num_threads(),
         "numba": _numba_info(),
         "numpy": {"version": np.__version__, "blas": numpy_blas()},

@@ -7,11 +7,25 @@ import sys
 
 import fastxent as fx
 from fastxent import _dispatch
+from fastxent._info import format_info, info
 
 
 def test_openmp_enabled_follows_the_extension():
     extension = _dispatch.KERNELS.get("cython")
     assert fx.openmp_enabled() == bool(extension is not None and extension.openmp_enabled())
+
+
+def test_info_reports_the_extensions_clone_and_transposes():
+    """``fastxent info`` says which target_clones clone of the extension runs and how its
+    small-C layout transposes (in registers only where the extension says it does)."""
+    found = info()["cython"]
+    extension = _dispatch.KERNELS.get("cython")
+    if extension is None:
+        assert found == {}
+        return
+    assert found["clone"] == extension.simd_level() and found["clone"] in ("x86-64-v4", "x86-64-v3", "baseline")
+    assert found["transposes"] == ("registers" if extension.VECTOR_TRANSPOSES else "scalar loops")
+    assert "  transposes:" in format_info(info())
 
 
 def test_precompile_leaves_every_numba_kernel_compiled(backend):
