@@ -55,15 +55,16 @@ STORAGE_16BIT = _cy_xent.STORAGE_16BIT
 
 def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
     """Run ``kernel_function`` (the extension's xent_index or xent_probability) in ``mode``:
-    the lanes layout when ``small_ok`` and the mode and class count allow it and none of
-    the options of the loss is on (transformed logits, row outputs: the row layout only);
+    the lanes layout when ``small_ok`` and the mode and class count allow it (for probability
+    targets only without the options of the loss: their lanes layout has no code for them);
     ``grad is x`` turns GRAD into IN_PLACE; a missing ``grad`` or ``rowdata`` is a dummy
     never written."""
     n_classes = x.shape[1]
     if x.shape[0] == 0:
         return
     plain = not params.transformed and not params.row_outputs
-    lanes = small_ok and plain and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
+    index = kernel_function is _cy_xent.xent_index  # whose lanes layout has the options too
+    lanes = small_ok and (plain or index) and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
     if x.dtype == np.uint16:  # 16-bit words (params.storage), computed in float32
         if kernel_function is not _cy_xent.xent_index:
             raise ValueError("16-bit words are read for class-index targets only")

@@ -73,7 +73,8 @@ rows; with gcc 32 measured faster: float32 loss+grad 262144 x 10 4.1 -> 3.5 ms, 
 3.3 -> 2.5 ms, one thread; with 16, gcc unrolls the small lane loops completely and leaves
 them scalar, 1.7x slower than 64.)
 
-The OPTIONS of the loss (``Params``; the row layout only, in LOSS, GRAD and IN_PLACE):
+The OPTIONS of the loss (``Params``; in LOSS, GRAD and IN_PLACE, in the row layout and, for
+class-index targets, in the lanes layout too):
 
 - **transformed logits** (``transformed``): the loss sees ``x' = c tanh(x a/c)`` (``a x``
   without a cap), written into the thread's scratch row, on which steps (1)-(3) run as if
@@ -90,9 +91,12 @@ The OPTIONS of the loss (``Params``; the row layout only, in LOSS, GRAD and IN_P
   ``OUT_CORRECT`` 0); without it they write ``OUT_LSE = OUT_Z = 0``.
 
 With any of them on, ``_block`` runs the block functions ``_index_rows_with_options`` /
-``_probability_rows_with_options``, whose copies of the row code have ``options`` a constant
-True (as the mode is a constant); the plain block functions have it a constant False, and
-are the code of before, bit for bit and as fast.
+``_probability_rows_with_options`` / ``_index_lane_groups_with_options``, whose copies of the
+row (or lane-group) code have ``options`` a constant True (as the mode is a constant); the
+plain block functions have it a constant False, and are the code of before, bit for bit and
+as fast. In the lanes layout x' is transformed over the transposed lanes and kept in the
+second half of the thread's scratch for step (4); the entropy's sum and the first indices
+of the max and of a NaN are selects over the classes, before step (2).
 
 16-bit LOGITS (``Params.storage`` bfloat16 or float16, class-index targets, LOSS, GRAD and
 IN_PLACE: ``xent_index_words``): per block, ``_words_block`` widens the block's words into
@@ -1125,8 +1129,13 @@ cdef inline void _prefetch_rows_for_write(floating *grad, Py_ssize_t start, Py_s
 
 
 cdef inline void _index_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *task, const Params *p, const floating *x,
-                              const floating *weight, floating *grad, floating *buf) noexcept nogil:
-    """Steps (1)-(4) for rows r0..r0+k-1 (k <= LANES) with class-index targets."""
+                              const floating *weight, floating *grad, floating *buf, bint options) noexcept nogil:
+    """Steps (1)-(4) for rows r0..r0+k-1 (k <= LANES) with class-index targets. ``options``
+    (a constant at each call, as in the row layout) adds those of ``Params``, with
+    ``_index_row``'s arithmetic across the lanes: the transformed logits x' in ``buf`` (and a
+    copy in the second half of the scratch, ``xs``, for step (4)), the z-loss's gradient
+    term, and the row outputs (lse, z-loss term, entropy and whether the first argmax of x'
+    is the target)."""
     cdef Py_ssize_t n_classes = task.n_classes
     cdef const int64_t *labels = task.labels
     cdef floating m[LANES]
@@ -1145,10 +1154,38 @@ cdef inline void _index_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *task, con
     cdef floating w, b, b_c, g_c
     cdef int64_t label
     cdef Py_ssize_t c, r
+    # the options' lane state (unused without them)
+    cdef floating *xs = buf + LANES * n_classes
+    cdef floating z, e
+    cdef double lse[LANES]
+    cdef double h[LANES]
+    cdef int32_t first_max[LANES]
+    cdef int32_t first_nan[LANES]
+    cdef double *out
     if task.mode != LOSS:  # the NEXT group's gradient rows (see _prefetch_rows_for_write)
         _prefetch_rows_for_write(grad, (r0 + k) * n_classes, min(task.n, r0 + 2 * k) * n_classes)
     _transpose_in(x, r0, k, n_classes, buf)
+    if options and p.transformed:  # x' = c tanh(x a/c) or a x, elementwise over the lanes
+        _transform_row(buf, buf, LANES * n_classes, p)
+        if task.mode != LOSS:
+            memcpy(xs, buf, LANES * n_classes * sizeof(floating))
     _lanes_max(buf, n_classes, m)  # (1)
+    if options and p.stats:  # before step (2) overwrites buf, as _row_entropy_sum and _argmax_is
+        for r in range(LANES):
+            h[r] = 0.0
+            first_max[r] = -1
+            first_nan[r] = -1
+        for c in range(n_classes):
+            for r in range(LANES):
+                z = buf[c * LANES + r]
+                e = _fast_exp(z - m[r])
+                h[r] += (<double>e * (<double>m[r] - <double>z)) if e != 0 else 0.0
+        for c in range(n_classes - 1, -1, -1):  # the first index of the max, and of a NaN
+            class_index = <int32_t>c
+            for r in range(LANES):
+                z = buf[c * LANES + r]
+                first_max[r] = class_index if z == m[r] else first_max[r]
+                first_nan[r] = class_index if z != z else first_nan[r]
     # the smoothing sums need x, before step (2) overwrites buf
     for r in range(LANES):
         sw[r] = 0.0
@@ -1189,6 +1226,24 @@ cdef inline void _index_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *task, con
     for r in range(LANES):  # (3), the arithmetic of _index_finish, LANES rows at once
         row_loss[r] = _index_row_loss(m_minus_x_y[r], _fast_log(s[r]), sw[r], w_y[r], p)
         a[r] = p.grad_scale * (p.keep * w_y[r] + smoothing) / s[r]
+    if options:
+        for r in range(LANES):
+            lse[r] = <double>m[r] + _fast_log(s[r])
+        if p.z_loss != 0:  # the z-loss's gradient: z_grad_scale 2 z lse e_c / s (as _index_row)
+            for r in range(LANES):
+                a[r] = a[r] + p.z_grad_scale * 2.0 * p.z_loss * lse[r] / s[r]
+        if p.row_outputs:
+            for r in range(k):
+                out = task.rowdata + (r0 + r) * task.rowdata_stride
+                if target[r] < 0 and not p.stats:  # as _index_row's early return
+                    out[OUT_LSE] = 0.0
+                    out[OUT_Z] = 0.0
+                else:
+                    _write_row_outputs(out, lse[r], _fast_log(s[r]), s[r], h[r] if p.stats else 0.0,
+                                       target[r] >= 0,
+                                       p.stats and target[r] >= 0 and (
+                                           first_nan[r] == target[r] if first_nan[r] >= 0
+                                           else first_max[r] == target[r]), p)
     for r in range(k):
         task.loss[r0 + r] = row_loss[r] if target[r] >= 0 else 0.0
     if task.mode == LOSS:
@@ -1210,6 +1265,11 @@ cdef inline void _index_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *task, con
             g_c = buf[c * LANES + r] * a_t[r] - b_c
             g_c = g_c - y_term[r] if target[r] == class_index else g_c
             buf[c * LANES + r] = g_c if target[r] >= 0 else 0
+    if options and p.transformed:  # g *= dx'/dx after the target's term, elementwise
+        _transform_grad_row(buf, xs, LANES * n_classes, p)
+        for c in range(n_classes):  # ignored rows: 0 whatever the factor (as the row layout's memset)
+            for r in range(LANES):
+                buf[c * LANES + r] = buf[c * LANES + r] if target[r] >= 0 else 0
     _transpose_out(buf, r0, k, n_classes, grad)
 
 
@@ -1315,7 +1375,20 @@ cdef fx_hot_void _index_lane_groups(Task task, Params p, Py_ssize_t start, Py_ss
     cdef Py_ssize_t group, r0
     for group in range((stop - start + LANES - 1) // LANES):  # a counted loop (a while loop measured slower)
         r0 = start + group * LANES
-        _index_lanes(r0, min(<Py_ssize_t>LANES, stop - r0), &task, &p, x, weight, grad, scratch)
+        _index_lanes(r0, min(<Py_ssize_t>LANES, stop - r0), &task, &p, x, weight, grad, scratch, False)
+
+
+cdef fx_hot_void _index_lane_groups_with_options(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
+                                                 floating *scratch) noexcept nogil:
+    """_index_lane_groups with the options of ``Params`` (a block function of its own, so
+    that the plain one's code is what it was)."""
+    cdef const floating *x = <const floating *>task.x
+    cdef const floating *weight = <const floating *>task.weight
+    cdef floating *grad = <floating *>task.out
+    cdef Py_ssize_t group, r0
+    for group in range((stop - start + LANES - 1) // LANES):
+        r0 = start + group * LANES
+        _index_lanes(r0, min(<Py_ssize_t>LANES, stop - r0), &task, &p, x, weight, grad, scratch, True)
 
 
 cdef fx_hot_void _probability_rows(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
@@ -1440,7 +1513,9 @@ cdef inline void _block(const Task *task, const Params *p, Py_ssize_t start, Py_
     """Rows [start, stop) of the task: the block function of its operation and layout."""
     cdef bint options = p.transformed or p.row_outputs  # (the fused modes only: _check_options)
     if task.operation == XENT_INDEX:
-        if task.lanes:
+        if task.lanes and options:
+            _index_lane_groups_with_options(task[0], p[0], start, stop, scratch)
+        elif task.lanes:
             _index_lane_groups(task[0], p[0], start, stop, scratch)
         elif options:
             _index_rows_with_options(task[0], p[0], start, stop, scratch)
@@ -1568,17 +1643,22 @@ cdef Task _xent_task(Operation operation, int mode, bint lanes, Py_ssize_t n, Py
     task.mode = mode
     task.lanes = lanes
     if lanes:
-        task.scratch_elements = (2 if operation == XENT_PROBABILITY else 1) * LANES * n_classes
+        # the probabilities' lanes, or x' kept for step (4) (transformed logits)
+        task.scratch_elements = (2 if operation == XENT_PROBABILITY or p.transformed else 1) * LANES * n_classes
     elif p.transformed:
         task.scratch_elements = n_classes
     return task
 
 
-cdef int _check_options(int mode, bint lanes, const Params *p) except -1:
-    """The options run in the row layout of the fused modes only (the lanes layout and the
-    class-shard modes have no code for them): a caller that asks for more is wrong."""
-    if (p.transformed or p.row_outputs) and (lanes or mode not in (LOSS, GRAD, IN_PLACE)):
-        raise ValueError("transformed logits and row outputs run in the row layout of LOSS, GRAD and IN_PLACE only")
+cdef int _check_options(int mode, bint lanes, const Params *p, bint lanes_have_options) except -1:
+    """The options run in the fused modes only, and in the lanes layout of class-index targets
+    (``lanes_have_options``; the probability lanes and the class-shard modes have no code for
+    them): a caller that asks for more is wrong."""
+    if (p.transformed or p.row_outputs) and ((lanes and not lanes_have_options) or mode not in (LOSS, GRAD, IN_PLACE)):
+        raise ValueError(
+            "transformed logits and row outputs run in LOSS, GRAD and IN_PLACE only, "
+            "and in the lanes layout for class-index targets only"
+        )
     return 0
 
 
@@ -1599,10 +1679,10 @@ def xent_index(const floating[:, ::1] x, const int64_t[::1] y, const floating[::
     the small-C one; see ``xent_index`` and ``_xent`` in _cy_backend.py for the arguments.
     ``rowdata``: the statistics (STATS writes them), the coefficients (SHARD_GRAD reads
     them), or in LOSS, GRAD and IN_PLACE with ``params.row_outputs`` the row outputs
-    (n, N_OUTS). The options of ``params`` (transformed logits, row outputs) run in the row
-    layout only."""
+    (n, N_OUTS). The options of ``params`` (transformed logits, row outputs) run in both
+    layouts."""
     cdef Params p = _unpack_params(params)
-    _check_options(mode, lanes, &p)
+    _check_options(mode, lanes, &p, True)
     cdef Task task = _xent_task(XENT_INDEX, mode, lanes, x.shape[0], x.shape[1], floating is double, &p)
     if task.n == 0:
         return
@@ -1621,7 +1701,7 @@ def xent_index_words(const uint16_t[:, ::1] x, const int64_t[::1] y, const float
         raise ValueError("xent_index_words needs params.storage bfloat16 or float16")
     if mode not in (LOSS, GRAD, IN_PLACE):
         raise ValueError("16-bit words run in LOSS, GRAD and IN_PLACE only")
-    _check_options(mode, lanes, &p)
+    _check_options(mode, lanes, &p, True)
     cdef Task task = _xent_task(XENT_INDEX, mode, lanes, x.shape[0], x.shape[1], False, &p)
     if task.n == 0:
         return
@@ -1637,7 +1717,7 @@ def xent_probability(const floating[:, ::1] x, const floating[:, ::1] t, const f
     """Steps (1)-(4) of ``mode`` for probability targets ``t`` (n, C) of x's dtype (the other
     arguments as xent_index)."""
     cdef Params p = _unpack_params(params)
-    _check_options(mode, lanes, &p)
+    _check_options(mode, lanes, &p, False)
     cdef Task task = _xent_task(XENT_PROBABILITY, mode, lanes, x.shape[0], x.shape[1], floating is double, &p)
     if task.n == 0:
         return

@@ -533,22 +533,87 @@ def test_row_output_columns_and_record_are_the_spec_s():
 
 def test_row_outputs_need_row_out_and_the_row_layout():
     """The backend refuses row outputs without an (n, N_OUTS) array to write them to, and the
-    extension refuses the options in the lanes layout and the class-shard modes (which have
-    no code for them)."""
+    extension refuses the options in the probability targets' lanes layout and the
+    class-shard modes (which have no code for them); the class-index lanes layout has them."""
     x = np.zeros((4, 3), np.float32)
     y = np.zeros(4, np.int64)
     with pytest.raises(ValueError, match="row_out"):
         _backend_call("index", x, y, {"z_loss": 0.1}, None)
     with pytest.raises(ValueError, match="row_out"):
         _backend_call("index", x, y, {"z_loss": 0.1}, np.empty((3, N_OUTS)))
-    params = LossSpec.create("index", softcap=2.0).params(n_classes=3, weight_total=3.0, grad_scale=1.0, weighted=False)
-    with pytest.raises(ValueError, match="row layout"):
-        cy.extension.xent_index(
-            x, y, np.ones(3, np.float32), params, cy.LOSS, True, np.empty(4), np.empty((1, 1), np.float32),
-            np.empty((1, 5)),
+    params = LossSpec.create("probability", softcap=2.0).params(
+        n_classes=3, weight_total=3.0, grad_scale=1.0, weighted=False
+    )
+    with pytest.raises(ValueError, match="lanes layout"):
+        cy.extension.xent_probability(
+            x, np.full((4, 3), 1 / 3, np.float32), np.ones(3, np.float32), params, cy.LOSS, True, np.empty(4),
+            np.empty((1, 1), np.float32), np.empty((1, 5)),
         )  # fmt: skip
-    with pytest.raises(ValueError, match="row layout"):  # nor in the class-shard modes
+    params = LossSpec.create("index", softcap=2.0).params(n_classes=3, weight_total=3.0, grad_scale=1.0, weighted=False)
+    with pytest.raises(ValueError, match="LOSS, GRAD and IN_PLACE only"):  # nor in the class-shard modes
         cy.extension.xent_index(
             x, y, np.ones(3, np.float32), params, cy.STATS, False, np.empty(4), np.empty((1, 1), np.float32),
             np.empty((4, 5)),
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("n_classes", [1, 3, 10, 17, 32])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"softcap": 3.0, "z_loss": 1e-3, "return_stats": True},
+        {"logit_scale": 0.7, "label_smoothing": 0.1, "return_stats": True},
+        {"softcap": 2.0, "logit_scale": 1.5, "weighted": True},
+        {"z_loss": 0.5, "return_stats": True, "weighted": True, "label_smoothing": 0.2},
+    ],
+)
+def test_lanes_and_rows_agree_with_options(n_classes, dtype, options):
+    """The class-index lanes layout with the options of the loss against the row layout of the
+    same extension (forced through its ``lanes`` argument), every mode: the same losses,
+    gradients and row outputs up to the order of the float64 sums; awkward rows (a NaN, a
+    +inf, ties for the max, a row of -inf, ignored rows) at lane-group edges."""
+    rng = np.random.default_rng(n_classes)
+    n = 3 * 32 + 5  # three whole lane groups and a partial one
+    x = (3 * rng.standard_normal((n, n_classes))).astype(dtype)
+    y = rng.integers(0, n_classes, n)
+    y[rng.random(n) < 0.2] = -100
+    x[31, 0] = np.nan
+    x[32, -1] = np.inf
+    x[33, :] = -np.inf
+    x[63, :] = 1.0  # every class ties: the first index is the argmax
+    y[63] = 0
+    x[64, :] = 2.0
+    y[64] = n_classes - 1  # ... and not the last (unless C = 1)
+    weighted = options.get("weighted", False)
+    weight = (rng.random(n_classes) + 0.5).astype(dtype) if weighted else np.empty(0, dtype)
+    spec_options = {k: v for k, v in options.items() if k not in ("weighted", "return_stats")}
+    spec = LossSpec.create("index", return_stats=options.get("return_stats", False), **spec_options)
+    weight_total = float(weight.sum()) if weighted else float(n_classes)
+    params = spec.params(n_classes=n_classes, weight_total=weight_total, grad_scale=1.0 / n, weighted=weighted)
+    results = {}
+    for lanes in (True, False):
+        for mode in (cy.LOSS, cy.GRAD, cy.IN_PLACE):
+            loss, rowdata = np.empty(n), np.full((n, N_OUTS), 7.0)
+            grad = x.copy() if mode == cy.IN_PLACE else np.empty_like(x)
+            source = grad if mode == cy.IN_PLACE else x
+            cy.extension.xent_index(source, y, weight, params, mode, lanes, loss, grad, rowdata)
+            results[lanes, mode] = loss, (grad if mode != cy.LOSS else None), rowdata
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    for mode in (cy.LOSS, cy.GRAD, cy.IN_PLACE):
+        lanes_loss, lanes_grad, lanes_rows = results[True, mode]
+        rows_loss, rows_grad, rows_rows = results[False, mode]
+        np.testing.assert_allclose(lanes_loss, rows_loss, rtol=tolerance, atol=tolerance)
+        if params.row_outputs:
+            columns = [OUT_LSE, OUT_Z] + ([OUT_ENTROPY] if params.stats else [])
+            np.testing.assert_allclose(lanes_rows[:, columns], rows_rows[:, columns], rtol=tolerance, atol=tolerance)
+            if params.stats:  # exactly: the same first argmax
+                np.testing.assert_array_equal(lanes_rows[:, OUT_CORRECT], rows_rows[:, OUT_CORRECT])
+        if lanes_grad is not None:
+            np.testing.assert_allclose(lanes_grad, rows_grad, rtol=tolerance, atol=tolerance)
+            assert np.all(lanes_grad[y == -100] == 0) and not np.signbit(lanes_grad[y == -100]).any()
+    # loss only, loss+grad and in place: the same bits within the lanes layout
+    for mode in (cy.GRAD, cy.IN_PLACE):
+        np.testing.assert_array_equal(results[True, mode][0], results[True, cy.LOSS][0])
+        np.testing.assert_array_equal(results[True, mode][2], results[True, cy.LOSS][2])
+    np.testing.assert_array_equal(results[True, cy.IN_PLACE][1], results[True, cy.GRAD][1])
