@@ -182,7 +182,6 @@ cdef extern from "_cy_xent_simd.h" nogil:
     void fx_launder_lanes(const void *lanes)
     float fx_opaque_float "fx_opaque"(float x)
     double fx_opaque_double "fx_opaque"(double x)
-    bint FX_VECTOR_LANES
     bint fx_vector_lanes()
     void fx_rows_to_lanes16(const float *x, Py_ssize_t n_classes, float *buf, Py_ssize_t lanes)
     void fx_lanes_to_rows16(const float *buf, Py_ssize_t lanes, Py_ssize_t n_classes, float *g)
@@ -256,7 +255,7 @@ OUT_COLUMNS = (OUT_LSE, OUT_Z, OUT_ENTROPY, OUT_CORRECT)
 LAYOUT = {"LANES": LANES, "SMALL_C": SMALL_C, "BLOCK_ELEMENTS": BLOCK_ELEMENTS}
 #: the float32 lane groups are transposed in registers (fx_rows_to_lanes16 / fx_lanes_to_rows16,
 #: kernels/_cy_xent_simd.h) on CPUs with AVX-512F and with GCC; elsewhere by the scalar loops
-cdef bint _vector_lanes = FX_VECTOR_LANES and fx_vector_lanes()
+cdef bint _vector_lanes = fx_vector_lanes()
 VECTOR_TRANSPOSES = bool(_vector_lanes)
 #: xent_index_words reads bfloat16 and float16 words (float16 needs the compiler's _Float16)
 STORAGE_16BIT = bool(FX_FLOAT16)
@@ -1157,6 +1156,7 @@ cdef inline void _index_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *task, con
     # the options' lane state (unused without them)
     cdef floating *xs = buf + LANES * n_classes
     cdef floating z, e
+    cdef double log_s[LANES]
     cdef double lse[LANES]
     cdef double h[LANES]
     cdef int32_t first_max[LANES]
@@ -1224,11 +1224,12 @@ cdef inline void _index_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *task, con
             w_y[r] = 1.0 if target[r] >= 0 else 0.0
     _lanes_sum_exp(buf, n_classes, m, s)  # (2)
     for r in range(LANES):  # (3), the arithmetic of _index_finish, LANES rows at once
-        row_loss[r] = _index_row_loss(m_minus_x_y[r], _fast_log(s[r]), sw[r], w_y[r], p)
+        log_s[r] = _fast_log(s[r])
+        row_loss[r] = _index_row_loss(m_minus_x_y[r], log_s[r], sw[r], w_y[r], p)
         a[r] = p.grad_scale * (p.keep * w_y[r] + smoothing) / s[r]
     if options:
         for r in range(LANES):
-            lse[r] = <double>m[r] + _fast_log(s[r])
+            lse[r] = <double>m[r] + log_s[r]
         if p.z_loss != 0:  # the z-loss's gradient: z_grad_scale 2 z lse e_c / s (as _index_row)
             for r in range(LANES):
                 a[r] = a[r] + p.z_grad_scale * 2.0 * p.z_loss * lse[r] / s[r]
@@ -1239,7 +1240,7 @@ cdef inline void _index_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *task, con
                     out[OUT_LSE] = 0.0
                     out[OUT_Z] = 0.0
                 else:
-                    _write_row_outputs(out, lse[r], _fast_log(s[r]), s[r], h[r] if p.stats else 0.0,
+                    _write_row_outputs(out, lse[r], log_s[r], s[r], h[r] if p.stats else 0.0,
                                        target[r] >= 0,
                                        p.stats and target[r] >= 0 and (
                                            first_nan[r] == target[r] if first_nan[r] >= 0

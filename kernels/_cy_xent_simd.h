@@ -170,7 +170,6 @@ FX_HOT static void fx_narrow_words(const float *values, uint16_t *out, ptrdiff_t
  * where it was measured; the scalar loops of the .pyx stay for the other CPUs, for
  * float64, for partial lane groups and for compilers without the extension). */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FX_VECTOR_LANES 1
 typedef float fx_v16sf __attribute__((vector_size(64), aligned(64)));
 typedef int32_t fx_v16si __attribute__((vector_size(64), aligned(64)));
 
@@ -253,7 +252,6 @@ static inline __attribute__((always_inline)) void fx_lanes_to_rows16(const float
     }
 }
 #else
-#define FX_VECTOR_LANES 0
 static int fx_vector_lanes(void) { return 0; }
 static void fx_rows_to_lanes16(const float *x, ptrdiff_t n_classes, float *buf, ptrdiff_t lanes) {
     (void)x; (void)n_classes; (void)buf; (void)lanes;
