@@ -217,6 +217,47 @@ def wide_vectors(typingctx):
     return types.void(), codegen
 
 
+@intrinsic
+def address_as(typingctx, address, dtype):
+    """The int64 ``address`` as a ``CPointer`` to ``dtype`` (a NumPy scalar type), for
+    ``numba.carray``: how a block function (``block_cfunc``) reads its arrays."""
+    element = dtype.dtype if isinstance(dtype, types.NumberClass) else dtype
+    sig = types.CPointer(element)(address, dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(element)))
+
+    return sig, codegen
+
+
+@intrinsic
+def call_by_address(typingctx, function, block, thread, packed):
+    """``function(block, thread, packed)`` for the C function at the int64 address
+    ``function``, of signature ``void(int64, int64, int64)`` (a ``block_cfunc``). The
+    address is an argument, not a constant, so the kernel that calls it stays cacheable
+    and carries none of its code."""
+    sig = types.void(function, block, thread, packed)
+
+    def codegen(context, builder, signature, args):
+        function_type = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] * 3)
+        builder.call(builder.inttoptr(args[0], function_type.as_pointer()), args[1:])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+#: the signature of a block function: (block, kernel thread, address of its packed arguments)
+BLOCK_SIGNATURE = types.void(types.int64, types.int64, types.int64)
+
+
+def block_cfunc(func):
+    """Compiles ``func`` now (or loads it from the cache) as a C function of BLOCK_SIGNATURE
+    with the kernels' flags: a block of rows, called by address from a parallel kernel
+    (``call_by_address``). Called on first use, not at import: a ``cfunc`` compiles when
+    it is created."""
+    return numba.cfunc(BLOCK_SIGNATURE, cache=True, nogil=True, fastmath=set(FASTMATH), error_model=ERROR_MODEL)(func)
+
+
 def cgutils_get_or_insert_function(module, function_type, name):
     from numba.core import cgutils
 

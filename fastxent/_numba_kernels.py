@@ -57,13 +57,16 @@ import threading
 
 import numba
 import numpy as np
-from numba import prange, types
+from numba import literal_unroll, prange, types
 from numba.extending import overload
 
 from ._jit import (
     ERROR_MODEL,
     EXP_FASTMATH,
     FASTMATH,
+    address_as,
+    block_cfunc,
+    call_by_address,
     exact_helper,
     exp_helper,
     float_as_int,
@@ -88,6 +91,7 @@ from ._spec import (
     SMALL_CALL_ELEMENTS,
     STORAGE_BF16,
     STORAGE_NATIVE,
+    Params,  # noqa: I001
     kernel_weight,
     no_gradient,
 )
@@ -1369,59 +1373,282 @@ def _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf, x
         _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, buf, xt_out, xt)
 
 
-@kernel
-def _xent_index_kernel(
-    x, y, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16
+# --- the parallel loop over blocks of rows, and what it calls by address --------------
+# A block (block_rows rows) is the unit of parallel work: _index_block / _probability_block.
+# numba compiles a prange loop into four nested libraries (the function, the gufunc of its
+# body and two wrappers), and each links in, optimises again and emits again all the code
+# it calls: the whole row code (~24,000 instructions for float32 class indices) went
+# through LLVM five times. So the parallel loop calls the block through a C function
+# pointer instead (``call_by_address``): the block is one ``cfunc`` (cached like the
+# kernels), compiled once, and the parallel kernel holds no row code. Its arguments travel
+# as one int64 array (``packed``: the Params fields, mode, small, block_rows, then each
+# array's address and shape, in the order of BLOCK_ARRAYS), filled by the kernel and
+# read back by the block with ``numba.carray``. Measured, float32 class indices from an
+# empty cache (one process): 25.7-30.6 s -> 21.3-21.6 s (docs/DESIGN.md). Under
+# NUMBA_DISABLE_JIT, _blocks_directly calls the blocks as Python.
+
+
+@helper
+def _index_block(
+    b, thread, p, mode, small, block_rows, x, y, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16
 ):
+    """Rows ``b * block_rows`` to the next block's of class-index targets, on kernel thread
+    ``thread`` (its scratch rows and lanes state)."""
     n = x.shape[0] if p.storage == STORAGE_NATIVE else x16.shape[0]
-    for b in prange((n + block_rows - 1) // block_rows):
-        wide_vectors()
-        thread = numba.get_thread_id()
-        buf = scratch[thread]
-        xt_row = thread * (xt.shape[0] // scratch.shape[0])  # see _transformed_rows
-        r0 = b * block_rows
-        r1 = min(n, r0 + block_rows)
-        if small:
-            for g0 in range(r0, r1, LANES):
-                _index_lanes(g0, min(LANES, r1 - g0), x, y, weight, p, mode, loss, grad, buf, lanes[thread])
-        else:
-            chunks = lanes[thread].reshape(-1)  # (rows use the lanes state for long-row chunks)
-            _index_rows(
-                r0, r1, x, y, weight, p, mode, loss, grad, rowdata, buf, xt_out[xt_row], xt[xt_row], x16, grad16, chunks
-            )
+    buf = scratch[thread]
+    xt_row = thread * (xt.shape[0] // scratch.shape[0])  # see _transformed_rows
+    r0 = b * block_rows
+    r1 = min(n, r0 + block_rows)
+    if small:
+        for g0 in range(r0, r1, LANES):
+            _index_lanes(g0, min(LANES, r1 - g0), x, y, weight, p, mode, loss, grad, buf, lanes[thread])
+    else:
+        chunks = lanes[thread].reshape(-1)  # (rows use the lanes state for long-row chunks)
+        _index_rows(
+            r0, r1, x, y, weight, p, mode, loss, grad, rowdata, buf, xt_out[xt_row], xt[xt_row], x16, grad16, chunks
+        )
+
+
+@helper
+def _probability_block(
+    b, thread, p, mode, small, block_rows, x, t, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16
+):
+    """_index_block for probability targets ``t`` (native storage only)."""
+    n, n_classes = x.shape
+    buf = scratch[thread]
+    xt_row = thread * (xt.shape[0] // scratch.shape[0])  # see _transformed_rows
+    r0 = b * block_rows
+    r1 = min(n, r0 + block_rows)
+    if small:
+        width = LANES * (n_classes + 1)
+        for g0 in range(r0, r1, LANES):
+            k = min(LANES, r1 - g0)
+            _probability_lanes(g0, k, x, t, weight, p, mode, loss, grad, buf[:width], buf[width:], lanes[thread])
+    else:
+        _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf, xt_out[xt_row], xt[xt_row])
+
+
+#: the slots of ``packed`` before the arrays: the 17 Params fields, mode, small, block_rows
+N_SCALAR_SLOTS = 20
+#: the arrays a block takes, in their order in ``packed`` (each: address, then its shape)
+BLOCK_ARRAYS = ("x", "target", "weight", "loss", "grad", "rowdata", "scratch", "lanes", "xt_out", "xt", "x16", "grad16")
+#: slots of ``packed``: the scalars and at most 4 per array (the lanes state is 3-D)
+N_PACKED = N_SCALAR_SLOTS + 4 * len(BLOCK_ARRAYS)
+
+
+@helper
+def _pack_scalars(packed, p, mode, small, block_rows):
+    """The Params fields (floats as their bits, bools as 0/1), mode, small, block_rows."""
+    packed[0] = p.ignore_index
+    packed[1] = p.class_start
+    packed[2] = float_as_int(np.float64(p.eps))
+    packed[3] = float_as_int(np.float64(p.keep))
+    packed[4] = float_as_int(np.float64(p.spread))
+    packed[5] = p.smoothing
+    packed[6] = float_as_int(np.float64(p.weight_total))
+    packed[7] = float_as_int(np.float64(p.grad_scale))
+    packed[8] = p.weighted
+    packed[9] = float_as_int(np.float64(p.z_loss))
+    packed[10] = float_as_int(np.float64(p.z_grad_scale))
+    packed[11] = float_as_int(np.float64(p.logit_scale))
+    packed[12] = float_as_int(np.float64(p.softcap))
+    packed[13] = p.transformed
+    packed[14] = p.row_outputs
+    packed[15] = p.stats
+    packed[16] = p.storage
+    packed[17] = mode
+    packed[18] = small
+    packed[19] = block_rows
+
+
+@helper
+def _unpack_params(packed):
+    """The Params of _pack_scalars, bit for bit."""
+    return Params(
+        packed[0],
+        packed[1],
+        int_as_float(packed[2]),
+        int_as_float(packed[3]),
+        int_as_float(packed[4]),
+        packed[5] != 0,
+        int_as_float(packed[6]),
+        int_as_float(packed[7]),
+        packed[8] != 0,
+        int_as_float(packed[9]),
+        int_as_float(packed[10]),
+        int_as_float(packed[11]),
+        int_as_float(packed[12]),
+        packed[13] != 0,
+        packed[14] != 0,
+        packed[15] != 0,
+        packed[16],
+    )
+
+
+@helper
+def _pack_array(packed, k, a):
+    """``a``'s address and shape from slot k (a C-contiguous array); the next free slot."""
+    packed[k] = a.ctypes.data
+    for d in range(a.ndim):
+        packed[k + 1 + d] = a.shape[d]
+    return k + 1 + a.ndim
+
+
+@helper
+def _unpack_1d(packed, k, dtype):
+    return numba.carray(address_as(packed[k], dtype), packed[k + 1]), k + 2
+
+
+@helper
+def _unpack_2d(packed, k, dtype):
+    return numba.carray(address_as(packed[k], dtype), (packed[k + 1], packed[k + 2])), k + 3
+
+
+@helper
+def _unpack_3d(packed, k, dtype):
+    return numba.carray(address_as(packed[k], dtype), (packed[k + 1], packed[k + 2], packed[k + 3])), k + 4
 
 
 @kernel
-def _xent_probability_kernel(
-    x, t, weight, p, mode, small, block_rows, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16
-):
-    n, n_classes = x.shape
+def _blocks_by_address(block_function, packed, p, mode, small, block_rows, *arrays):
+    """The parallel loop: every block of rows by the cfunc at ``block_function`` (see above)."""
+    _pack_scalars(packed, p, mode, small, block_rows)
+    k = N_SCALAR_SLOTS
+    for a in literal_unroll(arrays):  # (BLOCK_ARRAYS, in order)
+        k = _pack_array(packed, k, a)
+    x, x16 = arrays[0], arrays[10]
+    n = x.shape[0] if p.storage == STORAGE_NATIVE else x16.shape[0]
+    address = packed.ctypes.data
     for b in prange((n + block_rows - 1) // block_rows):
-        wide_vectors()
-        thread = numba.get_thread_id()
-        buf = scratch[thread]
-        xt_row = thread * (xt.shape[0] // scratch.shape[0])  # see _transformed_rows
-        r0 = b * block_rows
-        r1 = min(n, r0 + block_rows)
-        if small:
-            width = LANES * (n_classes + 1)
-            for g0 in range(r0, r1, LANES):
-                _probability_lanes(
-                    g0,
-                    min(LANES, r1 - g0),
-                    x,
-                    t,
-                    weight,
-                    p,
-                    mode,
-                    loss,
-                    grad,
-                    buf[:width],
-                    buf[width:],
-                    lanes[thread],
-                )
-        else:
-            _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf, xt_out[xt_row], xt[xt_row])
+        call_by_address(block_function, b, numba.get_thread_id(), address)
+
+
+@helper
+def _unpack_arrays(packed, dtype, target_ndim):
+    """The arrays of _blocks_by_address's ``packed``, as (mutable) C-contiguous arrays."""
+    k = N_SCALAR_SLOTS
+    x, k = _unpack_2d(packed, k, dtype)
+    if target_ndim == 1:
+        target, k = _unpack_1d(packed, k, np.int64)
+    else:
+        target, k = _unpack_2d(packed, k, dtype)
+    weight, k = _unpack_1d(packed, k, dtype)
+    loss, k = _unpack_1d(packed, k, np.float64)
+    grad, k = _unpack_2d(packed, k, dtype)
+    rowdata, k = _unpack_2d(packed, k, np.float64)
+    scratch, k = _unpack_2d(packed, k, dtype)
+    lanes, k = _unpack_3d(packed, k, np.float64)
+    xt_out, k = _unpack_2d(packed, k, dtype)
+    xt, k = _unpack_2d(packed, k, dtype)
+    x16, k = _unpack_2d(packed, k, np.uint16)
+    grad16, k = _unpack_2d(packed, k, np.uint16)
+    return x, target, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16
+
+
+@helper
+def _unpacked_block(kind_index, dtype, b, thread, address):
+    wide_vectors()
+    packed = numba.carray(address_as(address, np.int64), N_PACKED)
+    p = _unpack_params(packed)
+    mode, small, block_rows = packed[17], packed[18] != 0, packed[19]
+    if kind_index:
+        x, target, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16 = _unpack_arrays(
+            packed, dtype, 1
+        )
+        _index_block(
+            b,
+            thread,
+            p,
+            mode,
+            small,
+            block_rows,
+            x,
+            target,
+            weight,
+            loss,
+            grad,
+            rowdata,
+            scratch,
+            lanes,
+            xt_out,
+            xt,
+            x16,
+            grad16,
+        )
+    else:
+        x, target, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16 = _unpack_arrays(
+            packed, dtype, 2
+        )
+        _probability_block(
+            b,
+            thread,
+            p,
+            mode,
+            small,
+            block_rows,
+            x,
+            target,
+            weight,
+            loss,
+            grad,
+            rowdata,
+            scratch,
+            lanes,
+            xt_out,
+            xt,
+            x16,
+            grad16,
+        )
+
+
+# The block functions, one per target kind and compute dtype, compiled as ``cfunc`` on
+# first use (block_function) and cached on disk as the kernels are.
+def _index_block_float32(b, thread, address):
+    _unpacked_block(True, np.float32, b, thread, address)
+
+
+def _index_block_float64(b, thread, address):
+    _unpacked_block(True, np.float64, b, thread, address)
+
+
+def _probability_block_float32(b, thread, address):
+    _unpacked_block(False, np.float32, b, thread, address)
+
+
+def _probability_block_float64(b, thread, address):
+    _unpacked_block(False, np.float64, b, thread, address)
+
+
+BLOCK_FUNCTIONS = {
+    ("index", np.dtype(np.float32)): _index_block_float32,
+    ("index", np.dtype(np.float64)): _index_block_float64,
+    ("probability", np.dtype(np.float32)): _probability_block_float32,
+    ("probability", np.dtype(np.float64)): _probability_block_float64,
+}
+_COMPILED_BLOCKS: dict = {}
+_BLOCKS_LOCK = threading.Lock()
+
+
+def block_function(kind: str, dtype: np.dtype):
+    """The compiled block function (a numba ``cfunc``) of ``kind`` and ``dtype``."""
+    key = (kind, np.dtype(dtype))
+    compiled = _COMPILED_BLOCKS.get(key)
+    if compiled is None:
+        with _BLOCKS_LOCK:
+            compiled = _COMPILED_BLOCKS.get(key)
+            if compiled is None:
+                compiled = block_cfunc(BLOCK_FUNCTIONS[key])
+                _COMPILED_BLOCKS[key] = compiled
+    return compiled
+
+
+def _blocks_directly(block, p, mode, small, block_rows, *arrays):
+    """NUMBA_DISABLE_JIT (the coverage run): the blocks in turn, as Python, each called
+    directly (``block``: _index_block or _probability_block) instead of by address."""
+    x, x16 = arrays[0], arrays[10]
+    n = x.shape[0] if p.storage == STORAGE_NATIVE else x16.shape[0]
+    for b in range((n + block_rows - 1) // block_rows):
+        block(b, 0, p, mode, small, block_rows, *arrays)
 
 
 @kernel(parallel=False)
@@ -1713,7 +1940,7 @@ def _aligned_empty(size: int, dtype: np.dtype) -> np.ndarray:
 _NO_ROWDATA = np.empty((1, N_STATS), np.float64)
 
 
-def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
+def _xent(kind, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
     n_classes = x.shape[1]
     if x.shape[0] == 0:
         return
@@ -1733,7 +1960,7 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
     small = small_ok and plain and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
     block_rows = rows_per_block(n_classes)
     # a row; or the lanes' rows transposed and their max (probability targets: twice)
-    width = (2 if kernel_function is _xent_probability_kernel else 1) * LANES * (n_classes + 1) if small else n_classes
+    width = (2 if kind == "probability" else 1) * LANES * (n_classes + 1) if small else n_classes
     scratch, lanes = _scratch(dtype, width)
     # the x' rows, written under one name and read under another, read-only, so that a row
     # of x and a row of x' have one numba type (and the steps after (0) one specialisation)
@@ -1747,26 +1974,13 @@ def _xent(kernel_function, x, target, weight, params, mode, loss, grad, rowdata,
     if rowdata is None:
         rowdata = _NO_ROWDATA
     weight = weight if weight.shape[0] != 0 else kernel_weight(weight, np.empty((0, n_classes), dtype))
-    _run(
-        kernel_function,
-        block_rows * n_classes,
-        x,
-        target,
-        weight,
-        params,
-        np.int64(mode),
-        small,
-        np.int64(block_rows),
-        loss,
-        grad,
-        rowdata,
-        scratch,
-        lanes,
-        xt_out,
-        _frozen(xt_out),
-        x16,
-        grad16,
-    )
+    arrays = (x, target, weight, loss, grad, rowdata, scratch, lanes, xt_out, _frozen(xt_out), x16, grad16)
+    scalars = (params, np.int64(mode), small, np.int64(block_rows))
+    if numba.config.DISABLE_JIT:
+        _blocks_directly(_index_block if kind == "index" else _probability_block, *scalars, *arrays)
+    else:  # the blocks by address (see _blocks_by_address)
+        address = np.int64(block_function(kind, dtype).address)
+        _run(_blocks_by_address, block_rows * n_classes, address, np.empty(N_PACKED, np.int64), *scalars, *arrays)
 
 
 #: the stand-ins of the arrays a call does not use: the 16-bit logits and gradient of native
@@ -1785,21 +1999,20 @@ def xent_index(x, y, weight, params, loss, grad=None, row_out=None):
     non-ignored value in [0, C) (checked by the caller); weight (C,) or length 0. With
     ``params.row_outputs``, ``row_out`` (n, N_OUTS) float64 gets the columns ``OUT_*``."""
     mode = GRAD if grad is not None else LOSS
-    _xent(_xent_index_kernel, x, y, weight, params, mode, loss, grad, row_out, True)
+    _xent("index", x, y, weight, params, mode, loss, grad, row_out, True)
 
 
 def xent_probability(x, t, weight, params, loss, grad=None, row_out=None):
     """Cross-entropy rows for probability targets t (n, C) of x's dtype; as xent_index."""
     mode = GRAD if grad is not None else LOSS
-    _xent(_xent_probability_kernel, x, t, weight, params, mode, loss, grad, row_out, True)
+    _xent("probability", x, t, weight, params, mode, loss, grad, row_out, True)
 
 
 def row_stats(kind, x, target, weight, params, stats):
     """Steps (1)-(2) of a class shard (columns ``params.class_start..``): the statistics
     ``stats`` (n, N_STATS) float64. ``weight`` is the shard's slice; for index targets
     column STAT_A is left 0 (the caller knows the shard's weight sum)."""
-    kernel_function = _xent_index_kernel if kind == "index" else _xent_probability_kernel
-    _xent(kernel_function, x, target, weight, params, STATS, np.empty(0), None, stats, False)
+    _xent(kind, x, target, weight, params, STATS, np.empty(0), None, stats, False)
 
 
 def finish(kind, stats, target, weight, params, loss, coef):
@@ -1824,8 +2037,7 @@ def _frozen(a):
 def shard_grad(kind, x, target, weight, params, coef, grad):
     """Step (4) of a class shard from the coefficients of ``finish``: ``grad`` (n, C_shard),
     which may be ``x`` itself."""
-    kernel_function = _xent_index_kernel if kind == "index" else _xent_probability_kernel
-    _xent(kernel_function, x, target, weight, params, SHARD_GRAD, np.empty(x.shape[0]), grad, coef, False)
+    _xent(kind, x, target, weight, params, SHARD_GRAD, np.empty(x.shape[0]), grad, coef, False)
 
 
 def logsumexp_rows(x, out):
@@ -1859,8 +2071,8 @@ def softmax_rows(x, out):
 #: backend function -> the numba dispatchers it runs (each compiled once per dtype: every
 #: array is passed C-contiguous and read-only but the outputs, labels always int64)
 COMPILED = {
-    "xent_index": (_xent_index_kernel, label_stats, _finish_index_kernel),
-    "xent_probability": (_xent_probability_kernel, _finish_probability_kernel),
+    "xent_index": (_blocks_by_address, label_stats, _finish_index_kernel),
+    "xent_probability": (_blocks_by_address, _finish_probability_kernel),
     "logsumexp_rows": (_logsumexp_kernel,),
     "log_softmax_rows": (_log_softmax_kernel, _log_softmax_in_place_kernel),
     "softmax_rows": (_softmax_kernel, _softmax_in_place_kernel),
@@ -1907,7 +2119,8 @@ def warm_up(function: str, dtype: np.dtype) -> None:
 
 def compiled_count() -> int:
     """How many kernel specialisations numba holds (compiled or loaded) in this process."""
-    return sum(len(d.signatures) for kernels in COMPILED.values() for d in kernels)
+    dispatchers = {d for kernels in COMPILED.values() for d in kernels}
+    return sum(len(d.signatures) for d in dispatchers) + len(_COMPILED_BLOCKS)
 
 
 # =====================================================================================

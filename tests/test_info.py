@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
+
 import fastxent as fx
 from fastxent import _dispatch
 from fastxent._info import format_info, info
@@ -43,11 +45,15 @@ def test_precompile_leaves_every_numba_kernel_compiled(backend):
         for kernel in kernels:
             assert kernel.signatures, f"{kernel.py_func.__name__} was not compiled"
     assert count == nb.compiled_count() >= 2 * len(nb.COMPILED)
-    # one specialisation per dtype: the fused kernels see read-only C-contiguous logits
+    # one specialisation per dtype and target kind: the fused kernel sees read-only
+    # C-contiguous logits, and each calls its block function (a cfunc) by address
+    signatures = {sig[6][:2] for sig in nb._blocks_by_address.signatures}  # (the logits, the target)
     for dtype in (types.float32, types.float64):
         logits = types.Array(dtype, 2, "C", readonly=True)
-        assert logits in {sig[0] for sig in nb._xent_index_kernel.signatures}
-        assert logits in {sig[0] for sig in nb._xent_probability_kernel.signatures}
+        assert (logits, types.Array(types.int64, 1, "C", readonly=True)) in signatures
+        assert (logits, types.Array(dtype, 2, "C", readonly=True)) in signatures
+        for kind in ("index", "probability"):
+            assert (kind, np.dtype(str(dtype))) in nb._COMPILED_BLOCKS
 
 
 def test_the_api_compiles_nothing_that_precompile_did_not(rng):
