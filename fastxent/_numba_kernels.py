@@ -91,7 +91,7 @@ from ._spec import (
     SMALL_CALL_ELEMENTS,
     STORAGE_BF16,
     STORAGE_NATIVE,
-    Params,  # noqa: I001
+    Params,
     kernel_weight,
     no_gradient,
 )
@@ -1428,10 +1428,15 @@ def _probability_block(
         _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf, xt_out[xt_row], xt[xt_row])
 
 
-#: the slots of ``packed`` before the arrays: the 17 Params fields, mode, small, block_rows
-N_SCALAR_SLOTS = 20
+#: the slots of ``packed`` before the arrays: the Params fields, then mode, small, block_rows
+SLOT_MODE = len(Params._fields)
+SLOT_SMALL = SLOT_MODE + 1
+SLOT_BLOCK_ROWS = SLOT_MODE + 2
+N_SCALAR_SLOTS = SLOT_MODE + 3
 #: the arrays a block takes, in their order in ``packed`` (each: address, then its shape)
 BLOCK_ARRAYS = ("x", "target", "weight", "loss", "grad", "rowdata", "scratch", "lanes", "xt_out", "xt", "x16", "grad16")
+#: where the 16-bit logits are in BLOCK_ARRAYS (their rows are the block's rows in 16-bit storage)
+ARRAY_X16 = BLOCK_ARRAYS.index("x16")
 #: slots of ``packed``: the scalars and at most 4 per array (the lanes state is 3-D)
 N_PACKED = N_SCALAR_SLOTS + 4 * len(BLOCK_ARRAYS)
 
@@ -1456,9 +1461,9 @@ def _pack_scalars(packed, p, mode, small, block_rows):
     packed[14] = p.row_outputs
     packed[15] = p.stats
     packed[16] = p.storage
-    packed[17] = mode
-    packed[18] = small
-    packed[19] = block_rows
+    packed[SLOT_MODE] = mode
+    packed[SLOT_SMALL] = small
+    packed[SLOT_BLOCK_ROWS] = block_rows
 
 
 @helper
@@ -1516,7 +1521,7 @@ def _blocks_by_address(block_function, packed, p, mode, small, block_rows, *arra
     k = N_SCALAR_SLOTS
     for a in literal_unroll(arrays):  # (BLOCK_ARRAYS, in order)
         k = _pack_array(packed, k, a)
-    x, x16 = arrays[0], arrays[10]
+    x, x16 = arrays[0], arrays[ARRAY_X16]
     n = x.shape[0] if p.storage == STORAGE_NATIVE else x16.shape[0]
     address = packed.ctypes.data
     for b in prange((n + block_rows - 1) // block_rows):
@@ -1550,7 +1555,7 @@ def _unpacked_block(kind_index, dtype, b, thread, address):
     wide_vectors()
     packed = numba.carray(address_as(address, np.int64), N_PACKED)
     p = _unpack_params(packed)
-    mode, small, block_rows = packed[17], packed[18] != 0, packed[19]
+    mode, small, block_rows = packed[SLOT_MODE], packed[SLOT_SMALL] != 0, packed[SLOT_BLOCK_ROWS]
     if kind_index:
         x, target, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16 = _unpack_arrays(
             packed, dtype, 1
@@ -1645,7 +1650,7 @@ def block_function(kind: str, dtype: np.dtype):
 def _blocks_directly(block, p, mode, small, block_rows, *arrays):
     """NUMBA_DISABLE_JIT (the coverage run): the blocks in turn, as Python, each called
     directly (``block``: _index_block or _probability_block) instead of by address."""
-    x, x16 = arrays[0], arrays[10]
+    x, x16 = arrays[0], arrays[ARRAY_X16]
     n = x.shape[0] if p.storage == STORAGE_NATIVE else x16.shape[0]
     for b in range((n + block_rows - 1) // block_rows):
         block(b, 0, p, mode, small, block_rows, *arrays)
