@@ -246,6 +246,169 @@ def call_by_address(typingctx, function, block, thread, packed):
     return sig, codegen
 
 
+# --- the small-C layout's transposes: 16 x 16 tiles in registers -----------------------
+# The lanes layout (C <= SMALL_C) moves 16 rows x up to 16 classes of a row-major block to
+# ``buf[c * lanes + r]`` and back. Element by element that is one scalar load and one scalar
+# store per logit each way. Here the tile is 16 vector loads (one per row, masked to the
+# row's ``width`` classes and to the ``rows`` rows that exist), the classic four stages of
+# two-source shuffles (64 in all: vunpck / vpermt2ps / vshuff on AVX-512), and 16 vector
+# stores (one per class); the Cython kernels do the same in C (``_cy_xent_simd.h``). The
+# masks mean nothing outside the tile's rows and classes is read or written: a masked-off
+# lane is not accessed (LLVM's ``llvm.masked.load`` / ``llvm.masked.store``).
+
+#: the shuffles of a 16 x 16 transpose, v[r][c] -> v[c][r]: (a) rows 2i, 2i+1 interleaved
+#: per 128-bit lane; (b) as pairs; (c), (d) whole 128-bit lanes
+_TRANSPOSE_STAGES = (
+    (
+        (0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29),
+        (2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31),
+    ),
+    (
+        (0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+        (2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31),
+    ),
+    (
+        (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+        (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31),
+    ),
+    (
+        (0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+        (4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31),
+    ),
+)
+#: which two vectors each stage combines, into which two: (first, second) -> (2 outputs)
+_TRANSPOSE_PAIRS = (
+    [(2 * i, 2 * i + 1, 2 * i, 2 * i + 1) for i in range(8)],
+    [(4 * i + j, 4 * i + 2 + j, 4 * i + 2 * j, 4 * i + 2 * j + 1) for i in range(4) for j in range(2)],
+    [(8 * i + k, 8 * i + 4 + k, 8 * i + k, 8 * i + 4 + k) for i in range(2) for k in range(4)],
+    [(4 * i + k, 8 + 4 * i + k, 8 * i + k, 8 * i + 4 + k) for i in range(2) for k in range(4)],
+)
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+
+
+def _int_vector(int_type, values):
+    """An LLVM constant vector of integers."""
+    return ir.Constant(ir.VectorType(int_type, 16), [ir.Constant(int_type, v) for v in values])
+
+
+def _transpose16(builder, vectors):
+    """The 16 vectors of 16 elements of a tile, transposed (LLVM ``shufflevector``s)."""
+    for (low, high), pairs in zip(_TRANSPOSE_STAGES, _TRANSPOSE_PAIRS, strict=True):
+        out = [None] * 16
+        for first, second, low_at, high_at in pairs:
+            out[low_at] = builder.shuffle_vector(vectors[first], vectors[second], _int_vector(_I32, low))
+            out[high_at] = builder.shuffle_vector(vectors[first], vectors[second], _int_vector(_I32, high))
+        vectors = out
+    return vectors
+
+
+def _tile_mask(builder, width, rows, r):
+    """``<16 x i1>``: lane < width, all false when r >= rows."""
+    # (compared in 32 bits: one vpcmpgtd instead of two 64-bit compares and a kunpck)
+    limit = builder.select(builder.icmp_signed(">", rows, ir.Constant(_I64, r)), width, ir.Constant(_I64, 0))
+    limit = builder.trunc(limit, _I32)  # width <= 16
+    splat = builder.insert_element(ir.Constant(ir.VectorType(_I32, 16), None), limit, ir.Constant(_I32, 0))
+    splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(_I32, 16), None))
+    return builder.icmp_signed("<", _int_vector(_I32, range(16)), splat)
+
+
+def _tile_pointer(context, builder, array_type, array, row, column, vector):
+    """The address of ``array[row, column]`` (2-D, C layout) or ``array[row + column]`` (1-D)
+    as a pointer to a vector."""
+    view = context.make_array(array_type)(context, builder, array)
+    if array_type.ndim == 2:
+        index = builder.add(builder.mul(row, builder.extract_value(view.shape, 1)), column)
+    else:
+        index = builder.add(row, column)
+    return builder.bitcast(builder.gep(view.data, [index]), vector.as_pointer())
+
+
+def _tile_types(typingctx, matrix, lanes):
+    """Whether these are a tile's arrays: a 2-D C-layout float array and a 1-D one of its dtype."""
+    return (
+        isinstance(matrix, types.Array)
+        and matrix.ndim == 2
+        and matrix.layout == "C"
+        and isinstance(lanes, types.Array)
+        and lanes.ndim == 1
+        and lanes.dtype == matrix.dtype
+        and matrix.dtype in (types.float32, types.float64)
+    )
+
+
+def _masked_name(operation, element):
+    return f"llvm.masked.{operation}.v16{'f32' if isinstance(element, ir.FloatType) else 'f64'}.p0"
+
+
+@intrinsic
+def rows_to_lanes16(typingctx, x, row0, column0, rows, width, buf, start, stride):
+    """``buf[start + c * stride + r] = x[row0 + r, column0 + c]`` for r < 16, c < width (<= 16);
+    the lanes r >= rows get 0. Reads only those rows and classes; writes only c < width."""
+    if not _tile_types(typingctx, x, buf):
+        return None
+    sig = types.void(x, types.int64, types.int64, types.int64, types.int64, buf, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        x_value, row0_value, column0_value, rows_value, width_value, buf_value, start_value, stride_value = args
+        element = context.get_value_type(signature.args[0].dtype)
+        vector = ir.VectorType(element, 16)
+        load_type = ir.FunctionType(vector, [vector.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16), vector])
+        masked_load = cgutils_get_or_insert_function(builder.module, load_type, _masked_name("load", element))
+        vectors = []
+        for r in range(16):
+            row = builder.add(row0_value, ir.Constant(_I64, r))
+            pointer = _tile_pointer(context, builder, signature.args[0], x_value, row, column0_value, vector)
+            mask = _tile_mask(builder, width_value, rows_value, r)
+            vectors.append(builder.call(masked_load, [pointer, ir.Constant(_I32, 4), mask, ir.Constant(vector, None)]))
+        vectors = _transpose16(builder, vectors)
+        for c in range(16):
+            with builder.if_then(builder.icmp_signed(">", width_value, ir.Constant(_I64, c)), likely=True):
+                at = builder.add(start_value, builder.mul(stride_value, ir.Constant(_I64, c)))
+                pointer = _tile_pointer(
+                    context, builder, signature.args[5], buf_value, at, ir.Constant(_I64, 0), vector
+                )
+                builder.store(vectors[c], pointer, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def lanes_to_rows16(typingctx, buf, start, stride, width, g, row0, column0, rows):
+    """``g[row0 + r, column0 + c] = buf[start + c * stride + r]`` for r < rows (<= 16), c < width
+    (<= 16): the way back of ``rows_to_lanes16``. Writes only those rows and classes."""
+    if not _tile_types(typingctx, g, buf):
+        return None
+    sig = types.void(buf, types.int64, types.int64, types.int64, g, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        buf_value, start_value, stride_value, width_value, g_value, row0_value, column0_value, rows_value = args
+        element = context.get_value_type(signature.args[0].dtype)
+        vector = ir.VectorType(element, 16)
+        store_type = ir.FunctionType(
+            ir.VoidType(), [vector, vector.as_pointer(), _I32, ir.VectorType(ir.IntType(1), 16)]
+        )
+        masked_store = cgutils_get_or_insert_function(builder.module, store_type, _masked_name("store", element))
+        vectors = []
+        for c in range(16):  # the classes past width load class 0 again (their lanes are not stored)
+            inside = builder.icmp_signed(">", width_value, ir.Constant(_I64, c))
+            at = builder.add(
+                start_value,
+                builder.mul(stride_value, builder.select(inside, ir.Constant(_I64, c), ir.Constant(_I64, 0))),
+            )
+            pointer = _tile_pointer(context, builder, signature.args[0], buf_value, at, ir.Constant(_I64, 0), vector)
+            vectors.append(builder.load(pointer, align=4))
+        vectors = _transpose16(builder, vectors)
+        for r in range(16):
+            row = builder.add(row0_value, ir.Constant(_I64, r))
+            pointer = _tile_pointer(context, builder, signature.args[4], g_value, row, column0_value, vector)
+            mask = _tile_mask(builder, width_value, rows_value, r)
+            builder.call(masked_store, [vectors[r], pointer, ir.Constant(_I32, 4), mask])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 #: the signature of a block function: (block, kernel thread, address of its packed arguments)
 BLOCK_SIGNATURE = types.void(types.int64, types.int64, types.int64)
 
@@ -298,6 +461,16 @@ if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (the coverage run): plain-Py
     def float_to_half(v):  # noqa: F811
         with np.errstate(over="ignore"):
             return np.asarray(np.float32(v).astype(np.float16)).view(np.uint16)[()]
+
+    def rows_to_lanes16(x, row0, column0, rows, width, buf, start, stride):  # noqa: F811
+        tile = np.zeros((width, 16), x.dtype)
+        tile[:, :rows] = x[row0 : row0 + rows, column0 : column0 + width].T
+        for c in range(width):
+            buf[start + c * stride : start + c * stride + 16] = tile[c]
+
+    def lanes_to_rows16(buf, start, stride, width, g, row0, column0, rows):  # noqa: F811
+        for c in range(width):
+            g[row0 : row0 + rows, column0 + c] = buf[start + c * stride : start + c * stride + rows]
 
     def prefetch_for_write(array, index):  # noqa: F811 - a hint only
         return None
