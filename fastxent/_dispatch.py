@@ -26,10 +26,11 @@ from ._spec import STORAGE_BF16, STORAGE_F16, STORAGE_NATIVE
 #: backends in order of preference for ``backend=None``
 PREFERENCE = ("numba", "cython", "numpy")
 #: the cross-entropy's preference up to CYTHON_MAX_C classes: there gcc's code runs faster
-#: than LLVM's from numba. In the rows-across-lanes layout (C <= 32) about twice as fast
-#: (float32, 262144 x 10, 2 threads: in place 2.50 ms against 4.95, the copy floor 0.93,
-#: Intel Xeon); above it, where both run rows one at a time, the per-row work (the max's
-#: chain, a log, a divide, the finish) still costs numba more. Measured on the AMD EPYC of
+#: than LLVM's from numba. In the rows-across-lanes layout (C <= 32) 1.1-1.9x as fast
+#: (float32, 2.6M logits, 2 threads, AMD EPYC, numba over cython in place: C = 3 1.09x,
+#: 10 1.36x, 16 1.89x, 32 1.68x; both transpose by register tiles since 2026-12-04);
+#: above it, where both run rows one at a time, the per-row work (the max's chain, a log,
+#: a divide, the finish) still costs numba more. Measured on the AMD EPYC of
 #: 2026-12-04 (float32, 8M logits, 2 threads, median of 9 interleaved; numba over cython,
 #: loss+grad out= / in place / loss only): C = 48 2.45 / 2.66 / 2.53, 64 1.99 / 2.09 / 2.19,
 #: 128 1.57 / 1.68 / 1.83, 256 1.14 / 1.30 / 1.52, 512 0.95 / 1.00 / 1.30, 1000 0.95 / 0.89 /
