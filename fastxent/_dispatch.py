@@ -26,9 +26,9 @@ from ._spec import STORAGE_BF16, STORAGE_F16, STORAGE_NATIVE
 #: backends in order of preference for ``backend=None``
 PREFERENCE = ("numba", "cython", "numpy")
 #: the cross-entropy's preference up to CYTHON_MAX_C classes: there gcc's code runs faster
-#: than LLVM's from numba. In the rows-across-lanes layout (C <= 32) 1.1-1.9x as fast
+#: than LLVM's from numba. In the rows-across-lanes layout (C <= 32) 1.1-1.7x as fast
 #: (float32, 2.6M logits, 2 threads, AMD EPYC, numba over cython in place: C = 3 1.09x,
-#: 10 1.36x, 16 1.89x, 32 1.68x; both transpose by register tiles since 2026-12-04);
+#: 10 1.16x, 16 1.41x, 32 1.68x; both transpose by register tiles since 2026-12-04);
 #: above it, where both run rows one at a time, the per-row work (the max's chain, a log,
 #: a divide, the finish) still costs numba more. Measured on the AMD EPYC of
 #: 2026-12-04 (float32, 8M logits, 2 threads, median of 9 interleaved; numba over cython,

@@ -1183,8 +1183,9 @@ def _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, e, xt_out, x
 # into whole vectors: the max, exp, the float64 sums, log, the loss, the coefficients and
 # the gradient; the target's logit and term as selects over the classes. The transposes
 # move 16 x 16 tiles through registers (_jit.rows_to_lanes16). The lane state lives in
-# ``lanes`` (rows LANE_*, each LANES wide, float64); LANE_TARGET holds the row's class as a
-# float, -1 for ignored rows and the pad lanes.
+# ``lanes`` (rows LANE_*, each LANES wide, float64). After the classes, the thread's scratch
+# holds LANE_SCRATCH_ROWS rows of lanes in the logits' dtype: the max, and (class indices)
+# the target class as a float (-1 for ignored rows and the pad lanes) and x_y.
 #
 # LANE_COLUMNS: how these loops must be written for LLVM to vectorise them. numba wraps a
 # negative index around (``i < 0 ? i + n : i``), and LLVM must prove ``i >= 0`` to drop that
@@ -1194,11 +1195,13 @@ def _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, e, xt_out, x
 # ``column[r]``) and n_lanes is the constant LANES; and both operands of each select are
 # loaded before it (a load on one side only is a branch). Measured (float32, 262144 x 10,
 # one thread): loss 25.7 -> 14.0 ns a row, loss+grad out= 44.9 -> 22.9 (with the tiles).
-LANE_S, LANE_SW, LANE_MXY, LANE_WY, LANE_A, LANE_LOSS, LANE_TARGET = 0, 1, 2, 3, 4, 5, 6
-N_LANE_ROWS = 7
+LANE_S, LANE_SW, LANE_MXY, LANE_WY, LANE_A, LANE_LOSS = 0, 1, 2, 3, 4, 5
+N_LANE_ROWS = 6
 #: chunks a long row may have (chunked_steps keeps three numbers each in the thread's lanes
-#: array, which the row layout does not otherwise use; 149, fixed before LANE_TARGET)
-MAX_CHUNKS = 7 * LANES // 3
+#: array, which the row layout does not otherwise use)
+MAX_CHUNKS = (N_LANE_ROWS + 1) * LANES // 3
+#: rows of lanes after the classes in the scratch: the max, the target class, x_y
+LANE_SCRATCH_ROWS = 3
 
 
 @helper
@@ -1275,33 +1278,37 @@ def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, buf, lanes):
                     sw[r] += m[r] - column[r]
     # the target's logit and weight, per row, as selects over the classes (vectorised like
     # the rest; a gather per row measured 6% of the Cython kernel's time at C = 10). Pad and
-    # ignored lanes (target -1): 0, never stored.
-    target = lanes[LANE_TARGET]
+    # ignored lanes (target -1): 0, never stored. The target class and x_y are lanes of the
+    # logits' dtype, in the two scratch rows after the max (LANE_SCRATCH_ROWS): half the
+    # vectors of float64 lanes (class indices <= SMALL_C are exact in float32)
+    dt = x.dtype.type
+    target = buf[(n_classes + 1) * n_lanes : (n_classes + 2) * n_lanes]
+    x_y = buf[(n_classes + 2) * n_lanes : (n_classes + 3) * n_lanes]
     for r in range(n_lanes):
-        target[r] = -1.0
+        target[r] = dt(-1.0)
+        x_y[r] = dt(0.0)
     labels = y[r0 : r0 + k]
     for r in range(k):
         label = labels[r]
-        target[r] = -1.0 if label == p.ignore_index else np.float64(label)
+        target[r] = dt(-1.0) if label == p.ignore_index else dt(label)
     m_minus_x_y = lanes[LANE_MXY]
     w_y = lanes[LANE_WY]
     for r in range(n_lanes):
-        m_minus_x_y[r] = 0.0  # x_y until the loop after the next
         w_y[r] = 0.0 if p.weighted or target[r] < 0 else 1.0
     # (every select's operands are loaded before it: a load on one side only is a branch)
     for c in range(n_classes):
-        class_index = np.float64(c)
+        class_index = dt(c)
         column = buf[c * n_lanes : (c + 1) * n_lanes]
         for r in range(n_lanes):
-            x_c, x_y = np.float64(column[r]), m_minus_x_y[r]
-            m_minus_x_y[r] = x_c if target[r] == class_index else x_y
+            x_c, x_y_r = column[r], x_y[r]
+            x_y[r] = x_c if target[r] == class_index else x_y_r
         if p.weighted:
             w = np.float64(weight[c])
             for r in range(n_lanes):
                 w_y_r = w_y[r]
                 w_y[r] = w if target[r] == class_index else w_y_r
     for r in range(n_lanes):
-        m_minus_x_y[r] = np.float64(m[r]) - m_minus_x_y[r] if target[r] >= 0 else 0.0
+        m_minus_x_y[r] = np.float64(m[r]) - np.float64(x_y[r]) if target[r] >= 0 else 0.0
     _lanes_exp(buf, n_classes, lanes)  # (2)
     s = lanes[LANE_S]
     a = lanes[LANE_A]
@@ -1317,7 +1324,6 @@ def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, buf, lanes):
         block_loss[r] = 0.0 if target[r] < 0 else row_loss[r]
     if mode == LOSS:
         return
-    dt = x.dtype.type
     b = dt(p.grad_scale * p.spread)
     for c in range(n_classes):  # (4): g = e a - b w_c, the lanes' rows at once
         if p.smoothing:
@@ -1327,15 +1333,15 @@ def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, buf, lanes):
         column = buf[c * n_lanes : (c + 1) * n_lanes]
         for r in range(n_lanes):
             column[r] = column[r] * dt(a[r]) - b_c
-    y_term = lanes[LANE_SW]  # (sw is spent)
+    y_term = x_y  # (x_y is spent)
     for r in range(n_lanes):
-        y_term[r] = p.grad_scale * p.keep * w_y[r]
+        y_term[r] = dt(p.grad_scale * p.keep * w_y[r])
     for c in range(n_classes):  # the target's term, and 0 for ignored rows, as selects; a loop
         # of its own, as index_grad_row's ``g[y] -= y_term`` after the row (the same rounding)
-        class_index = np.float64(c)
+        class_index = dt(c)
         column = buf[c * n_lanes : (c + 1) * n_lanes]
         for r in range(n_lanes):
-            g_c, y_term_r, target_r = column[r], dt(y_term[r]), target[r]
+            g_c, y_term_r, target_r = column[r], y_term[r], target[r]
             g_c = g_c - y_term_r if target_r == class_index else g_c
             column[r] = g_c if target_r >= 0 else dt(0.0)
     _transpose_out(buf, n_lanes, grad, r0, k)
@@ -1472,7 +1478,7 @@ def _probability_block(
     r0 = b * block_rows
     r1 = min(n, r0 + block_rows)
     if small:
-        width = LANES * (n_classes + 1)
+        width = LANES * (n_classes + LANE_SCRATCH_ROWS)
         for g0 in range(r0, r1, LANES):
             k = min(LANES, r1 - g0)
             _probability_lanes(g0, k, x, t, weight, p, mode, loss, grad, buf[:width], buf[width:], lanes[thread])
@@ -2017,7 +2023,7 @@ def _xent(kind, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
     small = small_ok and plain and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
     block_rows = rows_per_block(n_classes)
     # a row; or the lanes' rows transposed and their max (probability targets: twice)
-    width = (2 if kind == "probability" else 1) * LANES * (n_classes + 1) if small else n_classes
+    width = (2 if kind == "probability" else 1) * LANES * (n_classes + LANE_SCRATCH_ROWS) if small else n_classes
     scratch, lanes = _scratch(dtype, width)
     # the x' rows, written under one name and read under another, read-only, so that a row
     # of x and a row of x' have one numba type (and the steps after (0) one specialisation)
