@@ -323,7 +323,7 @@ def _tile_pointer(context, builder, array_type, array, row, column, vector):
     return builder.bitcast(builder.gep(view.data, [index]), vector.as_pointer())
 
 
-def _tile_types(typingctx, matrix, lanes):
+def _tile_types(matrix, lanes):
     """Whether these are a tile's arrays: a 2-D C-layout float array and a 1-D one of its dtype."""
     return (
         isinstance(matrix, types.Array)
@@ -343,8 +343,9 @@ def _masked_name(operation, element):
 @intrinsic
 def rows_to_lanes16(typingctx, x, row0, column0, rows, width, buf, start, stride):
     """``buf[start + c * stride + r] = x[row0 + r, column0 + c]`` for r < 16, c < width (<= 16);
-    the lanes r >= rows get 0. Reads only those rows and classes; writes only c < width."""
-    if not _tile_types(typingctx, x, buf):
+    the lanes r >= rows get 0 (all of them when rows <= 0). Reads only those rows and
+    classes; writes only c < width."""
+    if not _tile_types(x, buf):
         return None
     sig = types.void(x, types.int64, types.int64, types.int64, types.int64, buf, types.int64, types.int64)
 
@@ -377,7 +378,7 @@ def rows_to_lanes16(typingctx, x, row0, column0, rows, width, buf, start, stride
 def lanes_to_rows16(typingctx, buf, start, stride, width, g, row0, column0, rows):
     """``g[row0 + r, column0 + c] = buf[start + c * stride + r]`` for r < rows (<= 16), c < width
     (<= 16): the way back of ``rows_to_lanes16``. Writes only those rows and classes."""
-    if not _tile_types(typingctx, g, buf):
+    if not _tile_types(g, buf):
         return None
     sig = types.void(buf, types.int64, types.int64, types.int64, g, types.int64, types.int64, types.int64)
 
@@ -463,6 +464,7 @@ if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (the coverage run): plain-Py
             return np.asarray(np.float32(v).astype(np.float16)).view(np.uint16)[()]
 
     def rows_to_lanes16(x, row0, column0, rows, width, buf, start, stride):  # noqa: F811
+        rows = max(0, min(16, rows))
         tile = np.zeros((width, 16), x.dtype)
         tile[:, :rows] = x[row0 : row0 + rows, column0 : column0 + width].T
         for c in range(width):

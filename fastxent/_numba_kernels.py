@@ -1210,16 +1210,9 @@ def _transpose_in(x, r0, k, buf, n_lanes):
     tiles in registers (``rows_to_lanes16``) instead of a scalar load and store per logit
     (measured with the other changes, see LANE_COLUMNS)."""
     n_classes = x.shape[1]
-    for j in range(0, n_lanes, 16):
+    for j in range(0, n_lanes, 16):  # (a tile past the k rows, k - j <= 0, loads only zeros)
         for part in range(0, n_classes, 16):
-            if j < k:
-                rows_to_lanes16(
-                    x, r0 + j, part, min(16, k - j), min(16, n_classes - part), buf, part * n_lanes + j, n_lanes
-                )
-            else:
-                for c in range(part, min(n_classes, part + 16)):
-                    for r in range(j, j + 16):
-                        buf[c * n_lanes + r] = 0
+            rows_to_lanes16(x, r0 + j, part, k - j, min(16, n_classes - part), buf, part * n_lanes + j, n_lanes)
 
 
 @helper
@@ -1447,11 +1440,10 @@ def _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf, x
 
 
 @helper
-def _index_block(
-    b, thread, p, mode, small, block_rows, x, y, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16
-):
+def _index_block(b, thread, p, mode, small, block_rows, arrays):
     """Rows ``b * block_rows`` to the next block's of class-index targets, on kernel thread
-    ``thread`` (its scratch rows and lanes state)."""
+    ``thread`` (its scratch rows and lanes state); ``arrays`` in the order of BLOCK_ARRAYS."""
+    x, y, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16 = arrays
     n = x.shape[0] if p.storage == STORAGE_NATIVE else x16.shape[0]
     buf = scratch[thread]
     xt_row = thread * (xt.shape[0] // scratch.shape[0])  # see _transformed_rows
@@ -1468,10 +1460,9 @@ def _index_block(
 
 
 @helper
-def _probability_block(
-    b, thread, p, mode, small, block_rows, x, t, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16
-):
+def _probability_block(b, thread, p, mode, small, block_rows, arrays):
     """_index_block for probability targets ``t`` (native storage only)."""
+    x, t, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, _, _ = arrays
     n, n_classes = x.shape
     buf = scratch[thread]
     xt_row = thread * (xt.shape[0] // scratch.shape[0])  # see _transformed_rows
@@ -1615,53 +1606,9 @@ def _unpacked_block(kind_index, dtype, b, thread, address):
     p = _unpack_params(packed)
     mode, small, block_rows = packed[SLOT_MODE], packed[SLOT_SMALL] != 0, packed[SLOT_BLOCK_ROWS]
     if kind_index:
-        x, target, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16 = _unpack_arrays(
-            packed, dtype, 1
-        )
-        _index_block(
-            b,
-            thread,
-            p,
-            mode,
-            small,
-            block_rows,
-            x,
-            target,
-            weight,
-            loss,
-            grad,
-            rowdata,
-            scratch,
-            lanes,
-            xt_out,
-            xt,
-            x16,
-            grad16,
-        )
+        _index_block(b, thread, p, mode, small, block_rows, _unpack_arrays(packed, dtype, 1))
     else:
-        x, target, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16 = _unpack_arrays(
-            packed, dtype, 2
-        )
-        _probability_block(
-            b,
-            thread,
-            p,
-            mode,
-            small,
-            block_rows,
-            x,
-            target,
-            weight,
-            loss,
-            grad,
-            rowdata,
-            scratch,
-            lanes,
-            xt_out,
-            xt,
-            x16,
-            grad16,
-        )
+        _probability_block(b, thread, p, mode, small, block_rows, _unpack_arrays(packed, dtype, 2))
 
 
 # The block functions, one per target kind and compute dtype, compiled as ``cfunc`` on
@@ -1711,7 +1658,7 @@ def _blocks_directly(block, p, mode, small, block_rows, *arrays):
     x, x16 = arrays[0], arrays[ARRAY_X16]
     n = x.shape[0] if p.storage == STORAGE_NATIVE else x16.shape[0]
     for b in range((n + block_rows - 1) // block_rows):
-        block(b, 0, p, mode, small, block_rows, *arrays)
+        block(b, 0, p, mode, small, block_rows, arrays)
 
 
 @kernel(parallel=False)
