@@ -139,7 +139,8 @@ The exponential and the logarithm
 ---------------------------------
 ``exp(t)`` for ``t <= 0`` (and -inf, NaN), as ``2**k * exp(r)``: ``k = rint(t / ln 2)``
 by the ``(v + 1.5 * 2**p) - 1.5 * 2**p`` rounding trick, ``r = t - k ln 2`` in two parts
-(Cody-Waite), ``exp(r)`` by its Taylor polynomial (degree 7 float32, 13 float64), and
+(Cody-Waite), ``exp(r)`` by a polynomial fitted for the least maximum relative error on
+``|r| <= ln2 / 2`` (degree 6 float32, 11 float64; docs/DESIGN.md), and
 ``2**k`` built in the exponent bits of ``v`` (a ``memcpy`` bit cast, which gcc turns into
 a register move). Below the smallest normal (``t < LO``) the result is 0; NaN propagates
 through ``r``. ``log(s)`` of step (3) is fdlibm's e_log.c made branch-free, as numba's
@@ -335,14 +336,14 @@ cdef inline float _exp32(float t) noexcept nogil:
     cdef float v = t * <float>1.4426950408889634 + <float>12582912.0  # 1.5 * 2**23
     cdef float k = v - <float>12582912.0
     cdef float r = (t - k * <float>0.693359375) - k * <float>-2.12194440e-4
-    cdef float p = <float>(1.0 / 5040.0)
+    # the polynomial (c6 ... c0) and its fit: the module docstring; numba's _EXP32_POLY
+    cdef float p = <float>0.001381461275741458
     cdef uint32_t bits
     cdef float two_k, result
-    p = p * r + <float>(1.0 / 720.0)
-    p = p * r + <float>(1.0 / 120.0)
-    p = p * r + <float>(1.0 / 24.0)
-    p = p * r + <float>(1.0 / 6.0)
-    p = p * r + <float>(1.0 / 2.0)
+    p = p * r + <float>0.008368710055947304
+    p = p * r + <float>0.04166838899254799
+    p = p * r + <float>0.1666652113199234
+    p = p * r + <float>0.4999999403953552
     p = p * r + <float>1.0
     p = p * r + <float>1.0
     memcpy(&bits, &v, 4)  # v = k + 1.5 * 2**23: k sits in the low mantissa bits
@@ -357,20 +358,18 @@ cdef inline double _exp64(double t) noexcept nogil:
     cdef double v = t * 1.4426950408889634 + 6755399441055744.0  # 1.5 * 2**52 (no clamp: see _exp32)
     cdef double k = v - 6755399441055744.0
     cdef double r = (t - k * 6.93145751953125e-1) - k * 1.42860682030941723212e-6
-    cdef double p = 1.0 / 6227020800.0  # 1 / 13!
+    cdef double p = 2.5100375832561234e-08  # c11 ... c0: numba's _EXP64_POLY
     cdef uint64_t bits
     cdef double two_k, result
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 1.0 / 2.0
+    p = p * r + 2.7620075879983367e-07
+    p = p * r + 2.7557268480310024e-06
+    p = p * r + 2.4801521322368692e-05
+    p = p * r + 0.00019841269863040545
+    p = p * r + 0.0013888888917196719
+    p = p * r + 0.008333333333330065
+    p = p * r + 0.041666666666624164
+    p = p * r + 0.16666666666666669
+    p = p * r + 0.5000000000000001
     p = p * r + 1.0
     p = p * r + 1.0
     memcpy(&bits, &v, 8)

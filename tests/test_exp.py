@@ -11,10 +11,11 @@ its error is ~2**-11 of a float64 ulp) when the platform has it, and against mpm
 sample. NOT against ``np.exp`` in float64: NumPy's AVX-512 float64 exp is itself off by up
 to 0.70 ulp on this machine.
 
-Measured on x86-64 with AVX-512 (numba and Cython alike) over the dense grid: max 0.931
-ulp (float32, at t = -71.04746) and 0.877 ulp (float64), mean signed error -0.007 and
--0.004 ulp. The bounds asserted are 1 ulp and a mean of 0.1 ulp; a coefficient off by 1%
-(c2 = 0.495) is thousands of ulps off.
+Measured on x86-64 with AVX-512 (numba and Cython alike) over the dense grid, with the
+fitted polynomials (float32 degree 6, float64 degree 11; docs/DESIGN.md): max 0.879 ulp
+(float32, at t = -59.91194) and 0.930 ulp (float64, at t = -286.60548), mean signed error
++0.005 and -0.0005 ulp. The bounds asserted are 1 ulp and a mean of 0.1 ulp; a coefficient
+off by 1% (c2 = 0.495) is thousands of ulps off.
 
 Contract below the accurate range: the kernels flush to 0 below ``FLUSH`` (-87 for
 float32, -708 for float64: the results there would be at most a few smallest normals,
