@@ -35,6 +35,9 @@ PREFERENCE = ("numba", "cython", "numpy")
 #: loss+grad out= / in place / loss only): C = 48 2.45 / 2.66 / 2.53, 64 1.99 / 2.09 / 2.19,
 #: 128 1.57 / 1.68 / 1.83, 256 1.14 / 1.30 / 1.52, 512 0.95 / 1.00 / 1.30, 1000 0.95 / 0.89 /
 #: 1.14 (the Intel Xeon run of docs' earlier table: at 128 1.16 / 1.45, at 1000 0.99 / 1.03).
+#: Since numba's row code counts no references (the evening of 2026-12-04; 2.6M logits,
+#: median of 15 interleaved, same order): C = 64 1.65 / 1.58 / 2.02, 128 1.31 / 1.25 / 1.70,
+#: 256 1.09 / 0.98 / 1.42, 512 0.87 / 0.80 / 1.34: the crossing is still near 256.
 SMALL_C_PREFERENCE = ("cython", "numba", "numpy")
 CYTHON_MAX_C = 256
 
