@@ -421,12 +421,37 @@ def lanes_to_rows16(typingctx, buf, start, stride, width, g, row0, column0, rows
 BLOCK_SIGNATURE = types.void(types.int64, types.int64, types.int64)
 
 
+#: the options of every block function (``numba.cfunc``'s keywords besides the signature)
+_BLOCK_OPTIONS = {"nogil": True, "fastmath": set(FASTMATH), "error_model": ERROR_MODEL}
+
+
 def block_cfunc(func):
     """Compiles ``func`` now (or loads it from the cache) as a C function of BLOCK_SIGNATURE
     with the kernels' flags: a block of rows, called by address from a parallel kernel
     (``call_by_address``). Called on first use, not at import: a ``cfunc`` compiles when
     it is created."""
-    return numba.cfunc(BLOCK_SIGNATURE, cache=True, nogil=True, fastmath=set(FASTMATH), error_model=ERROR_MODEL)(func)
+    return numba.cfunc(BLOCK_SIGNATURE, cache=True, **_BLOCK_OPTIONS)(func)
+
+
+def cached_block_cfunc(func):
+    """``block_cfunc(func)`` if numba's on-disk cache holds it (loaded from there), else None:
+    compiles nothing. What ``numba.cfunc(..., cache=True)`` does, split at its cache lookup
+    (numba's ``CFunc.compile``); None too if this numba's internals differ or nothing caches."""
+    try:
+        from numba.core.ccallback import CFunc
+
+        callback = CFunc(func, BLOCK_SIGNATURE, locals={}, options=dict(_BLOCK_OPTIONS))
+        callback.enable_caching()
+        result = callback._cache.load_overload(callback._sig, callback._targetdescr.target_context)
+        if result is None:
+            return None
+        callback._cache_hits += 1
+        callback._library = result.library
+        callback._wrapper_name = result.fndesc.llvm_cfunc_wrapper_name
+        callback._wrapper_address = callback._library.get_pointer_to_function(callback._wrapper_name)
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+    return callback
 
 
 def cgutils_get_or_insert_function(module, function_type, name):

@@ -66,6 +66,7 @@ from ._jit import (
     FASTMATH,
     address_as,
     block_cfunc,
+    cached_block_cfunc,
     call_by_address,
     exact_helper,
     exp_helper,
@@ -1663,15 +1664,54 @@ _COMPILED_BLOCKS: dict = {}
 _BLOCKS_LOCK = threading.Lock()
 
 
+# Why a block function not yet in numba's cache is compiled in a child process: numba links
+# each outlined helper (_index_rows, row_steps, ...) into the block's cfunc as a copy that
+# LLVM optimises again there, and the process that compiles also holds each helper's own
+# library, to which the JIT binds the cfunc's calls; a later process, loading the cfunc from
+# the cache, runs the cfunc's copies. The two are optimised in different contexts and may
+# round differently (float32 soft-cap gradients differed by 1 ulp in ~30% of the elements,
+# float64 probability-target gradients by up to ~1e-12: docs/DESIGN.md). Compiled in a
+# child and loaded here, the first process runs the same code as every later one.
+#: set to 1 to compile the block functions in this process (the child sets it for itself)
+COMPILE_IN_PROCESS_ENV = "FASTXENT_COMPILE_IN_PROCESS"
+
+
+def _compile_block_in_child(kind: str, dtype: np.dtype) -> bool:
+    """Compile the block function of ``kind`` and ``dtype`` into numba's cache in a child
+    Python process (this one's interpreter, module path and environment); False if it could
+    not run or failed (the caller then compiles here)."""
+    import subprocess
+    import sys
+
+    if not sys.executable or os.environ.get(COMPILE_IN_PROCESS_ENV) == "1":
+        return False
+    package = __name__.rpartition(".")[0]
+    code = f"import numpy, {package}._numba_kernels as k; k.block_function({kind!r}, numpy.dtype({dtype.str!r}))"
+    environment = dict(os.environ, **{COMPILE_IN_PROCESS_ENV: "1"})
+    environment["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, timeout=1800)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
 def block_function(kind: str, dtype: np.dtype):
-    """The compiled block function (a numba ``cfunc``) of ``kind`` and ``dtype``."""
+    """The compiled block function (a numba ``cfunc``) of ``kind`` and ``dtype``: from numba's
+    cache, else compiled in a child process into it and loaded (see above), else compiled
+    here (when the child cannot run or nothing caches)."""
     key = (kind, np.dtype(dtype))
     compiled = _COMPILED_BLOCKS.get(key)
     if compiled is None:
         with _BLOCKS_LOCK:
             compiled = _COMPILED_BLOCKS.get(key)
             if compiled is None:
-                compiled = block_cfunc(BLOCK_FUNCTIONS[key])
+                function = BLOCK_FUNCTIONS[key]
+                compiled = cached_block_cfunc(function)
+                if compiled is None and _compile_block_in_child(kind, key[1]):
+                    compiled = cached_block_cfunc(function)
+                if compiled is None:
+                    compiled = block_cfunc(function)
                 _COMPILED_BLOCKS[key] = compiled
     return compiled
 
