@@ -24,8 +24,10 @@ def _warm_up_in_child(name: str, function: str, dtype: str) -> float:
     """A worker process's share of ``precompile``: compile into numba's on-disk cache."""
     import numpy as np
 
+    from ._jit import COMPILE_IN_PROCESS_ENV
+
     # already a child whose work goes to the cache: its block functions compile here
-    os.environ["FASTXENT_COMPILE_IN_PROCESS"] = "1"
+    os.environ[COMPILE_IN_PROCESS_ENV] = "1"
     start = time.perf_counter()
     _dispatch.KERNELS[name].warm_up(function, np.dtype(dtype))
     return time.perf_counter() - start

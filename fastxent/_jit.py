@@ -421,6 +421,10 @@ def lanes_to_rows16(typingctx, buf, start, stride, width, g, row0, column0, rows
 BLOCK_SIGNATURE = types.void(types.int64, types.int64, types.int64)
 
 
+#: set to 1 to compile the block functions in the calling process instead of a child
+#: (``_numba_kernels.block_function``); the child, and precompile's workers, set it for themselves
+COMPILE_IN_PROCESS_ENV = "FASTXENT_COMPILE_IN_PROCESS"
+
 #: the options of every block function (``numba.cfunc``'s keywords besides the signature)
 _BLOCK_OPTIONS = {"nogil": True, "fastmath": set(FASTMATH), "error_model": ERROR_MODEL}
 

@@ -61,6 +61,7 @@ from numba import literal_unroll, prange, types
 from numba.extending import overload
 
 from ._jit import (
+    COMPILE_IN_PROCESS_ENV,
     ERROR_MODEL,
     EXP_FASTMATH,
     FASTMATH,
@@ -1672,8 +1673,6 @@ _BLOCKS_LOCK = threading.Lock()
 # round differently (float32 soft-cap gradients differed by 1 ulp in ~30% of the elements,
 # float64 probability-target gradients by up to ~1e-12: docs/DESIGN.md). Compiled in a
 # child and loaded here, the first process runs the same code as every later one.
-#: set to 1 to compile the block functions in this process (the child sets it for itself)
-COMPILE_IN_PROCESS_ENV = "FASTXENT_COMPILE_IN_PROCESS"
 
 
 def _compile_block_in_child(kind: str, dtype: np.dtype) -> bool:
