@@ -458,6 +458,28 @@ def cached_block_cfunc(func):
     return callback
 
 
+def load_cached_overload(dispatcher, signature: tuple) -> bool:
+    """Whether ``dispatcher`` holds its overload for the argument types ``signature`` after
+    this call: compiled or loaded before, or loaded now from numba's on-disk cache, as a call
+    would (numba's ``Dispatcher.compile``, split at its cache lookup). Compiles nothing: False
+    if the cache does not hold it, or if this numba's internals differ."""
+    from numba.core.compiler_lock import global_compiler_lock
+
+    try:
+        with global_compiler_lock:
+            if signature in dispatcher.overloads:
+                return True
+            result = dispatcher._cache.load_overload(signature, dispatcher.targetctx)
+            if result is None:
+                return False
+            dispatcher._cache_hits[signature] += 1
+            dispatcher.targetctx.insert_user_function(result.entry_point, result.fndesc, [result.library])
+            dispatcher.add_overload(result)
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+    return True
+
+
 def cgutils_get_or_insert_function(module, function_type, name):
     from numba.core import cgutils
 

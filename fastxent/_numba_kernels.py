@@ -79,6 +79,7 @@ from ._jit import (
     kernel,
     kernel_math,
     lanes_to_rows16,
+    load_cached_overload,
     outlined_helper,
     prefetch_for_write,
     rows_to_lanes16,
@@ -1662,30 +1663,32 @@ BLOCK_FUNCTIONS = {
     ("probability", np.dtype(np.float64)): _probability_block_float64,
 }
 _COMPILED_BLOCKS: dict = {}
-_BLOCKS_LOCK = threading.Lock()
+_LOAD_LOCK = threading.Lock()
 
 
-# Why a block function not yet in numba's cache is compiled in a child process: numba links
-# each outlined helper (_index_rows, row_steps, ...) into the block's cfunc as a copy that
-# LLVM optimises again there, and the process that compiles also holds each helper's own
-# library, to which the JIT binds the cfunc's calls; a later process, loading the cfunc from
-# the cache, runs the cfunc's copies. The two are optimised in different contexts and may
-# round differently (float32 soft-cap gradients differed by 1 ulp in ~30% of the elements,
-# float64 probability-target gradients by up to ~1e-12: docs/DESIGN.md). Compiled in a
-# child and loaded here, the first process runs the same code as every later one.
+# Why a block function (and the distillation's kernel) not yet in numba's cache is compiled
+# in a child process: numba links each outlined helper (_index_rows, row_steps,
+# _distill_rows, ...) into its caller as a copy that LLVM optimises again there, and the
+# process that compiles also holds each helper's own library, to which the JIT binds the
+# caller's calls; a later process, loading the caller from the cache, runs the caller's
+# copies. The two are optimised in different contexts and may round differently (float32
+# soft-cap gradients differed by 1 ulp in ~30% of the elements, float64 probability-target
+# and beta = 1 distillation gradients by up to ~1e-12: docs/DESIGN.md). Compiled in a child
+# and loaded here, the first process runs the same code as every later one.
 
 
-def _compile_block_in_child(kind: str, dtype: np.dtype) -> bool:
-    """Compile the block function of ``kind`` and ``dtype`` into numba's cache in a child
-    Python process (this one's interpreter, module path and environment); False if it could
-    not run or failed (the caller then compiles here)."""
+def _compile_in_child(statement: str) -> bool:
+    """Run ``statement`` (with this module imported as ``k`` and NumPy as ``numpy``) in a
+    child Python process (this one's interpreter, module path and environment, with
+    COMPILE_IN_PROCESS_ENV set) to compile into numba's cache; False if it could not run
+    or failed (the caller then compiles here)."""
     import subprocess
     import sys
 
     if not sys.executable or os.environ.get(COMPILE_IN_PROCESS_ENV) == "1":
         return False
     package = __name__.rpartition(".")[0]
-    code = f"import numpy, {package}._numba_kernels as k; k.block_function({kind!r}, numpy.dtype({dtype.str!r}))"
+    code = f"import numpy, {package}._numba_kernels as k; {statement}"
     environment = dict(os.environ, **{COMPILE_IN_PROCESS_ENV: "1"})
     environment["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
     try:
@@ -1702,17 +1705,52 @@ def block_function(kind: str, dtype: np.dtype):
     key = (kind, np.dtype(dtype))
     compiled = _COMPILED_BLOCKS.get(key)
     if compiled is None:
-        with _BLOCKS_LOCK:
+        with _LOAD_LOCK:
             compiled = _COMPILED_BLOCKS.get(key)
             if compiled is None:
                 function = BLOCK_FUNCTIONS[key]
                 compiled = cached_block_cfunc(function)
-                if compiled is None and _compile_block_in_child(kind, key[1]):
+                if compiled is None and _compile_in_child(f"k.block_function({kind!r}, numpy.dtype({key[1].str!r}))"):
                     compiled = cached_block_cfunc(function)
                 if compiled is None:
                     compiled = block_cfunc(function)
                 _COMPILED_BLOCKS[key] = compiled
     return compiled
+
+
+#: the argument kinds (see _argument_kinds) whose overload a dispatcher has been given by
+#: _load_or_compile_in_child in this process
+_READY_OVERLOADS: set = set()
+
+
+def _argument_kinds(args) -> tuple:
+    """What decides numba's signature of ``args`` here (each array's dtype, dimensions,
+    contiguity and whether it is writable; the type of anything else), in ~2 us where
+    numba's ``typeof`` of them takes ~70."""
+    return tuple(
+        (a.dtype.str, a.ndim, a.flags.c_contiguous, a.flags.writeable) if isinstance(a, np.ndarray) else type(a)
+        for a in args
+    )
+
+
+def _load_or_compile_in_child(dispatcher, function: str, dtype: np.dtype, args) -> None:
+    """Before the first call of a parallel kernel that calls outlined helpers: give
+    ``dispatcher`` its overload for ``args`` from numba's cache, compiling it first in a child
+    process (``warm_up(function, dtype)``) when the cache lacks it (see above). When neither
+    works, the call compiles it here, as numba would."""
+    if numba.config.DISABLE_JIT:
+        return
+    key = (dispatcher, _argument_kinds(args))
+    if key in _READY_OVERLOADS:
+        return
+    with _LOAD_LOCK:
+        if key not in _READY_OVERLOADS:
+            signature = tuple(dispatcher.typeof_pyval(a) for a in args)
+            if not load_cached_overload(dispatcher, signature) and _compile_in_child(
+                f"k.warm_up({function!r}, numpy.dtype({np.dtype(dtype).str!r}))"
+            ):
+                load_cached_overload(dispatcher, signature)
+            _READY_OVERLOADS.add(key)
 
 
 def _blocks_directly(block, p, mode, small, block_rows, *arrays):
@@ -2398,20 +2436,10 @@ def distill(z, t, labels, params, loss, grad=None):
         mode = IN_PLACE
     block_rows = max(1, BLOCK_ELEMENTS // max(n_classes, 1))
     scratch, _ = _scratch(z.dtype, n_classes)
-    _run(
-        _distill_kernel,
-        block_rows * n_classes,
-        z,
-        t,
-        labels if labels is not None else _NO_LABELS,
-        params,
-        np.int64(mode),
-        np.int64(block_rows),
-        loss,
-        grad,
-        scratch,
-        _wide_scratch(n_classes),
-    )
+    labels = labels if labels is not None else _NO_LABELS
+    args = (z, t, labels, params, np.int64(mode), np.int64(block_rows), loss, grad, scratch, _wide_scratch(n_classes))
+    _load_or_compile_in_child(_distill_kernel, "distill", z.dtype, args)
+    _run(_distill_kernel, block_rows * n_classes, *args)
 
 
 def _warm_up_distill(dtype: np.dtype) -> None:

@@ -1,13 +1,15 @@
 """The process that compiles numba's kernels computes the same bits as every later process,
 which loads them from numba's on-disk cache.
 
-Before the block functions were compiled in a child process (``_numba_kernels.block_function``),
-the compiling process ran the outlined helpers' own libraries and later processes the
-block cfunc's re-optimised copies of them: float32 soft-cap gradients differed by 1 ulp in
-~30% of the elements, and a row of -inf logits had gradient 0 in the first process and
--1.7e-13 in every later one (docs/DESIGN.md). Each subprocess here starts from the same
-empty cache directory (the first compiles into it, the second loads), so the test takes
-one compile of the float32 class-index kernel (~20 s).
+Before the block functions and the distillation's kernel were compiled in a child process
+(``_numba_kernels.block_function``, ``_load_or_compile_in_child``), the compiling process ran
+the outlined helpers' own libraries and later processes their callers' re-optimised copies of
+them: float32 soft-cap gradients differed by 1 ulp in ~30% of the elements, a row of -inf
+logits had gradient 0 in the first process and -1.7e-13 in every later one, and float64
+beta = 1 distillation gradients differed in the last bits (docs/DESIGN.md). Each subprocess
+here starts from the same empty cache directory (the first compiles into it, the second
+loads), so the test takes one compile of the float32 class-index kernel and of the float64
+distillation kernel (~25 s).
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ x = (rng.standard_normal((3000, 64)) * 3).astype(np.float32)
 x[2, :] = -np.inf
 y = rng.integers(0, 64, 3000)
 loss, grad = fx.cross_entropy_with_grad(x, y, backend="numba", softcap=20.0, z_loss=1e-3, logit_scale=0.7)
+# and a float64 distillation at beta = 1 (its parallel kernel calls the outlined _distill_rows)
+z = rng.standard_normal((200, 333)) * 3
+t = rng.standard_normal((200, 333)) * 3
+kl, kl_grad = fx.distillation_loss_with_grad(z, t, beta=1.0, temperature=2.0, backend="numba")
 print(hashlib.sha256(grad.tobytes() + np.float64(loss).tobytes()).hexdigest(), float(grad[2, 0]))
+print(hashlib.sha256(kl_grad.tobytes() + np.float64(kl).tobytes()).hexdigest())
 """
 
 
@@ -49,5 +56,5 @@ def test_the_compiling_process_computes_the_cached_bits(tmp_path):
     assert any(tmp_path.rglob("*.nbc")), "the first process wrote nothing to numba's cache"
     loading = _run_with_cache(tmp_path)
     assert compiling == loading
-    digest, row_of_minus_inf = loading.split()
+    digest, row_of_minus_inf, distillation_digest = loading.split()
     assert abs(float(row_of_minus_inf)) < 1e-12  # the -inf row's gradient: 0 up to float32 rounding
