@@ -47,7 +47,8 @@ def precompile(
     table (``_dispatch.precompile_plan``): every backend function for float32 and float64.
 
     ``jobs`` worker processes (default: one per core, at most 2; 1 compiles here) compile
-    into numba's on-disk cache side by side; this process then loads every kernel from it.
+    into numba's on-disk cache side by side; this process loads each kernel from it as soon
+    as its worker is done (so its loading overlaps the other worker's compile).
     ``progress(done, total, what, seconds)`` is called after each; ``fastxent precompile``
     prints it. Returns how many kernel specialisations the numba backend now holds.
     """
@@ -60,18 +61,20 @@ def precompile(
     if jobs > 1 and len(plan) > 1 and _cache_is_on():
         context = multiprocessing.get_context("spawn")  # fork is unsafe after OpenMP started
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            # the largest first, so that the two workers finish together
+            # in the plan's order: the float32 and float64 class-index kernels, the largest, first
             futures = {pool.submit(_warm_up_in_child, n, f, d.str): (n, f, d) for n, f, d in plan}
             for done, future in enumerate(as_completed(futures), 1):
                 seconds = future.result()
+                name, function, dtype = futures[future]
+                _dispatch.KERNELS[name].warm_up(function, dtype)  # here: from the cache
                 if progress is not None:
-                    name, function, dtype = futures[future]
                     progress(done, len(plan), f"{name} {function} {dtype} (worker)", seconds)
-    for done, (name, function, dtype) in enumerate(plan, 1):  # here: from the cache, or compiled
-        start = time.perf_counter()
-        _dispatch.KERNELS[name].warm_up(function, dtype)
-        if progress is not None and not (jobs > 1 and _cache_is_on()):
-            progress(done, len(plan), f"{name} {function} {dtype}", time.perf_counter() - start)
+    else:
+        for done, (name, function, dtype) in enumerate(plan, 1):  # compiled here, or from the cache
+            start = time.perf_counter()
+            _dispatch.KERNELS[name].warm_up(function, dtype)
+            if progress is not None:
+                progress(done, len(plan), f"{name} {function} {dtype}", time.perf_counter() - start)
     numba_module = _dispatch.KERNELS.get("numba")
     return numba_module.compiled_count() if numba_module is not None and "numba" in names else 0
 
@@ -94,7 +97,8 @@ OPTIONAL_PACKAGES = (
 ENVIRONMENT = (
     "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR", "NUMBA_DISABLE_JIT", "OMP_NUM_THREADS",
     "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "MKL_NUM_THREADS",
-    "FASTXENT_GRADIENT_CACHE", "FASTXENT_BUILD_EXT",
+    "FASTXENT_BACKEND", "FASTXENT_GRADIENT_CACHE", "FASTXENT_COMPILE_IN_PROCESS", "FASTXENT_BUILD_EXT",
+    "FASTXENT_DISABLE_CYTHON",
 )  # fmt: skip
 
 

@@ -91,3 +91,19 @@ def test_precompile_command_runs():
     assert "numba" in done.stdout
     assert "kernel specialisations" in done.stdout
     assert "[1/" in done.stderr  # progress on stderr
+
+
+def test_info_lists_every_environment_variable_the_package_reads():
+    """``fastxent info`` shows each FASTXENT_* variable the package or its build reads, so a
+    user comparing two machines sees every switch that changes what runs."""
+    import re
+    from pathlib import Path
+
+    from fastxent._info import ENVIRONMENT
+
+    root = Path(fx.__file__).parent
+    sources = [path.read_text() for path in root.glob("*.py")] + [(root.parent / "setup.py").read_text()]
+    read = {name for text in sources for name in re.findall(r'"(FASTXENT_[A-Z_]+)"', text)}
+    read -= {"FASTXENT_MULTIVERSION"}  # a C macro that setup.py defines, not a variable
+    assert read, "the pattern found no variable: the test would pass vacuously"
+    assert read <= set(ENVIRONMENT), sorted(read - set(ENVIRONMENT))
