@@ -2158,8 +2158,14 @@ def logsumexp_rows(x, out):
 
 def score_rows(x, y, out):
     """``out`` (n, 4) float64: per row the lse, the target logit, its rank, the max (every
-    label valid: the caller drops ignored rows and checks the range)."""
-    _run(_score_rows_kernel, x.shape[1], x, y, out)
+    label valid: the caller drops ignored rows and checks the range). x and y are passed
+    read-only (the one specialisation that precompile compiles), and the kernel's first call
+    loads it from numba's cache, compiled in a child when missing (as the distillation's:
+    float32 lse of 5000-class rows differed by 1 ulp between a compiling and a loading
+    process)."""
+    args = (_frozen(x), _frozen(y), out)
+    _load_or_compile_in_child(_score_rows_kernel, "score_rows", x.dtype, args)
+    _run(_score_rows_kernel, x.shape[1], *args)
 
 
 def log_softmax_rows(x, out):

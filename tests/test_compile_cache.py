@@ -1,15 +1,16 @@
 """The process that compiles numba's kernels computes the same bits as every later process,
 which loads them from numba's on-disk cache.
 
-Before the block functions and the distillation's kernel were compiled in a child process
-(``_numba_kernels.block_function``, ``_load_or_compile_in_child``), the compiling process ran
-the outlined helpers' own libraries and later processes their callers' re-optimised copies of
-them: float32 soft-cap gradients differed by 1 ulp in ~30% of the elements, a row of -inf
-logits had gradient 0 in the first process and -1.7e-13 in every later one, and float64
-beta = 1 distillation gradients differed in the last bits (docs/DESIGN.md). Each subprocess
-here starts from the same empty cache directory (the first compiles into it, the second
-loads), so the test takes one compile of the float32 class-index kernel and of the float64
-distillation kernel (~25 s).
+Before the block functions, the distillation's kernel and ``fastxent score``'s kernel were
+compiled in a child process (``_numba_kernels.block_function``, ``_load_or_compile_in_child``),
+the compiling process ran the outlined helpers' own libraries and later processes their
+callers' re-optimised copies of them: float32 soft-cap gradients differed by 1 ulp in ~30% of
+the elements, a row of -inf logits had gradient 0 in the first process and -1.7e-13 in every
+later one, float64 beta = 1 distillation gradients differed in the last bits, and a float32
+row's score lse by 1 ulp (docs/DESIGN.md). Each subprocess here starts from the same empty
+cache directory (the first compiles into it, the second loads), so the test takes one
+compile of the float32 class-index kernel, the float64 distillation kernel and the float32
+score kernel (~25 s).
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ loss, grad = fx.cross_entropy_with_grad(x, y, backend="numba", softcap=20.0, z_l
 z = rng.standard_normal((200, 333)) * 3
 t = rng.standard_normal((200, 333)) * 3
 kl, kl_grad = fx.distillation_loss_with_grad(z, t, beta=1.0, temperature=2.0, backend="numba")
+# and fastxent score's row pass on 5000 classes (its float32 lse differed by 1 ulp)
+from fastxent._score import _row_numbers
+rng = np.random.default_rng(5000)
+scores = _row_numbers((rng.standard_normal((300, 5000)) * 3).astype(np.float32), rng.integers(0, 5000, 300))
 print(hashlib.sha256(grad.tobytes() + np.float64(loss).tobytes()).hexdigest(), float(grad[2, 0]))
 print(hashlib.sha256(kl_grad.tobytes() + np.float64(kl).tobytes()).hexdigest())
+print(hashlib.sha256(scores.tobytes()).hexdigest())
 """
 
 
@@ -56,5 +62,5 @@ def test_the_compiling_process_computes_the_cached_bits(tmp_path):
     assert any(tmp_path.rglob("*.nbc")), "the first process wrote nothing to numba's cache"
     loading = _run_with_cache(tmp_path)
     assert compiling == loading
-    digest, row_of_minus_inf, distillation_digest = loading.split()
+    digest, row_of_minus_inf, distillation_digest, score_digest = loading.split()
     assert abs(float(row_of_minus_inf)) < 1e-12  # the -inf row's gradient: 0 up to float32 rounding

@@ -10,6 +10,7 @@ import numpy as np
 import fastxent as fx
 from fastxent import _dispatch
 from fastxent._info import format_info, info
+from fastxent._score import _row_numbers
 
 
 def test_openmp_enabled_follows_the_extension():
@@ -82,6 +83,11 @@ def test_the_api_compiles_nothing_that_precompile_did_not(rng):
             fx.logsumexp(x, backend="numba")
             fx.softmax(x, backend="numba")
             fx.log_softmax(x.copy(), out=None, backend="numba")
+            # fastxent score's pass, with writable and read-only arrays as its sources give them
+            for writable in (True, False):
+                logits, labels = np.ascontiguousarray(x, np.float32), rng.integers(0, n_classes, 5)
+                logits.flags.writeable = labels.flags.writeable = writable
+                _row_numbers(logits, labels)
     assert nb.compiled_count() == before
 
 
