@@ -1718,39 +1718,33 @@ def block_function(kind: str, dtype: np.dtype):
     return compiled
 
 
-#: the argument kinds (see _argument_kinds) whose overload a dispatcher has been given by
-#: _load_or_compile_in_child in this process
-_READY_OVERLOADS: set = set()
+def compiled_through_the_cache(function: str):
+    """Decorator for a parallel kernel that calls outlined helpers (after ``@kernel``): its
+    overload for a new signature comes from numba's cache, compiled first by a child process
+    (``warm_up(function, dtype of the first argument)``) when the cache lacks it (see above);
+    when neither works, numba compiles it here as before. numba's dispatcher calls
+    ``_compile_for_args`` only when no compiled overload matches the arguments, so a call
+    that finds one pays nothing for this."""
 
+    def install(dispatcher):
+        if numba.config.DISABLE_JIT:
+            return dispatcher
+        compile_here = dispatcher._compile_for_args
 
-def _argument_kinds(args) -> tuple:
-    """What decides numba's signature of ``args`` here (each array's dtype, dimensions,
-    contiguity and whether it is writable; the type of anything else), in ~2 us where
-    numba's ``typeof`` of them takes ~70."""
-    return tuple(
-        (a.dtype.str, a.ndim, a.flags.c_contiguous, a.flags.writeable) if isinstance(a, np.ndarray) else type(a)
-        for a in args
-    )
+        def compile_for_args(*args, **kws):
+            with _LOAD_LOCK:
+                signature = tuple(dispatcher.typeof_pyval(a) for a in args)
+                dtype = np.dtype(args[0].dtype).str
+                if not load_cached_overload(dispatcher, signature) and _compile_in_child(
+                    f"k.warm_up({function!r}, numpy.dtype({dtype!r}))"
+                ):
+                    load_cached_overload(dispatcher, signature)
+            return compile_here(*args, **kws)  # the loaded overload, or a compile here
 
+        dispatcher._compile_for_args = compile_for_args
+        return dispatcher
 
-def _load_or_compile_in_child(dispatcher, function: str, dtype: np.dtype, args) -> None:
-    """Before the first call of a parallel kernel that calls outlined helpers: give
-    ``dispatcher`` its overload for ``args`` from numba's cache, compiling it first in a child
-    process (``warm_up(function, dtype)``) when the cache lacks it (see above). When neither
-    works, the call compiles it here, as numba would."""
-    if numba.config.DISABLE_JIT:
-        return
-    key = (dispatcher, _argument_kinds(args))
-    if key in _READY_OVERLOADS:
-        return
-    with _LOAD_LOCK:
-        if key not in _READY_OVERLOADS:
-            signature = tuple(dispatcher.typeof_pyval(a) for a in args)
-            if not load_cached_overload(dispatcher, signature) and _compile_in_child(
-                f"k.warm_up({function!r}, numpy.dtype({np.dtype(dtype).str!r}))"
-            ):
-                load_cached_overload(dispatcher, signature)
-            _READY_OVERLOADS.add(key)
+    return install
 
 
 def _blocks_directly(block, p, mode, small, block_rows, *arrays):
@@ -1805,6 +1799,7 @@ def _logsumexp_kernel(x, out):
             out[i] = m + math.log(row_sum_exp_only(row, m))
 
 
+@compiled_through_the_cache("score_rows")
 @kernel
 def _score_rows_kernel(x, y, out):
     """Per row with a valid label ``y_i`` (fastxent score): ``out[i] = (lse, x_y, rank, m)``,
@@ -2160,12 +2155,10 @@ def score_rows(x, y, out):
     """``out`` (n, 4) float64: per row the lse, the target logit, its rank, the max (every
     label valid: the caller drops ignored rows and checks the range). x and y are passed
     read-only (the one specialisation that precompile compiles), and the kernel's first call
-    loads it from numba's cache, compiled in a child when missing (as the distillation's:
+    loads it from numba's cache, compiled in a child when missing (``compiled_through_the_cache``:
     float32 lse of 5000-class rows differed by 1 ulp between a compiling and a loading
     process)."""
-    args = (_frozen(x), _frozen(y), out)
-    _load_or_compile_in_child(_score_rows_kernel, "score_rows", x.dtype, args)
-    _run(_score_rows_kernel, x.shape[1], *args)
+    _run(_score_rows_kernel, x.shape[1], _frozen(x), _frozen(y), out)
 
 
 def log_softmax_rows(x, out):
@@ -2395,6 +2388,7 @@ def _distill_rows(r0, r1, z, t, y, p, mode, loss, grad, e, w):
         _distill_row(i, z, t, y, p, mode, loss, grad, e, w)
 
 
+@compiled_through_the_cache("distill")
 @kernel
 def _distill_kernel(z, t, y, p, mode, block_rows, loss, grad, scratch, wide):
     n = z.shape[0]
@@ -2444,7 +2438,6 @@ def distill(z, t, labels, params, loss, grad=None):
     scratch, _ = _scratch(z.dtype, n_classes)
     labels = labels if labels is not None else _NO_LABELS
     args = (z, t, labels, params, np.int64(mode), np.int64(block_rows), loss, grad, scratch, _wide_scratch(n_classes))
-    _load_or_compile_in_child(_distill_kernel, "distill", z.dtype, args)
     _run(_distill_kernel, block_rows * n_classes, *args)
 
 

@@ -2,7 +2,7 @@
 which loads them from numba's on-disk cache.
 
 Before the block functions, the distillation's kernel and ``fastxent score``'s kernel were
-compiled in a child process (``_numba_kernels.block_function``, ``_load_or_compile_in_child``),
+compiled in a child process (``_numba_kernels.block_function``, ``compiled_through_the_cache``),
 the compiling process ran the outlined helpers' own libraries and later processes their
 callers' re-optimised copies of them: float32 soft-cap gradients differed by 1 ulp in ~30% of
 the elements, a row of -inf logits had gradient 0 in the first process and -1.7e-13 in every
