@@ -1590,15 +1590,23 @@ def _unpack_3d(packed, k, dtype):
     return numba.carray(address_as(packed[k], dtype), (packed[k + 1], packed[k + 2], packed[k + 3])), k + 4
 
 
-@kernel
-def _blocks_by_address(block_function, packed, p, mode, small, block_rows, *arrays):
-    """The parallel loop: every block of rows by the cfunc at ``block_function`` (see above)."""
+@kernel(parallel=False)
+def _pack_block_arguments(packed, p, mode, small, block_rows, *arrays):
+    """Fills ``packed`` for _blocks_by_address: the scalars, then each of BLOCK_ARRAYS (in
+    order) as its address and shape. Typed by the arrays (one specialisation per dtype and
+    target kind), but serial: it compiles in a fraction of a parallel kernel's time."""
     _pack_scalars(packed, p, mode, small, block_rows)
     k = N_SCALAR_SLOTS
-    for a in literal_unroll(arrays):  # (BLOCK_ARRAYS, in order)
+    for a in literal_unroll(arrays):
         k = _pack_array(packed, k, a)
-    x, x16 = arrays[0], arrays[ARRAY_X16]
-    n = x.shape[0] if p.storage == STORAGE_NATIVE else x16.shape[0]
+
+
+@kernel
+def _blocks_by_address(block_function, packed, n, block_rows):
+    """The parallel loop: every block of ``block_rows`` of the ``n`` rows by the cfunc at
+    ``block_function`` (see above), given the packed arguments. Its arguments are integers
+    and one int64 array whatever the dtype and target kind, so it compiles once, not once
+    for each (a parallel kernel is four levels of numba code: ~1.3 s of CPU each time)."""
     address = packed.ctypes.data
     for b in prange((n + block_rows - 1) // block_rows):
         call_by_address(block_function, b, numba.get_thread_id(), address)
@@ -1969,21 +1977,23 @@ def _set_chunksize(n: int) -> int:
     return numba.set_parallel_chunksize(n)
 
 
-def _run(kernel_function, elements_per_iteration, *args):
+def _run(kernel_function, elements_per_iteration, *args, elements=None):
     """Run a kernel whose prange iterations each cover ``elements_per_iteration`` logits
-    (C for the row kernels), in chunks of about BLOCK_ELEMENTS logits."""
+    (C for the row kernels), in chunks of about BLOCK_ELEMENTS logits. ``elements``: the
+    logits of the call (default: the size of its largest 2-D array)."""
     if _thread_safe():
-        _run_chunked(kernel_function, elements_per_iteration, args)
+        _run_chunked(kernel_function, elements_per_iteration, args, elements)
     else:  # workqueue, or not launched yet: the chunk size too is set under the lock
         with _SERIAL_LOCK:
-            _run_chunked(kernel_function, elements_per_iteration, args)
+            _run_chunked(kernel_function, elements_per_iteration, args, elements)
 
 
-def _run_chunked(kernel_function, elements_per_iteration, args):
+def _run_chunked(kernel_function, elements_per_iteration, args, elements):
     previous = _set_chunksize(max(1, BLOCK_ELEMENTS // max(elements_per_iteration, 1)))  # launches the layer
     # a small call on one thread (SMALL_CALL_ELEMENTS: the largest 2-D array is the logits;
     # numba's count is per Python thread, so other threads' launches are unaffected)
-    elements = max((a.size for a in args if isinstance(a, np.ndarray) and a.ndim == 2), default=0)
+    if elements is None:
+        elements = max((a.size for a in args if isinstance(a, np.ndarray) and a.ndim == 2), default=0)
     small = elements < SMALL_CALL_ELEMENTS
     from ._threads import limited  # (here: _threads imports the dispatch table, which loads this module)
 
@@ -2086,7 +2096,19 @@ def _xent(kind, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
         _blocks_directly(_index_block if kind == "index" else _probability_block, *scalars, *arrays)
     else:  # the blocks by address (see _blocks_by_address)
         address = np.int64(block_function(kind, dtype).address)
-        _run(_blocks_by_address, block_rows * n_classes, address, np.empty(N_PACKED, np.int64), *scalars, *arrays)
+        packed = np.empty(N_PACKED, np.int64)
+        _pack_block_arguments(packed, *scalars, *arrays)
+        n = x.shape[0] if params.storage == STORAGE_NATIVE else x16.shape[0]
+        elements = n * n_classes
+        _run(
+            _blocks_by_address,
+            block_rows * n_classes,
+            address,
+            packed,
+            np.int64(n),
+            np.int64(block_rows),
+            elements=elements,
+        )
 
 
 #: the stand-ins of the arrays a call does not use: the 16-bit logits and gradient of native
@@ -2181,8 +2203,8 @@ def softmax_rows(x, out):
 #: backend function -> the numba dispatchers it runs (each compiled once per dtype: every
 #: array is passed C-contiguous and read-only but the outputs, labels always int64)
 COMPILED = {
-    "xent_index": (_blocks_by_address, label_stats, _finish_index_kernel),
-    "xent_probability": (_blocks_by_address, _finish_probability_kernel),
+    "xent_index": (_pack_block_arguments, _blocks_by_address, label_stats, _finish_index_kernel),
+    "xent_probability": (_pack_block_arguments, _blocks_by_address, _finish_probability_kernel),
     "logsumexp_rows": (_logsumexp_kernel,),
     "log_softmax_rows": (_log_softmax_kernel, _log_softmax_in_place_kernel),
     "softmax_rows": (_softmax_kernel, _softmax_in_place_kernel),
