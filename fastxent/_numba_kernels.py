@@ -1460,8 +1460,8 @@ def _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf, x
 # pointer instead (``call_by_address``): the block is one ``cfunc`` (cached like the
 # kernels), compiled once, and the parallel kernel holds no row code. Its arguments travel
 # as one int64 array (``packed``: the Params fields, mode, small, block_rows, then each
-# array's address and shape, in the order of BLOCK_ARRAYS), filled by the kernel and
-# read back by the block with ``numba.carray``. Measured, float32 class indices from an
+# array's address and shape, in the order of BLOCK_ARRAYS), filled by a serial kernel
+# (_pack_block_arguments) and read back by the block with ``numba.carray``. Measured, float32 class indices from an
 # empty cache (one process): 25.7-30.6 s -> 21.3-21.6 s (docs/DESIGN.md). Under
 # NUMBA_DISABLE_JIT, _blocks_directly calls the blocks as Python.
 
@@ -1674,15 +1674,16 @@ _COMPILED_BLOCKS: dict = {}
 _LOAD_LOCK = threading.Lock()
 
 
-# Why a block function (and the distillation's kernel) not yet in numba's cache is compiled
-# in a child process: numba links each outlined helper (_index_rows, row_steps,
-# _distill_rows, ...) into its caller as a copy that LLVM optimises again there, and the
-# process that compiles also holds each helper's own library, to which the JIT binds the
-# caller's calls; a later process, loading the caller from the cache, runs the caller's
-# copies. The two are optimised in different contexts and may round differently (float32
-# soft-cap gradients differed by 1 ulp in ~30% of the elements, float64 probability-target
-# and beta = 1 distillation gradients by up to ~1e-12: docs/DESIGN.md). Compiled in a child
-# and loaded here, the first process runs the same code as every later one.
+# Why a block function (and the distillation's and score's kernels) not yet in numba's cache
+# is compiled in a child process: numba links each helper it does not inline (_index_rows,
+# row_steps, _distill_rows, fast_log, ...) into its caller as a copy that LLVM optimises
+# again there, and the process that compiles also holds each helper's own library, to which
+# the JIT binds the caller's calls; a later process, loading the caller from the cache, runs
+# the caller's copies. The two are optimised in different contexts and may round
+# differently (float32 soft-cap gradients differed by 1 ulp in ~30% of the elements, float64
+# probability-target and beta = 1 distillation gradients by up to ~1e-12, a float32 score's
+# lse by 1 ulp: docs/DESIGN.md). Compiled in a child and loaded here, the first process runs
+# the same code as every later one.
 
 
 def _compile_in_child(statement: str) -> bool:
