@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import queue
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import IO
 
 from . import _dispatch
 
@@ -20,17 +23,87 @@ def openmp_enabled() -> bool:
     return bool(extension is not None and extension.openmp_enabled())
 
 
-def _warm_up_in_child(name: str, function: str, dtype: str) -> float:
-    """A worker process's share of ``precompile``: compile into numba's on-disk cache."""
+#: the start of a worker's answer line (anything else it prints is not an answer)
+_DONE = "fastxent-precompile-done"
+
+
+def _worker() -> None:
+    """A worker process of ``precompile`` (``python -c``, see _start_worker): reads one
+    ``backend function dtype`` line at a time from stdin, compiles it into numba's on-disk
+    cache and answers ``_DONE seconds`` on stdout; ends at the end of its input."""
     import numpy as np
+
+    for line in sys.stdin:
+        name, function, dtype = line.split()
+        start = time.perf_counter()
+        _dispatch.KERNELS[name].warm_up(function, np.dtype(dtype))
+        print(_DONE, f"{time.perf_counter() - start:.6f}", flush=True)
+
+
+def _start_worker() -> tuple[subprocess.Popen, IO[bytes]]:
+    """A fresh Python process running _worker: this interpreter, ``sys.path`` and environment
+    (with the block functions compiled in it: its work goes to the cache anyway), and the
+    temporary file that takes its stderr (a pipe nobody reads could fill and block it). Not multiprocessing:
+    its "spawn" start re-runs the caller's main module in every worker, so a script calling
+    ``precompile()`` at its top level without a ``__main__`` guard failed (BrokenProcessPool),
+    and one with other work at its top level would have done that work in every worker."""
+    import tempfile
 
     from ._jit import COMPILE_IN_PROCESS_ENV
 
-    # already a child whose work goes to the cache: its block functions compile here
-    os.environ[COMPILE_IN_PROCESS_ENV] = "1"
-    start = time.perf_counter()
-    _dispatch.KERNELS[name].warm_up(function, np.dtype(dtype))
-    return time.perf_counter() - start
+    package = __name__.rpartition(".")[0]
+    environment = dict(os.environ, **{COMPILE_IN_PROCESS_ENV: "1"})
+    environment["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
+    stderr = tempfile.TemporaryFile()
+    worker = subprocess.Popen(
+        [sys.executable, "-c", f"from {package}._info import _worker; _worker()"],
+        env=environment,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    return worker, stderr
+
+
+def _feed(worker: subprocess.Popen, stderr: IO[bytes], todo: queue.SimpleQueue, done: queue.SimpleQueue) -> None:
+    """One worker's thread: hands it the next item of ``todo`` until none is left, putting
+    ``(item, seconds)`` on ``done`` after each, or ``(item, why)`` (a str) if it failed."""
+    assert worker.stdin is not None and worker.stdout is not None
+    while True:
+        try:
+            item = todo.get_nowait()
+        except queue.Empty:
+            break
+        name, function, dtype = item
+        answer = ""
+        try:
+            worker.stdin.write(f"{name} {function} {dtype.str}\n")
+            worker.stdin.flush()
+            while not answer.startswith(_DONE):
+                answer = worker.stdout.readline()
+                if not answer:  # end of its output: it died
+                    break
+        except OSError:  # its pipe broke: it died
+            answer = ""
+        if not answer:
+            done.put((item, _why(worker, stderr)))
+            return
+        done.put((item, float(answer.split()[1])))
+    try:
+        worker.stdin.close()
+    except OSError:
+        pass
+    worker.wait()
+
+
+def _why(worker: subprocess.Popen, stderr: IO[bytes]) -> str:
+    """What a worker that died said on stderr (the end of it), else its exit status."""
+    worker.kill()
+    status = worker.wait()
+    stderr.seek(0)
+    said = stderr.read()[-3000:].decode(errors="replace").strip()
+    return said or f"exit status {status}"
 
 
 def precompile(
@@ -59,22 +132,37 @@ def precompile(
     if jobs is None:
         jobs = min(2, os.cpu_count() or 1)
     if jobs > 1 and len(plan) > 1 and _cache_is_on():
-        context = multiprocessing.get_context("spawn")  # fork is unsafe after OpenMP started
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            # in the plan's order: the float32 and float64 class-index kernels, the largest, first
-            futures = {pool.submit(_warm_up_in_child, n, f, d.str): (n, f, d) for n, f, d in plan}
-            for done, future in enumerate(as_completed(futures), 1):
-                seconds = future.result()
-                name, function, dtype = futures[future]
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for item in plan:  # in the plan's order: the float32 and float64 class-index kernels, the largest, first
+            todo.put(item)
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        workers = [_start_worker() for _ in range(jobs)]
+        feeders = [threading.Thread(target=_feed, args=(*worker, todo, done), daemon=True) for worker in workers]
+        for feeder in feeders:
+            feeder.start()
+        try:
+            for count in range(1, len(plan) + 1):
+                (name, function, dtype), seconds = done.get()
+                if isinstance(seconds, str):
+                    raise RuntimeError(f"precompile: a worker failed on {name} {function} {dtype}:\n{seconds}")
                 _dispatch.KERNELS[name].warm_up(function, dtype)  # here: from the cache
                 if progress is not None:
-                    progress(done, len(plan), f"{name} {function} {dtype} (worker)", seconds)
+                    progress(count, len(plan), f"{name} {function} {dtype} (worker)", seconds)
+        except BaseException:  # a failure or an interrupt: no more compiles
+            for worker, _ in workers:
+                worker.kill()
+            raise
+        finally:
+            for feeder in feeders:
+                feeder.join()
+            for _, stderr in workers:
+                stderr.close()
     else:
-        for done, (name, function, dtype) in enumerate(plan, 1):  # compiled here, or from the cache
+        for count, (name, function, dtype) in enumerate(plan, 1):  # compiled here, or from the cache
             start = time.perf_counter()
             _dispatch.KERNELS[name].warm_up(function, dtype)
             if progress is not None:
-                progress(done, len(plan), f"{name} {function} {dtype}", time.perf_counter() - start)
+                progress(count, len(plan), f"{name} {function} {dtype}", time.perf_counter() - start)
     numba_module = _dispatch.KERNELS.get("numba")
     return numba_module.compiled_count() if numba_module is not None and "numba" in names else 0
 

@@ -2243,11 +2243,13 @@ def warm_up(function: str, dtype: np.dtype) -> None:
         labels = np.zeros(2, np.int64)
         labels.flags.writeable = False
         score_rows(x, labels, np.empty((2, 4)))
-    else:
+    elif function in ("log_softmax_rows", "softmax_rows"):
         run = log_softmax_rows if function == "log_softmax_rows" else softmax_rows
         run(x, np.empty((2, 3), dtype))
         in_place = np.zeros((2, 3), dtype)
         run(in_place, in_place)
+    else:
+        raise ValueError(f"warm_up: unknown function {function!r} (expected one of {', '.join(COMPILED)})")
 
 
 def compiled_count() -> int:

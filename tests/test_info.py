@@ -115,3 +115,32 @@ def test_info_lists_every_environment_variable_the_package_reads():
     read -= {"FASTXENT_MULTIVERSION"}  # a C macro that setup.py defines, not a variable
     assert read, "the pattern found no variable: the test would pass vacuously"
     assert read <= set(ENVIRONMENT), sorted(read - set(ENVIRONMENT))
+
+
+def test_precompile_from_a_script_without_a_main_guard(tmp_path):
+    """precompile's workers are fresh interpreters, not multiprocessing's "spawn" children:
+    those re-ran the calling script's top level, so a script calling precompile() there
+    without an ``if __name__ == "__main__"`` guard died with BrokenProcessPool (and any other
+    top-level work would have run once per worker)."""
+    script = tmp_path / "warm.py"
+    script.write_text('import fastxent as fx\nprint("top level")\nprint(fx.precompile(backend="numba"))\n')
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines.count("top level") == 1
+    if "numba" in fx.available_backends():
+        assert int(lines[-1]) > 0  # the specialisations it holds
+
+
+def test_precompile_reports_a_failing_worker(monkeypatch):
+    """A worker that dies (here: an item its warm_up rejects) stops precompile with an error
+    naming the item and quoting the worker's own message, instead of hanging or passing."""
+    if "numba" not in fx.available_backends():
+        return
+    import pytest
+
+    plan = [("logsumexp_rows", np.dtype(np.float32)), ("no_such_function", np.dtype(np.float32))]
+    monkeypatch.setattr(_dispatch, "precompile_plan", lambda name: plan if name == "numba" else [])
+    with pytest.raises(RuntimeError, match="no_such_function") as failure:
+        fx.precompile(backend="numba", jobs=2)
+    assert "unknown function" in str(failure.value)  # the worker's traceback
