@@ -60,3 +60,69 @@ def test_options_reach_the_kernel(data, rng):
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     grad = jax.grad(lambda a: fxj.cross_entropy(a, y, **options))(x)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-9)
+
+
+def test_the_kernels_run_on_xlas_buffers_through_the_ffi(data):
+    """float32 logits go through the XLA FFI custom call (no pure_callback copies), and its
+    loss and gradient are the NumPy API's, bit for bit (the same kernel, on XLA's memory)."""
+    x, y = data
+    hlo = jax.jit(jax.value_and_grad(fxj.cross_entropy)).lower(x, y).as_text()
+    assert "fastxent_cross_entropy" in hlo and "pure_callback" not in hlo
+    loss, grad = jax.jit(jax.value_and_grad(fxj.cross_entropy))(x, y)
+    expected, expected_grad = fx.cross_entropy_with_grad(np.asarray(x), np.asarray(y))
+    assert np.asarray(loss) == np.float32(expected)
+    np.testing.assert_array_equal(np.asarray(grad), expected_grad)
+
+
+def test_ffi_float64_n_d_none_and_int64_labels(rng):
+    try:
+        enable_x64 = jax.enable_x64  # (a context manager in newer JAX)
+    except AttributeError:
+        from jax.experimental import enable_x64
+    with enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((3, 5, 40)))
+        y = jnp.asarray(rng.integers(0, 40, (3, 5)), dtype=jnp.int64)
+        loss, vjp = jax.vjp(lambda v: fxj.cross_entropy(v, y, reduction="none"), x)
+        assert loss.dtype == jnp.float64 and loss.shape == (3, 5)
+        expected, expected_grad = fx.cross_entropy_with_grad(np.asarray(x), np.asarray(y), reduction="none")
+        np.testing.assert_array_equal(np.asarray(loss), expected)
+        np.testing.assert_allclose(vjp(jnp.ones((3, 5)))[0], expected_grad, rtol=1e-12)
+
+
+def test_ffi_reports_a_bad_label_by_row_and_value(data):
+    """An error in the handler reaches the caller as JAX's error with fastxent's message
+    (never a silent success with an unwritten result)."""
+    x, y = data
+    bad = y.at[3].set(99)
+    with pytest.raises(Exception, match=r"target\[3\] = 99"):
+        jax.block_until_ready(jax.jit(fxj.cross_entropy)(x, bad))
+    with pytest.raises(Exception, match=r"target\[3\] = 99"):
+        jax.block_until_ready(jax.jit(jax.grad(fxj.cross_entropy))(x, bad))
+
+
+def test_other_dtypes_and_empty_batches_still_work(rng):
+    """float16 logits take the pure_callback path; an empty batch gives NaN as the NumPy API."""
+    x = jnp.asarray(rng.standard_normal((6, 9)).astype(np.float16))
+    y = jnp.asarray(rng.integers(0, 9, 6))
+    expected = fx.cross_entropy(np.asarray(x), np.asarray(y))
+    np.testing.assert_allclose(float(jax.jit(fxj.cross_entropy)(x, y)), float(expected), rtol=1e-3)
+    empty = jnp.zeros((0, 9), jnp.float32)
+    assert np.isnan(float(jax.jit(fxj.cross_entropy)(empty, jnp.zeros((0,), jnp.int32))))
+
+
+def test_the_gradient_written_over_the_logits_buffer_leaves_the_callers_logits(data):
+    """The gradient's output aliases the logits operand (the kernel runs in place on it, so
+    XLA allocates no second N x C buffer where the logits die, e.g. a matmul's output); XLA
+    copies where the caller's logits live on, and they stay as they were."""
+    x, y = data
+    before = np.asarray(x).copy()
+    for value_and_grad in (jax.value_and_grad(fxj.cross_entropy), jax.jit(jax.value_and_grad(fxj.cross_entropy))):
+        loss, grad = value_and_grad(x, y)
+        jax.block_until_ready(grad)
+        np.testing.assert_array_equal(np.asarray(x), before)
+        assert not np.array_equal(np.asarray(grad), before)
+    weights = jnp.asarray(np.eye(70, dtype=np.float32))
+    through_a_matmul = jax.jit(jax.grad(lambda w: fxj.cross_entropy(x @ w, y)))(weights)
+    np.testing.assert_allclose(
+        through_a_matmul, np.asarray(x).T @ np.asarray(jax.grad(fxj.cross_entropy)(x, y)), rtol=1e-5, atol=1e-6
+    )
