@@ -189,6 +189,11 @@ def _buffer_array(pointer: int, writeable: bool) -> np.ndarray:
     return array
 
 
+def _data(pointer: int) -> int | None:
+    """The address of an XLA_FFI_Buffer's memory."""
+    return ctypes.cast(pointer, ctypes.POINTER(_Buffer)).contents.data
+
+
 def _ffi_error(frame: Any, error: Exception) -> int | None:
     """An XLA_FFI_Error for ``error`` (XLA raises it as XlaRuntimeError with this message)."""
     head = _ApiHead.from_address(frame.api)
@@ -219,6 +224,8 @@ def _make_handler(options: tuple, with_grad: bool):
             loss_out = _buffer_array(frame.rets.items[0], True)
             if with_grad:  # the gradient's buffer is the logits' (aliased): in place
                 logits = _buffer_array(frame.rets.items[1], True)
+                if _data(frame.args.items[0]) != _data(frame.rets.items[1]):  # (never seen: XLA aliases)
+                    logits[...] = _buffer_array(frame.args.items[0], False)
                 loss, _ = _fx.cross_entropy_with_grad(logits, labels, out=logits, **keywords)
             else:
                 loss = _fx.cross_entropy(_buffer_array(frame.args.items[0], False), labels, **keywords)

@@ -126,3 +126,63 @@ def test_the_gradient_written_over_the_logits_buffer_leaves_the_callers_logits(d
     np.testing.assert_allclose(
         through_a_matmul, np.asarray(x).T @ np.asarray(jax.grad(fxj.cross_entropy)(x, y)), rtol=1e-5, atol=1e-6
     )
+
+
+def test_the_handler_on_a_call_frame_built_here(rng):
+    """fastxent.jax's FFI handler on a C call frame built with its own ctypes structs: the
+    metadata query, a stage other than execute, separate logits and gradient buffers (XLA
+    aliases them; the handler copies if it ever does not), and an error made through the
+    frame's API table with fastxent's message."""
+    import ctypes
+
+    from fastxent import jax as fj
+
+    def buffer(array, dtype_code):
+        dims = (ctypes.c_int64 * max(array.ndim, 1))(*array.shape)
+        made = fj._Buffer(ctypes.sizeof(fj._Buffer), None, dtype_code, array.ctypes.data, array.ndim, dims)
+        return made, dims
+
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    labels = np.array([0, 5, 2, 3], np.int32)
+    loss, grad = np.zeros((), np.float32), np.zeros_like(x)
+    kept = [buffer(x, 11), buffer(labels, 4), buffer(loss, 11), buffer(grad, 11)]
+    pointers = [ctypes.cast(ctypes.pointer(b), ctypes.c_void_p) for b, _ in kept]
+    args = (ctypes.c_void_p * 2)(pointers[0].value, pointers[1].value)
+    rets = (ctypes.c_void_p * 2)(pointers[2].value, pointers[3].value)
+    messages = []
+
+    @fj._ERROR_CREATE
+    def error_create(create_args):
+        messages.append((create_args.contents.message.decode(), create_args.contents.errc))
+        return 12345  # stands for an XLA_FFI_Error*
+
+    api = fj._ApiHead(
+        ctypes.sizeof(fj._ApiHead), None, fj._ApiVersion(), None, ctypes.cast(error_create, ctypes.c_void_p)
+    )
+    operands = [fj._Operands(ctypes.sizeof(fj._Operands), None, 2, None, items) for items in (args, rets)]
+    frame = fj._CallFrame(ctypes.sizeof(fj._CallFrame), None, ctypes.addressof(api), None, fj._STAGE_EXECUTE)
+    frame.args, frame.rets = operands
+    options = fj._Static((("ignore_index", -100), ("reduction", "mean")))
+    handler = fj._make_handler(options, True)
+
+    assert handler(ctypes.byref(frame)) is None
+    expected, expected_grad = fx.cross_entropy_with_grad(x, labels)
+    assert loss == np.float32(expected)
+    np.testing.assert_array_equal(grad, expected_grad)
+
+    frame.stage = 0  # instantiate: nothing is read or written
+    grad[...] = 7.0
+    assert handler(ctypes.byref(frame)) is None and (grad == 7.0).all()
+
+    metadata = fj._Metadata(ctypes.sizeof(fj._Metadata))
+    extension = fj._MetadataExtension(
+        fj._ExtensionBase(ctypes.sizeof(fj._MetadataExtension), 1, None), ctypes.pointer(metadata)
+    )
+    frame.extension_start = ctypes.cast(ctypes.pointer(extension), ctypes.POINTER(fj._ExtensionBase))
+    assert handler(ctypes.byref(frame)) is None
+    assert (metadata.api_version.major_version, metadata.api_version.minor_version) == fj._FFI_API_VERSION
+
+    frame.extension_start, frame.stage = None, fj._STAGE_EXECUTE
+    labels[1] = 6  # out of range
+    assert handler(ctypes.byref(frame)) == 12345
+    assert messages and "target[1] = 6" in messages[-1][0] and messages[-1][1] == fj._ERROR_INVALID_ARGUMENT
