@@ -41,23 +41,21 @@ def _worker() -> None:
 
 
 def _start_worker() -> tuple[subprocess.Popen, IO[bytes]]:
-    """A fresh Python process running _worker: this interpreter, ``sys.path`` and environment
-    (with the block functions compiled in it: its work goes to the cache anyway), and the
-    temporary file that takes its stderr (a pipe nobody reads could fill and block it). Not multiprocessing:
+    """A fresh Python process running _worker (this interpreter, in
+    ``_jit.child_process_environment``), and the temporary file that takes its stderr (a
+    pipe nobody reads could fill and block it). Not multiprocessing:
     its "spawn" start re-runs the caller's main module in every worker, so a script calling
     ``precompile()`` at its top level without a ``__main__`` guard failed (BrokenProcessPool),
     and one with other work at its top level would have done that work in every worker."""
     import tempfile
 
-    from ._jit import COMPILE_IN_PROCESS_ENV
+    from ._jit import child_process_environment
 
     package = __name__.rpartition(".")[0]
-    environment = dict(os.environ, **{COMPILE_IN_PROCESS_ENV: "1"})
-    environment["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
     stderr = tempfile.TemporaryFile()
     worker = subprocess.Popen(
         [sys.executable, "-c", f"from {package}._info import _worker; _worker()"],
-        env=environment,
+        env=child_process_environment(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=stderr,

@@ -22,6 +22,8 @@ compiles every supported signature ahead of time.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -424,6 +426,17 @@ BLOCK_SIGNATURE = types.void(types.int64, types.int64, types.int64)
 #: set to 1 to compile the block functions in the calling process instead of a child
 #: (``_numba_kernels.block_function``); the child, and precompile's workers, set it for themselves
 COMPILE_IN_PROCESS_ENV = "FASTXENT_COMPILE_IN_PROCESS"
+
+
+def child_process_environment() -> dict[str, str]:
+    """The environment of a child Python process that compiles into numba's cache for this
+    one (a block function's or a kernel's child, precompile's workers): this process's, with
+    its module path (so the child imports the same package) and COMPILE_IN_PROCESS_ENV set
+    (the child's own block functions compile in it: its work goes to the cache anyway)."""
+    environment = dict(os.environ, **{COMPILE_IN_PROCESS_ENV: "1"})
+    environment["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
+    return environment
+
 
 #: the options of every block function (``numba.cfunc``'s keywords besides the signature)
 _BLOCK_OPTIONS = {"nogil": True, "fastmath": set(FASTMATH), "error_model": ERROR_MODEL}

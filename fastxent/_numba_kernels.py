@@ -69,6 +69,7 @@ from ._jit import (
     block_cfunc,
     cached_block_cfunc,
     call_by_address,
+    child_process_environment,
     exact_helper,
     exp_helper,
     float_as_int,
@@ -1698,10 +1699,10 @@ def _compile_in_child(statement: str) -> bool:
         return False
     package = __name__.rpartition(".")[0]
     code = f"import numpy, {package}._numba_kernels as k; {statement}"
-    environment = dict(os.environ, **{COMPILE_IN_PROCESS_ENV: "1"})
-    environment["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
     try:
-        done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, timeout=1800)
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=child_process_environment(), capture_output=True, timeout=1800
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return done.returncode == 0
@@ -2461,9 +2462,20 @@ def distill(z, t, labels, params, loss, grad=None):
         mode = IN_PLACE
     block_rows = max(1, BLOCK_ELEMENTS // max(n_classes, 1))
     scratch, _ = _scratch(z.dtype, n_classes)
-    labels = labels if labels is not None else _NO_LABELS
-    args = (z, t, labels, params, np.int64(mode), np.int64(block_rows), loss, grad, scratch, _wide_scratch(n_classes))
-    _run(_distill_kernel, block_rows * n_classes, *args)
+    _run(
+        _distill_kernel,
+        block_rows * n_classes,
+        z,
+        t,
+        labels if labels is not None else _NO_LABELS,
+        params,
+        np.int64(mode),
+        np.int64(block_rows),
+        loss,
+        grad,
+        scratch,
+        _wide_scratch(n_classes),
+    )
 
 
 def _warm_up_distill(dtype: np.dtype) -> None:
