@@ -247,6 +247,7 @@ cdef enum:
     SMOOTHING_LANES = 32  # partial sums of the smoothing sum (see _smoothing_lanes)
     MAX_LANES = 32  # partial maxima per row in step (1) of the row layout (see _row_max)
     CACHE_LINE = 64
+    ROW_GROUP = 8  # rows whose step (3) runs together in the row layout, LOSS (see _index_loss_row_group)
 
 #: the same names and values as _numba_kernels.py, for _cy_backend.py and the tests
 MODES = (LOSS, GRAD, IN_PLACE, STATS, SHARD_GRAD)
@@ -1325,6 +1326,54 @@ cdef inline void _probability_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *tas
 # --- the block functions: one per operation and layout, multiversioned ---------------
 
 
+cdef inline void _index_loss_row_group(Py_ssize_t i0, Py_ssize_t count, const Task *task, const Params *p,
+                                       const floating *x, const floating *weight) noexcept nogil:
+    """``_index_row`` in LOSS without the options, for rows i0..i0+count-1 (count <=
+    ROW_GROUP), in two phases with the same arithmetic: steps (1)-(2) row by row, then step
+    (3) for the whole group as one loop over its rows (gcc vectorises the log and the divide
+    across them). One row at a time, each row's step (3) (lane sum, log, loss) is a chain of
+    ~100 cycles behind its sum; in a group the chains run side by side (float32 65536 x 128
+    loss only, 2 threads, 2.70 -> 2.30 ms). Not for GRAD: there the gradient rows wait in
+    L1 for their step (4) and the group measured ~4% slower."""
+    cdef Py_ssize_t n_classes = task.n_classes
+    cdef const floating *row
+    cdef floating m
+    cdef int64_t label
+    cdef Py_ssize_t r, i, y_local
+    cdef bint ignored[ROW_GROUP]
+    cdef double s[ROW_GROUP]
+    cdef double sw[ROW_GROUP]
+    cdef double m_minus_x_y[ROW_GROUP]
+    cdef double w_y[ROW_GROUP]
+    cdef double row_loss[ROW_GROUP]
+    for r in range(ROW_GROUP):  # the lanes past count and the ignored rows: s = 1, every term 0
+        ignored[r] = True
+        s[r] = 1.0
+        sw[r] = 0.0
+        m_minus_x_y[r] = 0.0
+        w_y[r] = 0.0
+    for r in range(count):  # (1), (2)
+        i = i0 + r
+        label = task.labels[i]
+        if label == p.ignore_index:  # loss 0, y_i never read
+            continue
+        ignored[r] = False
+        row = x + i * n_classes
+        y_local = label - p.class_start
+        if y_local < 0 or y_local >= n_classes:
+            y_local = -1  # the target is not among these columns
+        m = _row_max(row, n_classes)
+        m_minus_x_y[r] = <double>m - (<double>row[y_local] if y_local >= 0 else 0.0)
+        if p.smoothing:
+            sw[r] = _row_smoothing_sum(row, m, weight, n_classes, p.weighted)
+        w_y[r] = <double>weight[y_local] if p.weighted else 1.0
+        s[r] = _row_sum_exp(row, m, NULL, n_classes, False)
+    for r in range(ROW_GROUP):  # (3), the loss of _index_finish across the group
+        row_loss[r] = _index_row_loss(m_minus_x_y[r], _fast_log(s[r]), sw[r], w_y[r], p)
+    for r in range(count):
+        task.loss[i0 + r] = 0.0 if ignored[r] else row_loss[r]
+
+
 cdef fx_hot_void _index_rows(Task task, Params p, Py_ssize_t start, Py_ssize_t stop,
                              floating *scratch) noexcept nogil:
     """Rows [start, stop) with class-index targets, one at a time, without the options
@@ -1340,9 +1389,10 @@ cdef fx_hot_void _index_rows(Task task, Params p, Py_ssize_t start, Py_ssize_t s
     if task.mode == GRAD or task.mode == IN_PLACE:
         for i in range(start, stop):
             _index_row(i, &task, &p, x, weight, grad, scratch, GRAD, False)
-    elif task.mode == LOSS:
-        for i in range(start, stop):
-            _index_row(i, &task, &p, x, weight, grad, scratch, LOSS, False)
+    elif task.mode == LOSS:  # ROW_GROUP rows at a time (a counted loop: see _index_lane_groups)
+        for i in range((stop - start + ROW_GROUP - 1) // ROW_GROUP):
+            _index_loss_row_group(start + i * ROW_GROUP, min(<Py_ssize_t>ROW_GROUP, stop - start - i * ROW_GROUP),
+                                  &task, &p, x, weight)
     else:
         for i in range(start, stop):
             _index_row(i, &task, &p, x, weight, grad, scratch, task.mode, False)
