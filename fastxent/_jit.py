@@ -16,7 +16,11 @@ flags per instruction when it inlines, so the kernels call it as an ordinary (no
 Compilation is lazy and cached (``cache=True``): a call compiles only the signature it
 needs, once per machine; later processes load it from the cache (``__pycache__`` next to
 the package, or numba's per-user cache dir when that is read-only). ``precompile()``
-compiles every supported signature ahead of time.
+compiles every supported signature ahead of time. Only the kernels and block functions that
+Python calls are cached and get machine code; the helpers they call without inlining are
+link-only (``LINK_ONLY``): numba lowers and optimises them and links them into each caller,
+nothing more (a third less work, and the compiling process runs the same code as every
+process that loads it).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import numba
+import numba.core.codegen
+import numba.core.compiler
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -58,9 +64,50 @@ def helper(func):
     return numba.njit(cache=True, nogil=True, inline="always", fastmath=set(FASTMATH), error_model=ERROR_MODEL)(func)
 
 
+class _LinkOnlyLibrary(numba.core.codegen.JITCodeLibrary):
+    """A helper's code library that is linked into its callers and never run by itself:
+    finalizing it links its own callees and optimises it as numba always does, but does not
+    add it to the JIT engine, so no machine code is made for it (its callers' copies are
+    the code that runs)."""
+
+    def _finalize_final_module(self):
+        self._finalize_dynamic_globals()
+        self._verify_declare_only_symbols()
+        self._finalized = True
+
+
+class _LinkOnlyCompiler(numba.core.compiler.Compiler):
+    """numba's pipeline for a helper that is only ever called from other numba code (see
+    ``link_only_helper``): the lowered function goes into a _LinkOnlyLibrary, and instead of
+    a callable entry point (which would make machine code) the dispatcher gets a stub that
+    stands for the function when callers link it (``insert_user_function``): a builtin
+    method (numba's dispatcher takes no other type) of an object of its own, so one key per
+    overload; called from Python it only raises a TypeError (it takes no arguments)."""
+
+    def compile_extra(self, func):
+        library = self.state.targetctx.codegen().create_library(func.__qualname__)
+        library.__class__ = _LinkOnlyLibrary
+        self.state.library = library
+        self.state.flags.no_compile = True  # NativeLowering: no get_executable
+        compiled = super().compile_extra(func)
+        stub = object().__sizeof__
+        self.state.targetctx.insert_user_function(stub, compiled.fndesc, [library])
+        return compiled._replace(entry_point=stub)
+
+
+#: njit options of a helper that only other numba code calls: its code is linked into theirs
+#: and never run by itself (no machine code of its own, nothing cached: its callers are)
+LINK_ONLY = {"pipeline_class": _LinkOnlyCompiler, "no_cpython_wrapper": True, "no_cfunc_wrapper": True}
+
+
+def overload_options(fastmath: frozenset[str]) -> dict[str, Any]:
+    """``jit_options`` of an ``@overload`` implementation (a link-only helper)."""
+    return {"fastmath": set(fastmath), "error_model": ERROR_MODEL, **LINK_ONLY}
+
+
 def outlined_helper(func):
     """Decorator for a large per-row helper that numba must not inline (LLVM still may):
-    the kernels' flags, compiled once instead of into every kernel.
+    the kernels' flags, compiled once per process instead of into every kernel, link-only.
 
     Without numba's reference counting (``_nrt=False``): these take the block's arrays from
     their caller, which holds them, and allocate nothing (numba refuses to compile one that
@@ -68,7 +115,7 @@ def outlined_helper(func):
     ``NRT_incref`` / ``NRT_decref`` call, several a row that LLVM cannot prune across the
     row code's branches, and each call makes LLVM spill and reload the vector registers
     (all caller-saved): float32 65536 x 128, one thread, 11.4 -> 9.0 ms (docs/DESIGN.md)."""
-    return numba.njit(cache=True, nogil=True, fastmath=set(FASTMATH), error_model=ERROR_MODEL, _nrt=False)(func)
+    return numba.njit(nogil=True, fastmath=set(FASTMATH), error_model=ERROR_MODEL, _nrt=False, **LINK_ONLY)(func)
 
 
 def exact_helper(func):
@@ -78,13 +125,13 @@ def exact_helper(func):
     an FMA cannot depend on the code around the call (loss only and loss+grad would
     otherwise differ in the last bit). ``fastmath=False`` must be explicit: numba gives a
     callee that does not set it its caller's fastmath flags."""
-    return numba.njit(cache=True, nogil=True, fastmath=False, error_model=ERROR_MODEL)(func)
+    return numba.njit(nogil=True, fastmath=False, error_model=ERROR_MODEL, **LINK_ONLY)(func)
 
 
 def exp_helper(func):
     """Decorator for the elementary functions (``fast_log``): contraction into FMA only, no
     reassociation, so they round the same in every kernel that inlines them."""
-    return numba.njit(cache=True, nogil=True, fastmath=set(EXP_FASTMATH), error_model=ERROR_MODEL)(func)
+    return numba.njit(nogil=True, fastmath=set(EXP_FASTMATH), error_model=ERROR_MODEL, **LINK_ONLY)(func)
 
 
 @intrinsic
@@ -448,27 +495,6 @@ def block_cfunc(func):
     (``call_by_address``). Called on first use, not at import: a ``cfunc`` compiles when
     it is created."""
     return numba.cfunc(BLOCK_SIGNATURE, cache=True, **_BLOCK_OPTIONS)(func)
-
-
-def cached_block_cfunc(func):
-    """``block_cfunc(func)`` if numba's on-disk cache holds it (loaded from there), else None:
-    compiles nothing. What ``numba.cfunc(..., cache=True)`` does, split at its cache lookup
-    (numba's ``CFunc.compile``); None too if this numba's internals differ or nothing caches."""
-    try:
-        from numba.core.ccallback import CFunc
-
-        callback = CFunc(func, BLOCK_SIGNATURE, locals={}, options=dict(_BLOCK_OPTIONS))
-        callback.enable_caching()
-        result = callback._cache.load_overload(callback._sig, callback._targetdescr.target_context)
-        if result is None:
-            return None
-        callback._cache_hits += 1
-        callback._library = result.library
-        callback._wrapper_name = result.fndesc.llvm_cfunc_wrapper_name
-        callback._wrapper_address = callback._library.get_pointer_to_function(callback._wrapper_name)
-    except (AttributeError, TypeError, RuntimeError):
-        return None
-    return callback
 
 
 def load_cached_overload(dispatcher, signature: tuple) -> bool:

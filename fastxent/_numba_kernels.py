@@ -62,12 +62,10 @@ from numba.extending import overload
 
 from ._jit import (
     COMPILE_IN_PROCESS_ENV,
-    ERROR_MODEL,
     EXP_FASTMATH,
     FASTMATH,
     address_as,
     block_cfunc,
-    cached_block_cfunc,
     call_by_address,
     child_process_environment,
     exact_helper,
@@ -82,6 +80,7 @@ from ._jit import (
     lanes_to_rows16,
     load_cached_overload,
     outlined_helper,
+    overload_options,
     prefetch_for_write,
     rows_to_lanes16,
     two_to_the_rounded,
@@ -186,7 +185,7 @@ def fast_exp(t):
     return math.exp(t)
 
 
-@overload(fast_exp, jit_options={"fastmath": set(EXP_FASTMATH), "error_model": ERROR_MODEL})
+@overload(fast_exp, jit_options=overload_options(EXP_FASTMATH))
 def _fast_exp_overload(t):
     if t == types.float32:
         c6, c5, c4, c3, c2, c1, c0 = _EXP32_POLY
@@ -325,7 +324,7 @@ def fast_tanh(u):
     return math.tanh(u)
 
 
-@overload(fast_tanh, jit_options={"fastmath": set(EXP_FASTMATH), "error_model": ERROR_MODEL})
+@overload(fast_tanh, jit_options=overload_options(EXP_FASTMATH))
 def _fast_tanh_overload(u):
     if u == types.float32:
         p0, p1, p2, p3, p4 = _TANH32_P
@@ -414,7 +413,7 @@ def _row_max_long(row):
 # one thread). -0.0 orders below +0.0, which neither changes exp(x - m) nor the sums; a
 # NaN with the sign bit clear orders above +inf and becomes the max (its row's results
 # are NaN either way: exp(NaN - m) reaches every one of them).
-@overload(_row_max_long, jit_options={"fastmath": set(FASTMATH), "error_model": ERROR_MODEL})
+@overload(_row_max_long, jit_options=overload_options(FASTMATH))
 def _row_max_long_overload(row):
     if row.dtype == types.float32:
         int_type, shift, magnitude = np.int32, np.int32(31), np.int32(0x7FFFFFFF)
@@ -600,7 +599,7 @@ def transform_row_max(row, out, p):
 
 # One loop writes x' and takes its max by the integer keys of _row_max_long (a float max
 # would not vectorise): the x' row is then read again by step (2) only.
-@overload(transform_row_max, jit_options={"fastmath": set(FASTMATH), "error_model": ERROR_MODEL})
+@overload(transform_row_max, jit_options=overload_options(FASTMATH))
 def _transform_row_max_overload(row, out, p):
     if row.dtype == types.uint16:  # 16-bit words: the float32 kernels only (see _no_words)
         return _transform_16bit_row_max if out.dtype == types.float32 else _no_words
@@ -755,7 +754,7 @@ def index_grad_row_words(out, e, y_local, a, y_term, weight, p, xt):
             out[y_local] = narrow16(np.float32(g - dt(y_term)), storage)
 
 
-@overload(index_grad_row_words, jit_options={"fastmath": set(FASTMATH), "error_model": ERROR_MODEL})
+@overload(index_grad_row_words, jit_options=overload_options(FASTMATH))
 def _index_grad_row_words_overload(out, e, y_local, a, y_term, weight, p, xt):
     if e.dtype == types.float32:
         return index_grad_row_words  # (its own body, compiled as the implementation)
@@ -833,7 +832,7 @@ def chunk_max(src, out, p):
     return transform_row_max(src, out, p) if p.transformed or src.dtype == np.uint16 else np.max(src)
 
 
-@overload(chunk_max, jit_options={"fastmath": set(FASTMATH), "error_model": ERROR_MODEL})
+@overload(chunk_max, jit_options=overload_options(FASTMATH))
 def _chunk_max_overload(src, out, p):
     if src.dtype == types.uint16:  # 16-bit words: always widened into x'
         return lambda src, out, p: transform_row_max(src, out, p)
@@ -1675,16 +1674,20 @@ _COMPILED_BLOCKS: dict = {}
 _LOAD_LOCK = threading.Lock()
 
 
-# Why a block function (and the distillation's and score's kernels) not yet in numba's cache
-# is compiled in a child process: numba links each helper it does not inline (_index_rows,
-# row_steps, _distill_rows, fast_log, ...) into its caller as a copy that LLVM optimises
-# again there, and the process that compiles also holds each helper's own library, to which
-# the JIT binds the caller's calls; a later process, loading the caller from the cache, runs
-# the caller's copies. The two are optimised in different contexts and may round
-# differently (float32 soft-cap gradients differed by 1 ulp in ~30% of the elements, float64
-# probability-target and beta = 1 distillation gradients by up to ~1e-12, a float32 score's
-# lse by 1 ulp: docs/DESIGN.md). Compiled in a child and loaded here, the first process runs
-# the same code as every later one.
+# Why the first process computes the cached bits. numba links each helper it does not
+# inline (_index_rows, row_steps, _distill_rows, fast_log, ...) into its caller as a copy that
+# LLVM optimises again there. numba used to give each helper machine code of its own too, and
+# in the process that compiled, the JIT bound the caller's calls to that code, while a later
+# process, loading the caller from the cache, ran the caller's copies: optimised in different
+# contexts, they rounded differently (float32 soft-cap gradients differed by 1 ulp in ~30% of
+# the elements, float64 probability-target and beta = 1 distillation gradients by up to
+# ~1e-12, a float32 score's lse by 1 ulp: docs/DESIGN.md). The helpers are link-only now
+# (_jit.LINK_ONLY: no machine code of their own), so a block function (a cfunc) runs its own
+# copies in every process, and is compiled here. A parallel kernel still compiles its loop
+# body as a library of its own that the JIT binds to in the compiling process (the score
+# kernel's lse still differed by 1 ulp), so the parallel kernels that call outlined helpers
+# (the distillation's and the score's) are compiled in a child process into the cache and
+# loaded from there (compiled_through_the_cache).
 
 
 def _compile_in_child(statement: str) -> bool:
@@ -1710,21 +1713,14 @@ def _compile_in_child(statement: str) -> bool:
 
 def block_function(kind: str, dtype: np.dtype):
     """The compiled block function (a numba ``cfunc``) of ``kind`` and ``dtype``: from numba's
-    cache, else compiled in a child process into it and loaded (see above), else compiled
-    here (when the child cannot run or nothing caches)."""
+    cache, else compiled here (and cached)."""
     key = (kind, np.dtype(dtype))
     compiled = _COMPILED_BLOCKS.get(key)
     if compiled is None:
         with _LOAD_LOCK:
             compiled = _COMPILED_BLOCKS.get(key)
             if compiled is None:
-                function = BLOCK_FUNCTIONS[key]
-                compiled = cached_block_cfunc(function)
-                if compiled is None and _compile_in_child(f"k.block_function({kind!r}, numpy.dtype({key[1].str!r}))"):
-                    compiled = cached_block_cfunc(function)
-                if compiled is None:
-                    compiled = block_cfunc(function)
-                _COMPILED_BLOCKS[key] = compiled
+                _COMPILED_BLOCKS[key] = compiled = block_cfunc(BLOCK_FUNCTIONS[key])
     return compiled
 
 

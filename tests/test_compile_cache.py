@@ -1,16 +1,16 @@
 """The process that compiles numba's kernels computes the same bits as every later process,
 which loads them from numba's on-disk cache.
 
-Before the block functions, the distillation's kernel and ``fastxent score``'s kernel were
-compiled in a child process (``_numba_kernels.block_function``, ``compiled_through_the_cache``),
-the compiling process ran the outlined helpers' own libraries and later processes their
-callers' re-optimised copies of them: float32 soft-cap gradients differed by 1 ulp in ~30% of
-the elements, a row of -inf logits had gradient 0 in the first process and -1.7e-13 in every
-later one, float64 beta = 1 distillation gradients differed in the last bits, and a float32
-row's score lse by 1 ulp (docs/DESIGN.md). Each subprocess here starts from the same empty
-cache directory (the first compiles into it, the second loads), so the test takes one
-compile of the float32 class-index kernel, the float64 distillation kernel and the float32
-score kernel (~25 s).
+Before the outlined helpers were link-only (``_jit.LINK_ONLY``: no machine code of their
+own) and the distillation's and ``fastxent score``'s parallel kernels were compiled in a
+child process (``compiled_through_the_cache``), the compiling process ran the helpers' own
+libraries and later processes their callers' re-optimised copies of them: float32 soft-cap
+gradients differed by 1 ulp in ~30% of the elements, a row of -inf logits had gradient 0 in
+the first process and -1.7e-13 in every later one, float64 beta = 1 distillation gradients
+differed in the last bits, and a float32 row's score lse by 1 ulp (docs/DESIGN.md). Each
+subprocess here starts from the same empty cache directory (the first compiles into it, the
+second loads), so the test takes one compile of the float32 class-index kernel, the float64
+distillation kernel and the float32 score kernel (~25 s).
 """
 
 from __future__ import annotations
