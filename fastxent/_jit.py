@@ -82,7 +82,8 @@ class _LinkOnlyCompiler(numba.core.compiler.Compiler):
     a callable entry point (which would make machine code) the dispatcher gets a stub that
     stands for the function when callers link it (``insert_user_function``): a builtin
     method (numba's dispatcher takes no other type) of an object of its own, so one key per
-    overload; called from Python it only raises a TypeError (it takes no arguments)."""
+    overload. ``object.__format__`` takes one str, and numba calls an entry point with the
+    tuple of the arguments, so a call from Python raises a TypeError."""
 
     def compile_extra(self, func):
         library = self.state.targetctx.codegen().create_library(func.__qualname__)
@@ -90,7 +91,7 @@ class _LinkOnlyCompiler(numba.core.compiler.Compiler):
         self.state.library = library
         self.state.flags.no_compile = True  # NativeLowering: no get_executable
         compiled = super().compile_extra(func)
-        stub = object().__sizeof__
+        stub = object().__format__
         self.state.targetctx.insert_user_function(stub, compiled.fndesc, [library])
         return compiled._replace(entry_point=stub)
 

@@ -64,3 +64,31 @@ def test_the_compiling_process_computes_the_cached_bits(tmp_path):
     assert compiling == loading
     digest, row_of_minus_inf, distillation_digest, score_digest = loading.split()
     assert abs(float(row_of_minus_inf)) < 1e-12  # the -inf row's gradient: 0 up to float32 rounding
+
+
+def test_a_link_only_helper_is_linked_into_its_caller_and_has_no_code_of_its_own():
+    """``_jit.LINK_ONLY``: a helper called from a kernel is lowered, optimised and linked into
+    it, and nothing more: its library never reaches the JIT engine (no machine code), and
+    the dispatcher's entry point is a stub that Python cannot call into the helper."""
+    import math
+
+    import numpy as np
+
+    from fastxent import _jit
+
+    @_jit.exp_helper
+    def twice_the_log(s):
+        return 2.0 * math.log(s)
+
+    @numba.njit
+    def caller(s):
+        return twice_the_log(s) + 1.0
+
+    assert caller(math.e) == 3.0  # the linked copy runs
+    (compiled,) = twice_the_log.overloads.values()
+    assert isinstance(compiled.library, _jit._LinkOnlyLibrary)
+    engine = compiled.library.codegen._engine
+    assert not engine.is_symbol_defined(compiled.fndesc.mangled_name)
+    assert engine.is_symbol_defined(caller.overloads[(numba.float64,)].fndesc.mangled_name)
+    with pytest.raises(TypeError):
+        twice_the_log(np.float64(2.0))
