@@ -57,7 +57,7 @@ import threading
 
 import numba
 import numpy as np
-from numba import literal_unroll, prange, types
+from numba import prange, types
 from numba.extending import overload
 
 from ._jit import (
@@ -1591,14 +1591,25 @@ def _unpack_3d(packed, k, dtype):
 
 
 @kernel(parallel=False)
-def _pack_block_arguments(packed, p, mode, small, block_rows, *arrays):
+def _pack_block_arguments(
+    packed, p, mode, small, block_rows, x, target, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16
+):
     """Fills ``packed`` for _blocks_by_address: the scalars, then each of BLOCK_ARRAYS (in
     order) as its address and shape. Typed by the arrays (one specialisation per dtype and
     target kind), but serial: it compiles in a fraction of a parallel kernel's time."""
     _pack_scalars(packed, p, mode, small, block_rows)
-    k = N_SCALAR_SLOTS
-    for a in literal_unroll(arrays):
-        k = _pack_array(packed, k, a)
+    k = _pack_array(packed, N_SCALAR_SLOTS, x)
+    k = _pack_array(packed, k, target)
+    k = _pack_array(packed, k, weight)
+    k = _pack_array(packed, k, loss)
+    k = _pack_array(packed, k, grad)
+    k = _pack_array(packed, k, rowdata)
+    k = _pack_array(packed, k, scratch)
+    k = _pack_array(packed, k, lanes)
+    k = _pack_array(packed, k, xt_out)
+    k = _pack_array(packed, k, xt)
+    k = _pack_array(packed, k, x16)
+    _pack_array(packed, k, grad16)
 
 
 @kernel

@@ -50,7 +50,7 @@ def test_precompile_leaves_every_numba_kernel_compiled(backend):
     # C-contiguous logits, and each calls its block function (a cfunc) by address; the
     # parallel loop itself takes only integers and the packed arguments: one for all
     assert len(nb._blocks_by_address.signatures) == 1
-    signatures = {sig[5][:2] for sig in nb._pack_block_arguments.signatures}  # (the logits, the target)
+    signatures = {sig[5:7] for sig in nb._pack_block_arguments.signatures}  # (the logits, the target)
     for dtype in (types.float32, types.float64):
         logits = types.Array(dtype, 2, "C", readonly=True)
         assert (logits, types.Array(types.int64, 1, "C", readonly=True)) in signatures
