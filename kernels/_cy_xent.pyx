@@ -707,16 +707,16 @@ cdef inline double _index_row_loss(double m_minus_x_y, double log_s, double sw, 
     return row_loss
 
 
-cdef inline double _index_finish(double m_minus_x_y, double s, double sw, double w_y, const Params *p,
-                                 double *a, double *y_term) noexcept nogil:
-    """Step (3), class-index targets: returns the loss; sets the gradient coefficient
-    ``a = grad_scale ((1-eps) w_y + eps W / C) / s`` and the target's term
-    ``y_term = grad_scale (1-eps) w_y``. Without smoothing W must not enter at all: 0 * W is
-    NaN when a weight of a class no row uses is inf or NaN (PyTorch never reads it)."""
+cdef inline double _index_finish(double m_minus_x_y, double s, double log_s, double sw, double w_y,
+                                 const Params *p, double *a, double *y_term) noexcept nogil:
+    """Step (3), class-index targets, given ``log_s = _fast_log(s)``: returns the loss; sets
+    the gradient coefficient ``a = grad_scale ((1-eps) w_y + eps W / C) / s`` and the target's
+    term ``y_term = grad_scale (1-eps) w_y``. Without smoothing W must not enter at all: 0 * W
+    is NaN when a weight of a class no row uses is inf or NaN (PyTorch never reads it)."""
     cdef double smoothing = p.spread * p.weight_total if p.smoothing else 0.0
     a[0] = p.grad_scale * (p.keep * w_y + smoothing) / s
     y_term[0] = p.grad_scale * p.keep * w_y
-    return _index_row_loss(m_minus_x_y, _fast_log(s), sw, w_y, p)
+    return _index_row_loss(m_minus_x_y, log_s, sw, w_y, p)
 
 
 cdef inline double _probability_finish(double s, double a_sum, double b_sum, const Params *p,
@@ -831,6 +831,39 @@ cdef inline double _row_entropy_sum(const floating *row, floating m, Py_ssize_t 
     if blocked < n_classes:
         _entropy_lanes(row + blocked, m, n_classes - blocked, h_lanes)
     return _lane_sum(h_lanes)
+
+
+cdef inline void _exp_entropy_lanes(const floating *row, floating m, floating *e_out, Py_ssize_t count,
+                                    bint write_e, double *s_lanes, double *h_lanes) noexcept nogil:
+    """``_exp_lanes`` and ``_entropy_lanes`` in one loop: each exponential computed once."""
+    cdef Py_ssize_t j
+    cdef floating z, e
+    for j in range(SUM_LANES):
+        z = row[j] if j < count else <floating>-INFINITY
+        e = _fast_exp(z - m)
+        if write_e and j < count:
+            e_out[j] = e
+        s_lanes[j] += e
+        h_lanes[j] += (<double>e * (<double>m - <double>z)) if e != 0 else 0.0
+
+
+cdef inline double _row_sum_exp_entropy(const floating *row, floating m, floating *e_out, Py_ssize_t n_classes,
+                                        bint write_e, double *h) noexcept nogil:
+    """``_row_sum_exp`` (returns ``s``) and ``_row_entropy_sum`` (into ``h``) in one pass, the
+    same numbers in the same lanes: for a row that step (2) does not overwrite (``e_out`` is
+    not the row), where the entropy need not be summed first."""
+    cdef double s_lanes[SUM_LANES]
+    cdef double h_lanes[SUM_LANES]
+    cdef Py_ssize_t c
+    cdef Py_ssize_t blocked = n_classes - n_classes % SUM_LANES
+    _zero_lanes(s_lanes)
+    _zero_lanes(h_lanes)
+    for c in range(0, blocked, 16):  # SUM_LANES
+        _exp_entropy_lanes(row + c, m, e_out + c, SUM_LANES, write_e, s_lanes, h_lanes)
+    if blocked < n_classes:
+        _exp_entropy_lanes(row + blocked, m, e_out + blocked, n_classes - blocked, write_e, s_lanes, h_lanes)
+    h[0] = _lane_sum(h_lanes)
+    return _lane_sum(s_lanes)
 
 
 cdef inline bint _argmax_is(const floating *row, floating m, bint no_nan, int64_t y_local,
@@ -957,10 +990,18 @@ cdef inline void _index_row(Py_ssize_t i, const Task *task, const Params *p, con
     x_y = <double>row[y_local] if y_local >= 0 else 0.0  # m - x_y is exact in float64
     # (2), the smoothing sum first: in place, the exponentials then overwrite the row
     sw = _row_smoothing_sum(row, m, weight, n_classes, p.weighted) if p.smoothing else 0.0
-    if options and p.stats:  # likewise before the row is overwritten
+    if options and p.stats and mode != LOSS and <const void *>g == <const void *>row:
+        # in place: the entropy's sum and the argmax test before step (2) overwrites the row
         h = _row_entropy_sum(row, m, n_classes)
         correct = _argmax_is(row, m, h == h, y_local, n_classes)
-    if mode == GRAD or mode == IN_PLACE:
+        s = _row_sum_exp(row, m, g, n_classes, True)
+    elif options and p.stats:  # the row stays: the entropy's sum in step (2)'s pass (same lanes)
+        if mode == GRAD or mode == IN_PLACE:
+            s = _row_sum_exp_entropy(row, m, g, n_classes, True, &h)
+        else:
+            s = _row_sum_exp_entropy(row, m, g, n_classes, False, &h)
+        correct = _argmax_is(row, m, h == h, y_local, n_classes)
+    elif mode == GRAD or mode == IN_PLACE:
         s = _row_sum_exp(row, m, g, n_classes, True)
     else:  # LOSS, STATS: the sum alone
         s = _row_sum_exp(row, m, g, n_classes, False)
@@ -983,7 +1024,9 @@ cdef inline void _index_row(Py_ssize_t i, const Task *task, const Params *p, con
                 memset(g, 0, n_classes * sizeof(floating))
             return
     w_y = <double>weight[y_local] if p.weighted else 1.0
-    task.loss[i] = _index_finish(<double>m - x_y, s, sw, w_y, p, &a, &y_term)  # (3)
+    if not options:
+        log_s = _fast_log(s)
+    task.loss[i] = _index_finish(<double>m - x_y, s, log_s, sw, w_y, p, &a, &y_term)  # (3)
     if options and p.z_loss != 0:  # the z-loss's gradient: z_grad_scale 2 z lse e_c / s
         a = a + p.z_grad_scale * 2.0 * p.z_loss * lse / s
     if mode == GRAD or mode == IN_PLACE:  # (4), one name of the row: e is g
@@ -1117,6 +1160,24 @@ cdef inline void _lanes_sum_exp(floating *buf, Py_ssize_t n_classes, const float
             s[r] += buf[c * LANES + r]
 
 
+cdef inline void _lanes_sum_exp_entropy(floating *buf, Py_ssize_t n_classes, const floating *m, double *s,
+                                        double *h) noexcept nogil:
+    """``_lanes_sum_exp`` and, in the same pass, ``h[r] = sum_c e_c (m - x_c)`` in float64,
+    the classes in order (a term 0 where ``e_c = 0``, as _entropy_lanes)."""
+    cdef Py_ssize_t c, r
+    cdef floating z, e
+    for r in range(LANES):
+        s[r] = 0.0
+        h[r] = 0.0
+    for c in range(n_classes):
+        for r in range(LANES):
+            z = buf[c * LANES + r]
+            e = _fast_exp(z - m[r])
+            buf[c * LANES + r] = e
+            s[r] += e
+            h[r] += (<double>e * (<double>m[r] - <double>z)) if e != 0 else 0.0
+
+
 cdef inline void _prefetch_rows_for_write(floating *grad, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
     """A write hint for ``grad[start:stop]`` (flat), one per cache line: the scalar stores of the
     transposed-out rows otherwise each wait on their line's write-allocate miss."""
@@ -1170,16 +1231,10 @@ cdef inline void _index_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *task, con
         if task.mode != LOSS:
             memcpy(xs, buf, LANES * n_classes * sizeof(floating))
     _lanes_max(buf, n_classes, m)  # (1)
-    if options and p.stats:  # before step (2) overwrites buf, as _row_entropy_sum and _argmax_is
+    if options and p.stats:  # before step (2) overwrites buf, as _argmax_is (the entropy's sum: in (2))
         for r in range(LANES):
-            h[r] = 0.0
             first_max[r] = -1
             first_nan[r] = -1
-        for c in range(n_classes):
-            for r in range(LANES):
-                z = buf[c * LANES + r]
-                e = _fast_exp(z - m[r])
-                h[r] += (<double>e * (<double>m[r] - <double>z)) if e != 0 else 0.0
         for c in range(n_classes - 1, -1, -1):  # the first index of the max, and of a NaN
             class_index = <int32_t>c
             for r in range(LANES):
@@ -1222,7 +1277,10 @@ cdef inline void _index_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *task, con
         m_minus_x_y[r] = <double>m[r] - <double>x_y[r] if target[r] >= 0 else 0.0
         if not p.weighted:
             w_y[r] = 1.0 if target[r] >= 0 else 0.0
-    _lanes_sum_exp(buf, n_classes, m, s)  # (2)
+    if options and p.stats:  # (2) and the entropy's sum H = sum_c e_c (m - x'_c), in one pass
+        _lanes_sum_exp_entropy(buf, n_classes, m, s, h)
+    else:
+        _lanes_sum_exp(buf, n_classes, m, s)  # (2)
     for r in range(LANES):  # (3), the arithmetic of _index_finish, LANES rows at once
         log_s[r] = _fast_log(s[r])
         row_loss[r] = _index_row_loss(m_minus_x_y[r], log_s[r], sw[r], w_y[r], p)
@@ -1828,8 +1886,8 @@ cdef fx_hot_void _finish_index_rows(const double[:, ::1] stats, const int64_t[::
             coef[i, COEF_Y] = 0.0
             continue
         w_y = weight[label] if p.weighted else 1.0
-        loss[i] = _index_finish(stats[i, STAT_M] - stats[i, STAT_TARGET], stats[i, STAT_S], stats[i, STAT_B], w_y,
-                                p, &a, &y_term)
+        loss[i] = _index_finish(stats[i, STAT_M] - stats[i, STAT_TARGET], stats[i, STAT_S],
+                                _fast_log(stats[i, STAT_S]), stats[i, STAT_B], w_y, p, &a, &y_term)
         coef[i, COEF_A] = a
         coef[i, COEF_Y] = y_term
 
