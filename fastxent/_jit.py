@@ -78,7 +78,7 @@ class _LinkOnlyLibrary(numba.core.codegen.JITCodeLibrary):
 
 class _LinkOnlyCompiler(numba.core.compiler.Compiler):
     """numba's pipeline for a helper that is only ever called from other numba code (see
-    ``link_only_helper``): the lowered function goes into a _LinkOnlyLibrary, and instead of
+    ``LINK_ONLY``): the lowered function goes into a _LinkOnlyLibrary, and instead of
     a callable entry point (which would make machine code) the dispatcher gets a stub that
     stands for the function when callers link it (``insert_user_function``): a builtin
     method (numba's dispatcher takes no other type) of an object of its own, so one key per
@@ -471,16 +471,17 @@ def lanes_to_rows16(typingctx, buf, start, stride, width, g, row0, column0, rows
 BLOCK_SIGNATURE = types.void(types.int64, types.int64, types.int64)
 
 
-#: set to 1 to compile the block functions in the calling process instead of a child
-#: (``_numba_kernels.block_function``); the child, and precompile's workers, set it for themselves
+#: set to 1 to compile the parallel kernels that go through the cache (the distillation's and
+#: the score's: ``_numba_kernels.compiled_through_the_cache``) in the calling process instead
+#: of a child; the child, and precompile's workers, set it for themselves
 COMPILE_IN_PROCESS_ENV = "FASTXENT_COMPILE_IN_PROCESS"
 
 
 def child_process_environment() -> dict[str, str]:
     """The environment of a child Python process that compiles into numba's cache for this
-    one (a block function's or a kernel's child, precompile's workers): this process's, with
-    its module path (so the child imports the same package) and COMPILE_IN_PROCESS_ENV set
-    (the child's own block functions compile in it: its work goes to the cache anyway)."""
+    one (a kernel's child, precompile's workers): this process's, with its module path (so
+    the child imports the same package) and COMPILE_IN_PROCESS_ENV set (what the child
+    compiles, it compiles itself: its work goes to the cache anyway)."""
     environment = dict(os.environ, **{COMPILE_IN_PROCESS_ENV: "1"})
     environment["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
     return environment

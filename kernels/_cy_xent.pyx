@@ -550,14 +550,16 @@ cdef inline double _lane_sum(double *lanes) noexcept nogil:
 
 
 cdef inline void _exp_lanes(const floating *row, floating m, floating *e_out, Py_ssize_t count,
-                            bint write_e, double *s_lanes) noexcept nogil:
+                            bint write_e, double *s_lanes, double *h_lanes) noexcept nogil:
     """Step (2) on ``count <= SUM_LANES`` elements: ``e_j = exp(row_j - m)``,
-    ``s_lanes[j] += e_j``. Inlined with ``count = SUM_LANES`` for whole blocks of the row
-    and with the tail length for the rest, so element c goes to lane c % 16. The loop always
-    runs SUM_LANES iterations (one vector): past ``count`` the row reads as -inf, whose exp
-    adds an exact 0 to its lane. So the tail is one masked load and store, and the lanes see
-    only full-width unmasked adds; a scalar or masked store to a lane that the lane sum
-    reloads at once stalls store forwarding (it made rows of 10 classes 1.7x slower)."""
+    ``s_lanes[j] += e_j``, and unless ``h_lanes`` is NULL (a constant at every call) the
+    entropy's ``h_lanes[j] += e_j (m - row_j)`` (a term 0 where ``e_j = 0``: ``0 log 0 = 0``,
+    and no ``0 * inf`` for a -inf logit). Inlined with ``count = SUM_LANES`` for whole blocks
+    of the row and with the tail length for the rest, so element c goes to lane c % 16. The
+    loop always runs SUM_LANES iterations (one vector): past ``count`` the row reads as -inf,
+    whose exp adds an exact 0 to its lane. So the tail is one masked load and store, and the
+    lanes see only full-width unmasked adds; a scalar or masked store to a lane that the lane
+    sum reloads at once stalls store forwarding (it made rows of 10 classes 1.7x slower)."""
     cdef Py_ssize_t j
     cdef floating z, e
     for j in range(SUM_LANES):
@@ -566,23 +568,39 @@ cdef inline void _exp_lanes(const floating *row, floating m, floating *e_out, Py
         if write_e and j < count:
             e_out[j] = e
         s_lanes[j] += e
+        if h_lanes != NULL:
+            h_lanes[j] += (<double>e * (<double>m - <double>z)) if e != 0 else 0.0
+
+
+cdef inline double _row_sum_exp_entropy(const floating *row, floating m, floating *e_out, Py_ssize_t n_classes,
+                                        bint write_e, double *h) noexcept nogil:
+    """Step (2): ``e_c = exp(row_c - m)`` into ``e_out`` (the gradient or softmax row) when
+    ``write_e``, and ``s = sum_c e_c`` in float64 (returned); unless ``h`` is NULL, in the same
+    pass the entropy's ``H = sum_c e_c (m - row_c)`` into ``h`` (the entropy of the row's
+    softmax is ``log s + H / s``; NaN exactly when ``s`` is). ``write_e`` and whether ``h`` is
+    NULL are constants at every call, so each inlined copy has one loop without the
+    branches; loss only stores nothing, and sums in the same order as loss+grad."""
+    cdef double s_lanes[SUM_LANES]
+    cdef double h_lanes[SUM_LANES]
+    cdef double *h_or_null = h_lanes if h != NULL else NULL
+    cdef Py_ssize_t c
+    cdef Py_ssize_t blocked = n_classes - n_classes % SUM_LANES
+    _zero_lanes(s_lanes)
+    if h != NULL:
+        _zero_lanes(h_lanes)
+    for c in range(0, blocked, 16):  # SUM_LANES
+        _exp_lanes(row + c, m, e_out + c, SUM_LANES, write_e, s_lanes, h_or_null)
+    if blocked < n_classes:  # (an empty tail would cost a whole vector of exponentials)
+        _exp_lanes(row + blocked, m, e_out + blocked, n_classes - blocked, write_e, s_lanes, h_or_null)
+    if h != NULL:
+        h[0] = _lane_sum(h_lanes)
+    return _lane_sum(s_lanes)
 
 
 cdef inline double _row_sum_exp(const floating *row, floating m, floating *e_out,
                                 Py_ssize_t n_classes, bint write_e) noexcept nogil:
-    """Step (2): ``e_c = exp(row_c - m)`` into ``e_out`` (the gradient or softmax row) when
-    ``write_e``, and ``s = sum_c e_c`` in float64. ``write_e`` is a constant at every call,
-    so each inlined copy has one loop without the branch; loss only stores nothing, and
-    sums in the same order as loss+grad."""
-    cdef double s_lanes[SUM_LANES]
-    cdef Py_ssize_t c
-    cdef Py_ssize_t blocked = n_classes - n_classes % SUM_LANES
-    _zero_lanes(s_lanes)
-    for c in range(0, blocked, 16):  # SUM_LANES
-        _exp_lanes(row + c, m, e_out + c, SUM_LANES, write_e, s_lanes)
-    if blocked < n_classes:  # (an empty tail would cost a whole vector of exponentials)
-        _exp_lanes(row + blocked, m, e_out + blocked, n_classes - blocked, write_e, s_lanes)
-    return _lane_sum(s_lanes)
+    """Step (2) without the entropy (_row_sum_exp_entropy): returns ``s``."""
+    return _row_sum_exp_entropy(row, m, e_out, n_classes, write_e, NULL)
 
 
 cdef inline void _smoothing_lanes(const floating *row, floating m, const floating *weight, Py_ssize_t count,
@@ -805,67 +823,6 @@ cdef inline void _transform_grad_row(floating *g, const floating *xs, Py_ssize_t
             g[c] = g[c] * a
 
 
-cdef inline void _entropy_lanes(const floating *row, floating m, Py_ssize_t count, double *h_lanes) noexcept nogil:
-    """``h_lanes[j] += e_j (m - row_j)`` for ``count <= SUM_LANES`` elements, a term 0 where
-    ``e_j = 0`` (``0 log 0 = 0``, and no ``0 * inf`` for a -inf logit); past ``count`` the row
-    reads as -inf (see _exp_lanes)."""
-    cdef Py_ssize_t j
-    cdef floating z, e
-    for j in range(SUM_LANES):
-        z = row[j] if j < count else <floating>-INFINITY
-        e = _fast_exp(z - m)
-        h_lanes[j] += (<double>e * (<double>m - <double>z)) if e != 0 else 0.0
-
-
-cdef inline double _row_entropy_sum(const floating *row, floating m, Py_ssize_t n_classes) noexcept nogil:
-    """``H = sum_c e_c (m - row_c)`` in float64, the exponentials computed again (so that it
-    can run before step (2) overwrites an in-place row); the entropy of the row's softmax is
-    ``log s + H / s``. NaN exactly when ``s`` is: where some ``e_c`` is NaN (a NaN in the
-    row, or an infinite max)."""
-    cdef double h_lanes[SUM_LANES]
-    cdef Py_ssize_t c
-    cdef Py_ssize_t blocked = n_classes - n_classes % SUM_LANES
-    _zero_lanes(h_lanes)
-    for c in range(0, blocked, 16):  # SUM_LANES
-        _entropy_lanes(row + c, m, SUM_LANES, h_lanes)
-    if blocked < n_classes:
-        _entropy_lanes(row + blocked, m, n_classes - blocked, h_lanes)
-    return _lane_sum(h_lanes)
-
-
-cdef inline void _exp_entropy_lanes(const floating *row, floating m, floating *e_out, Py_ssize_t count,
-                                    bint write_e, double *s_lanes, double *h_lanes) noexcept nogil:
-    """``_exp_lanes`` and ``_entropy_lanes`` in one loop: each exponential computed once."""
-    cdef Py_ssize_t j
-    cdef floating z, e
-    for j in range(SUM_LANES):
-        z = row[j] if j < count else <floating>-INFINITY
-        e = _fast_exp(z - m)
-        if write_e and j < count:
-            e_out[j] = e
-        s_lanes[j] += e
-        h_lanes[j] += (<double>e * (<double>m - <double>z)) if e != 0 else 0.0
-
-
-cdef inline double _row_sum_exp_entropy(const floating *row, floating m, floating *e_out, Py_ssize_t n_classes,
-                                        bint write_e, double *h) noexcept nogil:
-    """``_row_sum_exp`` (returns ``s``) and ``_row_entropy_sum`` (into ``h``) in one pass, the
-    same numbers in the same lanes: for a row that step (2) does not overwrite (``e_out`` is
-    not the row), where the entropy need not be summed first."""
-    cdef double s_lanes[SUM_LANES]
-    cdef double h_lanes[SUM_LANES]
-    cdef Py_ssize_t c
-    cdef Py_ssize_t blocked = n_classes - n_classes % SUM_LANES
-    _zero_lanes(s_lanes)
-    _zero_lanes(h_lanes)
-    for c in range(0, blocked, 16):  # SUM_LANES
-        _exp_entropy_lanes(row + c, m, e_out + c, SUM_LANES, write_e, s_lanes, h_lanes)
-    if blocked < n_classes:
-        _exp_entropy_lanes(row + blocked, m, e_out + blocked, n_classes - blocked, write_e, s_lanes, h_lanes)
-    h[0] = _lane_sum(h_lanes)
-    return _lane_sum(s_lanes)
-
-
 cdef inline bint _argmax_is(const floating *row, floating m, bint no_nan, int64_t y_local,
                             Py_ssize_t n_classes) noexcept nogil:
     """Whether the first index of the row's max is ``y_local`` (``torch.argmax``: ties go to
@@ -992,7 +949,7 @@ cdef inline void _index_row(Py_ssize_t i, const Task *task, const Params *p, con
     sw = _row_smoothing_sum(row, m, weight, n_classes, p.weighted) if p.smoothing else 0.0
     if options and p.stats and mode != LOSS and <const void *>g == <const void *>row:
         # in place: the entropy's sum and the argmax test before step (2) overwrites the row
-        h = _row_entropy_sum(row, m, n_classes)
+        _row_sum_exp_entropy(row, m, NULL, n_classes, False, &h)
         correct = _argmax_is(row, m, h == h, y_local, n_classes)
         s = _row_sum_exp(row, m, g, n_classes, True)
     elif options and p.stats:  # the row stays: the entropy's sum in step (2)'s pass (same lanes)
@@ -1059,7 +1016,7 @@ cdef inline void _probability_row(Py_ssize_t i, const Task *task, const Params *
         row = xs
     m = _row_max(row, n_classes)  # (1)
     if options and p.stats:  # before step (2), which in place overwrites the row
-        h = _row_entropy_sum(row, m, n_classes)
+        _row_sum_exp_entropy(row, m, NULL, n_classes, False, &h)
     if mode == GRAD or mode == IN_PLACE:  # (2), each element of the row read before it is written
         s = _row_sum_exp_target_sums(row, m, t, weight, g, n_classes, True, p, &a_sum, &b_sum)
     else:
@@ -1147,35 +1104,26 @@ cdef inline void _lanes_max(const floating *buf, Py_ssize_t n_classes, floating 
             m[r] = _greater(m[r], buf[c * LANES + r])
 
 
-cdef inline void _lanes_sum_exp(floating *buf, Py_ssize_t n_classes, const floating *m, double *s) noexcept nogil:
+cdef inline void _lanes_sum_exp(floating *buf, Py_ssize_t n_classes, const floating *m, double *s,
+                                double *h) noexcept nogil:
     """Step (2) on the lanes' rows: ``buf <- exp(buf - m)``, ``s[r] = sum_c buf[c, r]`` in
-    float64, the classes in order."""
-    cdef Py_ssize_t c, r
-    for r in range(LANES):
-        s[r] = 0.0
-    for c in range(n_classes):
-        for r in range(LANES):
-            buf[c * LANES + r] = _fast_exp(buf[c * LANES + r] - m[r])
-        for r in range(LANES):
-            s[r] += buf[c * LANES + r]
-
-
-cdef inline void _lanes_sum_exp_entropy(floating *buf, Py_ssize_t n_classes, const floating *m, double *s,
-                                        double *h) noexcept nogil:
-    """``_lanes_sum_exp`` and, in the same pass, ``h[r] = sum_c e_c (m - x_c)`` in float64,
-    the classes in order (a term 0 where ``e_c = 0``, as _entropy_lanes)."""
+    float64, the classes in order; unless ``h`` is NULL (a constant at every call), in the
+    same pass the entropy's ``h[r] = sum_c e_c (m - x_c)`` (a term 0 where ``e_c = 0``, as in
+    _exp_lanes)."""
     cdef Py_ssize_t c, r
     cdef floating z, e
     for r in range(LANES):
         s[r] = 0.0
-        h[r] = 0.0
+        if h != NULL:
+            h[r] = 0.0
     for c in range(n_classes):
         for r in range(LANES):
             z = buf[c * LANES + r]
             e = _fast_exp(z - m[r])
             buf[c * LANES + r] = e
             s[r] += e
-            h[r] += (<double>e * (<double>m[r] - <double>z)) if e != 0 else 0.0
+            if h != NULL:
+                h[r] += (<double>e * (<double>m[r] - <double>z)) if e != 0 else 0.0
 
 
 cdef inline void _prefetch_rows_for_write(floating *grad, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
@@ -1278,9 +1226,9 @@ cdef inline void _index_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *task, con
         if not p.weighted:
             w_y[r] = 1.0 if target[r] >= 0 else 0.0
     if options and p.stats:  # (2) and the entropy's sum H = sum_c e_c (m - x'_c), in one pass
-        _lanes_sum_exp_entropy(buf, n_classes, m, s, h)
+        _lanes_sum_exp(buf, n_classes, m, s, h)
     else:
-        _lanes_sum_exp(buf, n_classes, m, s)  # (2)
+        _lanes_sum_exp(buf, n_classes, m, s, NULL)  # (2)
     for r in range(LANES):  # (3), the arithmetic of _index_finish, LANES rows at once
         log_s[r] = _fast_log(s[r])
         row_loss[r] = _index_row_loss(m_minus_x_y[r], log_s[r], sw[r], w_y[r], p)
@@ -1363,7 +1311,7 @@ cdef inline void _probability_lanes(Py_ssize_t r0, Py_ssize_t k, const Task *tas
                 wt = w * wt
             a_sum[r] += wt
             b_sum[r] += wt * (m[r] - buf[c * LANES + r])
-    _lanes_sum_exp(buf, n_classes, m, s)  # (2)
+    _lanes_sum_exp(buf, n_classes, m, s, NULL)  # (2)
     for r in range(LANES):  # (3), the arithmetic of _probability_finish, LANES rows at once
         row_loss[r] = b_sum[r] + a_sum[r] * _fast_log(s[r])
         a[r] = p.grad_scale * a_sum[r] / s[r]
