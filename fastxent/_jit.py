@@ -34,6 +34,7 @@ from typing import Any
 import numba
 import numba.core.codegen
 import numba.core.compiler
+import numba.np.arrayobj
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -283,6 +284,59 @@ def address_as(typingctx, address, dtype):
 
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], context.get_value_type(types.CPointer(element)))
+
+    return sig, codegen
+
+
+@intrinsic
+def pack_array(typingctx, packed, k, array):
+    """Writes the C-contiguous ``array``'s address and shape to ``packed[k:]`` (an int64
+    array) and returns the next free slot, ``k + 1 + ndim``. An intrinsic, not a numba
+    helper: the block arguments' packing calls it twelve times in each of its four
+    specialisations, and numba types and inlines a helper's IR at each call (~0.1 s of CPU
+    per specialisation; this emits the stores directly)."""
+    sig = types.int64(packed, k, array)
+
+    def codegen(context, builder, signature, args):
+        packed_type, _, array_type = signature.args
+        slots = context.make_array(packed_type)(context, builder, value=args[0]).data
+        value = context.make_array(array_type)(context, builder, value=args[2])
+        int64 = ir.IntType(64)
+        fields = [builder.ptrtoint(value.data, int64), *numba.core.cgutils.unpack_tuple(builder, value.shape)]
+        for d, field in enumerate(fields):
+            builder.store(field, builder.gep(slots, [builder.add(args[1], int64(d))]))
+        return builder.add(args[1], int64(len(fields)))
+
+    return sig, codegen
+
+
+@intrinsic
+def unpack_array(typingctx, packed, k, dtype, ndim):
+    """``(array, next slot)``: the C-contiguous array of ``dtype`` (a NumPy scalar type) and
+    ``ndim`` (a constant) whose address and shape ``pack_array`` wrote to ``packed[k:]``,
+    owned by the caller (no reference counting), as ``numba.carray`` would make it."""
+    if not isinstance(ndim, types.IntegerLiteral):
+        return None  # (numba then types the call again with the constant's literal type)
+    element = dtype.dtype if isinstance(dtype, types.NumberClass) else dtype
+    array_type = types.Array(element, ndim.literal_value, "C")
+    sig = types.Tuple((array_type, types.int64))(packed, k, dtype, ndim)
+
+    def codegen(context, builder, signature, args):
+        slots = context.make_array(signature.args[0])(context, builder, value=args[0]).data
+        int64 = ir.IntType(64)
+        slot = [builder.gep(slots, [builder.add(args[1], int64(d))]) for d in range(array_type.ndim + 1)]
+        fields = [builder.load(pointer) for pointer in slot]  # the address, then the shape
+        itemsize = context.get_abi_sizeof(context.get_data_type(element))
+        strides = [int64(itemsize)]
+        for extent in reversed(fields[2:]):
+            strides.insert(0, builder.mul(strides[0], extent))
+        array = context.make_array(array_type)(context, builder)
+        data = builder.inttoptr(fields[0], context.get_value_type(types.CPointer(element)))
+        numba.np.arrayobj.populate_array(
+            array, data=data, shape=fields[1:], strides=strides, itemsize=int64(itemsize), meminfo=None
+        )
+        next_slot = builder.add(args[1], int64(len(fields)))
+        return context.make_tuple(builder, signature.return_type, [array._getvalue(), next_slot])
 
     return sig, codegen
 

@@ -81,9 +81,11 @@ from ._jit import (
     load_cached_overload,
     outlined_helper,
     overload_options,
+    pack_array,
     prefetch_for_write,
     rows_to_lanes16,
     two_to_the_rounded,
+    unpack_array,
     wide_vectors,
 )
 from ._spec import (
@@ -875,7 +877,7 @@ def chunks_long_rows(row):
     return row.dtype == np.float32
 
 
-@overload(chunks_long_rows)
+@overload(chunks_long_rows, jit_options=overload_options(FASTMATH))
 def _chunks_long_rows_overload(row):
     if row.dtype == types.float32:
         return lambda row: True
@@ -940,7 +942,7 @@ def float32_chunked_steps(src, xt_out, row, e, chunks, p, dst):
     return chunked_steps(src, xt_out, row, e, chunks, p, dst)
 
 
-@overload(float32_chunked_steps)
+@overload(float32_chunked_steps, jit_options=overload_options(FASTMATH))
 def _float32_chunked_steps_overload(src, xt_out, row, e, chunks, p, dst):
     if row.dtype == types.float32:
         return lambda src, xt_out, row, e, chunks, p, dst: chunked_steps(src, xt_out, row, e, chunks, p, dst)
@@ -1019,186 +1021,198 @@ def float32_index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p,
     _index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode)
 
 
-@overload(float32_index_grad_chunks)
+@overload(float32_index_grad_chunks, jit_options=overload_options(FASTMATH))
 def _float32_index_grad_chunks_overload(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode):
     if row.dtype == types.float32:
         return float32_index_grad_chunks
     return lambda i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode: None  # float64
 
 
-@helper
-def _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, e, xt_out, xt, x16, grad16, chunks):
-    """Steps (0)-(4) for row i with a class-index target; ``e`` is the thread's scratch row,
-    ``xt_out``/``xt`` its x' row, written and read under two names (see the kernels).
-    16-bit storage (``p.storage``): the logits are ``x16`` and the gradient ``grad16`` (``x``
+@outlined_helper
+def _index_rows(r0, r1, x, y, weight, p, mode, loss, grad, rowdata, scratch, xt_out, xt, x16, grad16, chunks):
+    """Steps (0)-(4) for each row i of r0..r1-1 with a class-index target. ``scratch`` (``e``
+    in a row) is the thread's scratch row, ``xt_out``/``xt`` its x' row, written and read
+    under two names (see the kernels). 16-bit storage (``p.storage``): the logits are ``x16`` and the gradient ``grad16`` (``x``
     and ``grad`` are stand-ins never read); the mode is then LOSS or IN_PLACE. ``chunks``:
-    the thread's chunk state for long rows (chunked_steps)."""
-    narrow = p.storage != STORAGE_NATIVE
-    row = xt if narrow else x[i]  # (x is a one-row stand-in then)
-    label = y[i]
-    ignored = label == p.ignore_index
-    if ignored and mode != STATS and not p.stats:  # ignored rows: loss 0, gradient 0, y_i never read
-        loss[i] = 0.0
-        if mode != LOSS:
+    the thread's chunk state for long rows (chunked_steps).
+
+    The row's code is the loop's body (``continue`` ends a row), not a helper: see
+    docs/DESIGN.md, "The row code in the loop"."""
+    wide_vectors()
+    for i in range(r0, r1):
+        e = scratch  # (a row may put another name on it)
+        narrow = p.storage != STORAGE_NATIVE
+        row = xt if narrow else x[i]  # (x is a one-row stand-in then)
+        label = y[i]
+        ignored = label == p.ignore_index
+        if ignored and mode != STATS and not p.stats:  # ignored rows: loss 0, gradient 0, y_i never read
+            loss[i] = 0.0
+            if mode != LOSS:
+                if narrow:
+                    grad16[i, :] = 0
+                else:
+                    grad[i, :] = 0
+            if p.row_outputs:
+                rowdata[i, OUT_LSE] = 0.0
+                rowdata[i, OUT_Z] = 0.0
+            continue
+        m = xt[0]  # (defined on every path: a variable set in one branch only would be
+        # carried across the prange iterations, which numba's reduction analysis cannot follow)
+        n_classes = row.shape[0]
+        # (0)-(2), in one piece (row_steps) or a long row a chunk at a time (chunked_steps); from
+        # here on the row is x'. SHARD_GRAD: (0) alone (the max and the sums come merged)
+        chunked = chunks_long_rows(row) and n_classes >= LONG_ROW and (mode == LOSS or mode == GRAD or mode == IN_PLACE)
+        # a long row whose x' (or logits) nothing reads after its own chunk: no scale, cap,
+        # smoothing sum or statistics
+        plain_chunks = chunked and not (p.transformed or p.smoothing or p.stats)
+        # plain in place of a long row: the row itself takes each chunk's terms, as the gradient
+        # row does with out= (the same specialisation of the steps, the row read under its
+        # read-only name); a whole row of terms in scratch (128 KB more in L2) made in place
+        # slower than out= (4096 x 32000, two threads: 53-57 ms against 40-45)
+        in_row = mode == IN_PLACE and plain_chunks and not narrow
+        if mode == GRAD or in_row:  # the exponentials go straight into the gradient row (see the docstring)
+            e = grad[i]
+        elif mode == LOSS and chunked:
+            # loss only: no step (4) reads the terms, so each chunk's go to the same few KB of
+            # scratch (in L1); a whole row of them (128 KB at C = 32000) left L1 chunk after
+            # chunk: 4096 x 32000, one thread, 85-88 -> 61-64 ms
+            e = e[: chunk_width(n_classes)]
+        y_local = label - p.class_start
+        if ignored or y_local < 0 or y_local >= n_classes:
+            y_local = -1  # the target is not among these columns (a class shard), or ignored
+        # x_y read before the steps where the row will not hold it after them: in place (the row
+        # then holds the terms) and plain 16-bit rows (x' holds its last chunk only)
+        x_y_apart = plain_chunks and (narrow or in_row)
+        x_y = 0.0
+        if x_y_apart and y_local >= 0:
+            x_y = np.float64(widen16(x16[i, y_local], p.storage)) if narrow else np.float64(row[y_local])
+        s = 0.0
+        h = 0.0
+        if mode == SHARD_GRAD:
             if narrow:
-                grad16[i, :] = 0
-            else:
-                grad[i, :] = 0
-        if p.row_outputs:
-            rowdata[i, OUT_LSE] = 0.0
-            rowdata[i, OUT_Z] = 0.0
-        return
-    m = xt[0]  # (defined on every path: a variable set in one branch only would be
-    # carried across the prange iterations, which numba's reduction analysis cannot follow)
-    n_classes = row.shape[0]
-    # (0)-(2), in one piece (row_steps) or a long row a chunk at a time (chunked_steps); from
-    # here on the row is x'. SHARD_GRAD: (0) alone (the max and the sums come merged)
-    chunked = chunks_long_rows(row) and n_classes >= LONG_ROW and (mode == LOSS or mode == GRAD or mode == IN_PLACE)
-    # a long row whose x' (or logits) nothing reads after its own chunk: no scale, cap,
-    # smoothing sum or statistics
-    plain_chunks = chunked and not (p.transformed or p.smoothing or p.stats)
-    # plain in place of a long row: the row itself takes each chunk's terms, as the gradient
-    # row does with out= (the same specialisation of the steps, the row read under its
-    # read-only name); a whole row of terms in scratch (128 KB more in L2) made in place
-    # slower than out= (4096 x 32000, two threads: 53-57 ms against 40-45)
-    in_row = mode == IN_PLACE and plain_chunks and not narrow
-    if mode == GRAD or in_row:  # the exponentials go straight into the gradient row (see the docstring)
-        e = grad[i]
-    elif mode == LOSS and chunked:
-        # loss only: no step (4) reads the terms, so each chunk's go to the same few KB of
-        # scratch (in L1); a whole row of them (128 KB at C = 32000) left L1 chunk after
-        # chunk: 4096 x 32000, one thread, 85-88 -> 61-64 ms
-        e = e[: chunk_width(n_classes)]
-    y_local = label - p.class_start
-    if ignored or y_local < 0 or y_local >= n_classes:
-        y_local = -1  # the target is not among these columns (a class shard), or ignored
-    # x_y read before the steps where the row will not hold it after them: in place (the row
-    # then holds the terms) and plain 16-bit rows (x' holds its last chunk only)
-    x_y_apart = plain_chunks and (narrow or in_row)
-    x_y = 0.0
-    if x_y_apart and y_local >= 0:
-        x_y = np.float64(widen16(x16[i, y_local], p.storage)) if narrow else np.float64(row[y_local])
-    s = 0.0
-    h = 0.0
-    if mode == SHARD_GRAD:
-        if narrow:
-            transform_row_max(x16[i], xt_out, p)
+                transform_row_max(x16[i], xt_out, p)
+                row = xt
+            elif p.transformed:
+                transform_row_max(row, xt_out, p)
+                row = xt
+        elif narrow:
+            # a plain 16-bit long row reads x' only within its chunk (x'_y is the widened word):
+            # one chunk's room of it stays in L1; a whole row of it (128 KB at C = 32000) did not.
+            # The gradient's words are first written in step (4), after the row's exponentials:
+            # their lines are fetched for writing during steps (1)-(2), chunk by chunk, instead
+            # (4096 x 32000 bfloat16, loss+grad, one thread: 108.7 -> 94.7 ms, two 55.8 -> 49.2)
+            room = chunk_width(n_classes) if plain_chunks else n_classes
+            words_out = grad16[i] if mode == IN_PLACE else grad16[0, :0]
+            m, s, h = steps_0_to_2(chunked, x16[i], xt_out[:room], xt[:room], e, chunks, p, words_out)
             row = xt
         elif p.transformed:
-            transform_row_max(row, xt_out, p)
+            m, s, h = steps_0_to_2(chunked, row, xt_out, xt, e, chunks, p, grad16[0, :0])
             row = xt
-    elif narrow:
-        # a plain 16-bit long row reads x' only within its chunk (x'_y is the widened word):
-        # one chunk's room of it stays in L1; a whole row of it (128 KB at C = 32000) did not.
-        # The gradient's words are first written in step (4), after the row's exponentials:
-        # their lines are fetched for writing during steps (1)-(2), chunk by chunk, instead
-        # (4096 x 32000 bfloat16, loss+grad, one thread: 108.7 -> 94.7 ms, two 55.8 -> 49.2)
-        room = chunk_width(n_classes) if plain_chunks else n_classes
-        words_out = grad16[i] if mode == IN_PLACE else grad16[0, :0]
-        m, s, h = steps_0_to_2(chunked, x16[i], xt_out[:room], xt[:room], e, chunks, p, words_out)
-        row = xt
-    elif p.transformed:
-        m, s, h = steps_0_to_2(chunked, row, xt_out, xt, e, chunks, p, grad16[0, :0])
-        row = xt
-    else:
-        m, s, h = steps_0_to_2(chunked, row, xt_out, row, e, chunks, p, grad16[0, :0])
-    if mode == SHARD_GRAD:  # (4) from the merged statistics
-        m = x.dtype.type(rowdata[i, COEF_M])
-        row_sum_exp(row, m, e)
-        if p.transformed:  # (e is the scratch row here: SHARD_GRAD writes the gradient apart)
-            index_grad_row_chain(grad[i], e, y_local, rowdata[i, COEF_A], rowdata[i, COEF_Y], weight, p, row)
         else:
-            index_grad_row(grad[i], e, y_local, rowdata[i, COEF_A], rowdata[i, COEF_Y], weight, p)
-        return
-    if not x_y_apart and y_local >= 0:
-        x_y = np.float64(row[y_local])
-    sw = row_smoothing_sum(row, m, weight, p.weighted) if p.smoothing else 0.0
-    if mode == STATS:
-        rowdata[i, STAT_M] = m
-        rowdata[i, STAT_S] = s
-        rowdata[i, STAT_TARGET] = x_y
-        rowdata[i, STAT_A] = 0.0
-        rowdata[i, STAT_B] = sw
-        return
-    # m - x_y is exact in float64 (np.float64, not float(): numba's float() of a float32
-    # stays float32)
-    w_y = np.float64(weight[y_local]) if p.weighted and y_local >= 0 else 1.0
-    row_loss, a, y_term = index_finish(np.float64(m) - x_y, s, sw, w_y, p)  # (3)
-    if p.row_outputs:  # (3'): lse, the z-loss, the statistics (ignored rows too, for those)
-        a = row_outputs(i, row, m, s, h, y_local, not ignored, a, p, rowdata)
-    if ignored:  # reached with p.stats only: the statistics are written, nothing else
-        loss[i] = 0.0
-        if mode != LOSS:
-            if narrow:
-                grad16[i, :] = 0
+            m, s, h = steps_0_to_2(chunked, row, xt_out, row, e, chunks, p, grad16[0, :0])
+        if mode == SHARD_GRAD:  # (4) from the merged statistics
+            m = x.dtype.type(rowdata[i, COEF_M])
+            row_sum_exp(row, m, e)
+            if p.transformed:  # (e is the scratch row here: SHARD_GRAD writes the gradient apart)
+                index_grad_row_chain(grad[i], e, y_local, rowdata[i, COEF_A], rowdata[i, COEF_Y], weight, p, row)
             else:
-                grad[i, :] = 0
-        return
-    loss[i] = row_loss
-    if mode == LOSS:
-        return
-    if chunked:  # (in_row: the terms are in the gradient row, as with GRAD)
-        mode_4 = GRAD if in_row else mode
-        float32_index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode_4)
-    elif narrow:  # (4), (4') in float32, (4'') rounded into the 16-bit words
-        index_grad_row_words(grad16[i], e, y_local, a, y_term, weight, p, row)
-    elif p.transformed:  # (4) and (4'): the chain rule through x', in one loop
-        index_grad_row_chain(grad[i], e[:0] if mode == GRAD else e, y_local, a, y_term, weight, p, row)
-    elif mode == GRAD:  # (4), one name of the row: e is grad[i]
-        g = grad[i]
-        index_grad_row(g, g, y_local, a, y_term, weight, p)
-    else:  # IN_PLACE
-        index_grad_row(grad[i], e, y_local, a, y_term, weight, p)
+                index_grad_row(grad[i], e, y_local, rowdata[i, COEF_A], rowdata[i, COEF_Y], weight, p)
+            continue
+        if not x_y_apart and y_local >= 0:
+            x_y = np.float64(row[y_local])
+        sw = row_smoothing_sum(row, m, weight, p.weighted) if p.smoothing else 0.0
+        if mode == STATS:
+            rowdata[i, STAT_M] = m
+            rowdata[i, STAT_S] = s
+            rowdata[i, STAT_TARGET] = x_y
+            rowdata[i, STAT_A] = 0.0
+            rowdata[i, STAT_B] = sw
+            continue
+        # m - x_y is exact in float64 (np.float64, not float(): numba's float() of a float32
+        # stays float32)
+        w_y = np.float64(weight[y_local]) if p.weighted and y_local >= 0 else 1.0
+        row_loss, a, y_term = index_finish(np.float64(m) - x_y, s, sw, w_y, p)  # (3)
+        if p.row_outputs:  # (3'): lse, the z-loss, the statistics (ignored rows too, for those)
+            a = row_outputs(i, row, m, s, h, y_local, not ignored, a, p, rowdata)
+        if ignored:  # reached with p.stats only: the statistics are written, nothing else
+            loss[i] = 0.0
+            if mode != LOSS:
+                if narrow:
+                    grad16[i, :] = 0
+                else:
+                    grad[i, :] = 0
+            continue
+        loss[i] = row_loss
+        if mode == LOSS:
+            continue
+        if chunked:  # (in_row: the terms are in the gradient row, as with GRAD)
+            mode_4 = GRAD if in_row else mode
+            float32_index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode_4)
+        elif narrow:  # (4), (4') in float32, (4'') rounded into the 16-bit words
+            index_grad_row_words(grad16[i], e, y_local, a, y_term, weight, p, row)
+        elif p.transformed:  # (4) and (4'): the chain rule through x', in one loop
+            index_grad_row_chain(grad[i], e[:0] if mode == GRAD else e, y_local, a, y_term, weight, p, row)
+        elif mode == GRAD:  # (4), one name of the row: e is grad[i]
+            g = grad[i]
+            index_grad_row(g, g, y_local, a, y_term, weight, p)
+        else:  # IN_PLACE
+            index_grad_row(grad[i], e, y_local, a, y_term, weight, p)
 
 
-@helper
-def _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, e, xt_out, xt):
-    """Steps (0)-(4) for row i with a probability target (native storage only)."""
-    row = x[i]
-    ti = t[i]
-    m = row[0]  # (defined on every path: a variable set in one branch only would be
-    # carried across the prange iterations, which numba's reduction analysis cannot follow)
-    if p.transformed:  # (0) and (1): from here on, the row is x'
-        m = transform_row_max(row, xt_out, p)
-        row = xt
-    if mode == GRAD:  # the exponentials go straight into the gradient row
-        e = grad[i]
-    if mode == SHARD_GRAD:
-        m = x.dtype.type(rowdata[i, COEF_M])
-        row_sum_exp(row, m, e)
-        if p.transformed:
-            probability_grad_row_chain(grad[i], e, ti, rowdata[i, COEF_A], weight, p, row)
+@outlined_helper
+def _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, scratch, xt_out, xt):
+    """Steps (0)-(4) for each row i of r0..r1-1 with a probability target (native storage
+    only); arguments as _index_rows.
+
+    The row's code is the loop's body, as in _index_rows."""
+    wide_vectors()
+    for i in range(r0, r1):
+        e = scratch  # (a row may put another name on it)
+        row = x[i]
+        ti = t[i]
+        m = row[0]  # (defined on every path: a variable set in one branch only would be
+        # carried across the prange iterations, which numba's reduction analysis cannot follow)
+        if p.transformed:  # (0) and (1): from here on, the row is x'
+            m = transform_row_max(row, xt_out, p)
+            row = xt
+        if mode == GRAD:  # the exponentials go straight into the gradient row
+            e = grad[i]
+        if mode == SHARD_GRAD:
+            m = x.dtype.type(rowdata[i, COEF_M])
+            row_sum_exp(row, m, e)
+            if p.transformed:
+                probability_grad_row_chain(grad[i], e, ti, rowdata[i, COEF_A], weight, p, row)
+            else:
+                probability_grad_row(grad[i], e, ti, rowdata[i, COEF_A], weight, p)
+            continue
+        if not p.transformed:
+            m = row_max(row)  # (1)
+        h = 0.0
+        if p.stats:  # (2) with the entropy's sum
+            s, h = row_sum_exp_entropy(row, m, e)
         else:
-            probability_grad_row(grad[i], e, ti, rowdata[i, COEF_A], weight, p)
-        return
-    if not p.transformed:
-        m = row_max(row)  # (1)
-    h = 0.0
-    if p.stats:  # (2) with the entropy's sum
-        s, h = row_sum_exp_entropy(row, m, e)
-    else:
-        s = row_sum_exp(row, m, e)  # (2)
-    a_sum, b_sum = row_target_sums(row, m, ti, weight, p)
-    if mode == STATS:
-        rowdata[i, STAT_M] = m
-        rowdata[i, STAT_S] = s
-        rowdata[i, STAT_TARGET] = 0.0
-        rowdata[i, STAT_A] = a_sum
-        rowdata[i, STAT_B] = b_sum
-        return
-    row_loss, a = probability_finish(s, a_sum, b_sum, p)  # (3)
-    if p.row_outputs:  # (3')
-        a = row_outputs(i, row, m, s, h, -1, True, a, p, rowdata)
-    loss[i] = row_loss
-    if mode == LOSS:
-        return
-    if p.transformed:  # (4) and (4')
-        probability_grad_row_chain(grad[i], e[:0] if mode == GRAD else e, ti, a, weight, p, row)
-    elif mode == GRAD:  # (4), one name of the row: e is grad[i]
-        g = grad[i]
-        probability_grad_row(g, g, ti, a, weight, p)
-    else:  # IN_PLACE
-        probability_grad_row(grad[i], e, ti, a, weight, p)
+            s = row_sum_exp(row, m, e)  # (2)
+        a_sum, b_sum = row_target_sums(row, m, ti, weight, p)
+        if mode == STATS:
+            rowdata[i, STAT_M] = m
+            rowdata[i, STAT_S] = s
+            rowdata[i, STAT_TARGET] = 0.0
+            rowdata[i, STAT_A] = a_sum
+            rowdata[i, STAT_B] = b_sum
+            continue
+        row_loss, a = probability_finish(s, a_sum, b_sum, p)  # (3)
+        if p.row_outputs:  # (3')
+            a = row_outputs(i, row, m, s, h, -1, True, a, p, rowdata)
+        loss[i] = row_loss
+        if mode == LOSS:
+            continue
+        if p.transformed:  # (4) and (4')
+            probability_grad_row_chain(grad[i], e[:0] if mode == GRAD else e, ti, a, weight, p, row)
+        elif mode == GRAD:  # (4), one name of the row: e is grad[i]
+            g = grad[i]
+            probability_grad_row(g, g, ti, a, weight, p)
+        else:  # IN_PLACE
+            probability_grad_row(grad[i], e, ti, a, weight, p)
 
 
 # --- few classes: 64 rows across the SIMD lanes ---------------------------------------
@@ -1437,20 +1451,6 @@ def _probability_lanes(r0, k, x, t, weight, p, mode, loss, grad, buf, tbuf, lane
 # scalar (measured 1.5x slower at C = 10).
 
 
-@outlined_helper
-def _index_rows(r0, r1, x, y, weight, p, mode, loss, grad, rowdata, buf, xt_out, xt, x16, grad16, chunks):
-    wide_vectors()
-    for i in range(r0, r1):
-        _index_row(i, x, y, weight, p, mode, loss, grad, rowdata, buf, xt_out, xt, x16, grad16, chunks)
-
-
-@outlined_helper
-def _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf, xt_out, xt):
-    wide_vectors()
-    for i in range(r0, r1):
-        _probability_row(i, x, t, weight, p, mode, loss, grad, rowdata, buf, xt_out, xt)
-
-
 # --- the parallel loop over blocks of rows, and what it calls by address --------------
 # A block (block_rows rows) is the unit of parallel work: _index_block / _probability_block.
 # numba compiles a prange loop into four nested libraries (the function, the gufunc of its
@@ -1461,9 +1461,10 @@ def _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, buf, x
 # kernels), compiled once, and the parallel kernel holds no row code. Its arguments travel
 # as one int64 array (``packed``: the Params fields, mode, small, block_rows, then each
 # array's address and shape, in the order of BLOCK_ARRAYS), filled by a serial kernel
-# (_pack_block_arguments) and read back by the block with ``numba.carray``. Measured, float32 class indices from an
-# empty cache (one process): 25.7-30.6 s -> 21.3-21.6 s (docs/DESIGN.md). Under
-# NUMBA_DISABLE_JIT, _blocks_directly calls the blocks as Python.
+# (_pack_block_arguments, each array by the intrinsic ``pack_array``) and read back by the
+# block (``unpack_array``). Measured, float32 class indices from an empty cache (one
+# process): 25.7-30.6 s -> 21.3-21.6 s (docs/DESIGN.md). Under NUMBA_DISABLE_JIT,
+# _blocks_directly calls the blocks as Python.
 
 
 @helper
@@ -1566,30 +1567,6 @@ def _unpack_params(packed):
     )
 
 
-@helper
-def _pack_array(packed, k, a):
-    """``a``'s address and shape from slot k (a C-contiguous array); the next free slot."""
-    packed[k] = a.ctypes.data
-    for d in range(a.ndim):
-        packed[k + 1 + d] = a.shape[d]
-    return k + 1 + a.ndim
-
-
-@helper
-def _unpack_1d(packed, k, dtype):
-    return numba.carray(address_as(packed[k], dtype), packed[k + 1]), k + 2
-
-
-@helper
-def _unpack_2d(packed, k, dtype):
-    return numba.carray(address_as(packed[k], dtype), (packed[k + 1], packed[k + 2])), k + 3
-
-
-@helper
-def _unpack_3d(packed, k, dtype):
-    return numba.carray(address_as(packed[k], dtype), (packed[k + 1], packed[k + 2], packed[k + 3])), k + 4
-
-
 @kernel(parallel=False)
 def _pack_block_arguments(
     packed, p, mode, small, block_rows, x, target, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16
@@ -1598,18 +1575,18 @@ def _pack_block_arguments(
     order) as its address and shape. Typed by the arrays (one specialisation per dtype and
     target kind), but serial: it compiles in a fraction of a parallel kernel's time."""
     _pack_scalars(packed, p, mode, small, block_rows)
-    k = _pack_array(packed, N_SCALAR_SLOTS, x)
-    k = _pack_array(packed, k, target)
-    k = _pack_array(packed, k, weight)
-    k = _pack_array(packed, k, loss)
-    k = _pack_array(packed, k, grad)
-    k = _pack_array(packed, k, rowdata)
-    k = _pack_array(packed, k, scratch)
-    k = _pack_array(packed, k, lanes)
-    k = _pack_array(packed, k, xt_out)
-    k = _pack_array(packed, k, xt)
-    k = _pack_array(packed, k, x16)
-    _pack_array(packed, k, grad16)
+    k = pack_array(packed, N_SCALAR_SLOTS, x)
+    k = pack_array(packed, k, target)
+    k = pack_array(packed, k, weight)
+    k = pack_array(packed, k, loss)
+    k = pack_array(packed, k, grad)
+    k = pack_array(packed, k, rowdata)
+    k = pack_array(packed, k, scratch)
+    k = pack_array(packed, k, lanes)
+    k = pack_array(packed, k, xt_out)
+    k = pack_array(packed, k, xt)
+    k = pack_array(packed, k, x16)
+    pack_array(packed, k, grad16)
 
 
 @kernel
@@ -1627,52 +1604,55 @@ def _blocks_by_address(block_function, packed, n, block_rows):
 def _unpack_arrays(packed, dtype, target_ndim):
     """The arrays of _blocks_by_address's ``packed``, as (mutable) C-contiguous arrays."""
     k = N_SCALAR_SLOTS
-    x, k = _unpack_2d(packed, k, dtype)
+    x, k = unpack_array(packed, k, dtype, 2)
     if target_ndim == 1:
-        target, k = _unpack_1d(packed, k, np.int64)
+        target, k = unpack_array(packed, k, np.int64, 1)
     else:
-        target, k = _unpack_2d(packed, k, dtype)
-    weight, k = _unpack_1d(packed, k, dtype)
-    loss, k = _unpack_1d(packed, k, np.float64)
-    grad, k = _unpack_2d(packed, k, dtype)
-    rowdata, k = _unpack_2d(packed, k, np.float64)
-    scratch, k = _unpack_2d(packed, k, dtype)
-    lanes, k = _unpack_3d(packed, k, np.float64)
-    xt_out, k = _unpack_2d(packed, k, dtype)
-    xt, k = _unpack_2d(packed, k, dtype)
-    x16, k = _unpack_2d(packed, k, np.uint16)
-    grad16, k = _unpack_2d(packed, k, np.uint16)
+        target, k = unpack_array(packed, k, dtype, 2)
+    weight, k = unpack_array(packed, k, dtype, 1)
+    loss, k = unpack_array(packed, k, np.float64, 1)
+    grad, k = unpack_array(packed, k, dtype, 2)
+    rowdata, k = unpack_array(packed, k, np.float64, 2)
+    scratch, k = unpack_array(packed, k, dtype, 2)
+    lanes, k = unpack_array(packed, k, np.float64, 3)
+    xt_out, k = unpack_array(packed, k, dtype, 2)
+    xt, k = unpack_array(packed, k, dtype, 2)
+    x16, k = unpack_array(packed, k, np.uint16, 2)
+    grad16, k = unpack_array(packed, k, np.uint16, 2)
     return x, target, weight, loss, grad, rowdata, scratch, lanes, xt_out, xt, x16, grad16
 
 
 @helper
-def _unpacked_block(kind_index, dtype, b, thread, address):
+def _unpacked_scalars(address):
+    """The packed arguments at ``address`` and their scalars: (packed, p, mode, small,
+    block_rows). Each block function below unpacks its own kind's arrays: one helper
+    taking the kind as a flag had numba copy both kinds' blocks into each (it inlines
+    before it prunes the dead branch), ~0.3 s of CPU more per block function."""
     wide_vectors()
     packed = numba.carray(address_as(address, np.int64), N_PACKED)
-    p = _unpack_params(packed)
-    mode, small, block_rows = packed[SLOT_MODE], packed[SLOT_SMALL] != 0, packed[SLOT_BLOCK_ROWS]
-    if kind_index:
-        _index_block(b, thread, p, mode, small, block_rows, _unpack_arrays(packed, dtype, 1))
-    else:
-        _probability_block(b, thread, p, mode, small, block_rows, _unpack_arrays(packed, dtype, 2))
+    return packed, _unpack_params(packed), packed[SLOT_MODE], packed[SLOT_SMALL] != 0, packed[SLOT_BLOCK_ROWS]
 
 
 # The block functions, one per target kind and compute dtype, compiled as ``cfunc`` on
 # first use (block_function) and cached on disk as the kernels are.
 def _index_block_float32(b, thread, address):
-    _unpacked_block(True, np.float32, b, thread, address)
+    packed, p, mode, small, block_rows = _unpacked_scalars(address)
+    _index_block(b, thread, p, mode, small, block_rows, _unpack_arrays(packed, np.float32, 1))
 
 
 def _index_block_float64(b, thread, address):
-    _unpacked_block(True, np.float64, b, thread, address)
+    packed, p, mode, small, block_rows = _unpacked_scalars(address)
+    _index_block(b, thread, p, mode, small, block_rows, _unpack_arrays(packed, np.float64, 1))
 
 
 def _probability_block_float32(b, thread, address):
-    _unpacked_block(False, np.float32, b, thread, address)
+    packed, p, mode, small, block_rows = _unpacked_scalars(address)
+    _probability_block(b, thread, p, mode, small, block_rows, _unpack_arrays(packed, np.float32, 2))
 
 
 def _probability_block_float64(b, thread, address):
-    _unpacked_block(False, np.float64, b, thread, address)
+    packed, p, mode, small, block_rows = _unpacked_scalars(address)
+    _probability_block(b, thread, p, mode, small, block_rows, _unpack_arrays(packed, np.float64, 2))
 
 
 BLOCK_FUNCTIONS = {
@@ -2355,58 +2335,57 @@ def _distill_grad_row(g, e, w, cq, cp, h, kind):
             g[c] = np.float64(e[c]) * cq * (w[c] - h)
 
 
-@helper
-def _distill_row(i, z, t, y, p, mode, loss, grad, e, w):
-    """Steps (1)-(4) of a distillation row (see above); ``e``, ``w`` the thread's scratch."""
-    if p.masked and y[i] == p.ignore_index:  # ignored rows: loss 0, gradient 0
-        loss[i] = 0.0
-        if mode != LOSS:
-            grad[i, :] = 0
-        return
-    zi = z[i]
-    ti = t[i]
-    if mode == GRAD:  # the student's exponentials go straight into the gradient row
-        e = grad[i]
-    k_t = zi.dtype.type(p.inv_temperature)
-    k = p.inv_temperature
-    m_s = row_max(zi)  # (1)
-    m_t = row_max(ti)
-    s_q = row_sum_exp_scaled(zi, m_s, k_t, e)  # (2)
-    s_p = row_sum_exp_scaled(ti, m_t, k_t, w)
-    log_s_q = fast_log(s_q)
-    log_s_p = fast_log(s_p)
-    scale = p.temperature * p.grad_scale
-    cp = 0.0
-    if p.kind == FORWARD_KL:  # (3)
-        S = _forward_kl_sum(zi, ti, np.float64(m_s), np.float64(m_t), k, w)
-        j = S / s_p + (log_s_q - log_s_p)
-        cq = scale / s_q
-        cp = scale / s_p
-        h = 0.0
-    elif p.kind == REVERSE_KL:
-        S = _reverse_kl_sum(zi, ti, np.float64(m_s), np.float64(m_t), k, e, w)
-        h = S / s_q
-        j = h + (log_s_p - log_s_q)
-        cq = scale / s_q
-    else:
-        kl_p, h = _jsd_sums(
-            zi, ti, np.float64(m_s), np.float64(m_t), k, log_s_q, log_s_p, 1.0 / s_q, 1.0 / s_p, e, w, p
-        )
-        j = p.beta * kl_p + (1.0 - p.beta) * h
-        cq = scale * (1.0 - p.beta) / s_q
-    loss[i] = p.temperature * p.temperature * j
-    if mode == GRAD:  # (4), one name of the row: e is grad[i]
-        g = grad[i]
-        _distill_grad_row(g, g, w, cq, cp, h, p.kind)
-    elif mode == IN_PLACE:  # the row is the student's own; e and w are scratch
-        _distill_grad_row(grad[i], e, w, cq, cp, h, p.kind)
-
-
 @outlined_helper
-def _distill_rows(r0, r1, z, t, y, p, mode, loss, grad, e, w):
+def _distill_rows(r0, r1, z, t, y, p, mode, loss, grad, scratch, w):
+    """Steps (1)-(4) of each distillation row i of r0..r1-1 (see above); ``scratch`` (``e``
+    in a row) and ``w`` the thread's scratch rows.
+
+    The row's code is the loop's body, as in _index_rows."""
     wide_vectors()
     for i in range(r0, r1):
-        _distill_row(i, z, t, y, p, mode, loss, grad, e, w)
+        e = scratch  # (a row may put another name on it)
+        if p.masked and y[i] == p.ignore_index:  # ignored rows: loss 0, gradient 0
+            loss[i] = 0.0
+            if mode != LOSS:
+                grad[i, :] = 0
+            continue
+        zi = z[i]
+        ti = t[i]
+        if mode == GRAD:  # the student's exponentials go straight into the gradient row
+            e = grad[i]
+        k_t = zi.dtype.type(p.inv_temperature)
+        k = p.inv_temperature
+        m_s = row_max(zi)  # (1)
+        m_t = row_max(ti)
+        s_q = row_sum_exp_scaled(zi, m_s, k_t, e)  # (2)
+        s_p = row_sum_exp_scaled(ti, m_t, k_t, w)
+        log_s_q = fast_log(s_q)
+        log_s_p = fast_log(s_p)
+        scale = p.temperature * p.grad_scale
+        cp = 0.0
+        if p.kind == FORWARD_KL:  # (3)
+            S = _forward_kl_sum(zi, ti, np.float64(m_s), np.float64(m_t), k, w)
+            j = S / s_p + (log_s_q - log_s_p)
+            cq = scale / s_q
+            cp = scale / s_p
+            h = 0.0
+        elif p.kind == REVERSE_KL:
+            S = _reverse_kl_sum(zi, ti, np.float64(m_s), np.float64(m_t), k, e, w)
+            h = S / s_q
+            j = h + (log_s_p - log_s_q)
+            cq = scale / s_q
+        else:
+            kl_p, h = _jsd_sums(
+                zi, ti, np.float64(m_s), np.float64(m_t), k, log_s_q, log_s_p, 1.0 / s_q, 1.0 / s_p, e, w, p
+            )
+            j = p.beta * kl_p + (1.0 - p.beta) * h
+            cq = scale * (1.0 - p.beta) / s_q
+        loss[i] = p.temperature * p.temperature * j
+        if mode == GRAD:  # (4), one name of the row: e is grad[i]
+            g = grad[i]
+            _distill_grad_row(g, g, w, cq, cp, h, p.kind)
+        elif mode == IN_PLACE:  # the row is the student's own; e and w are scratch
+            _distill_grad_row(grad[i], e, w, cq, cp, h, p.kind)
 
 
 @compiled_through_the_cache("distill")
