@@ -92,3 +92,37 @@ def test_a_link_only_helper_is_linked_into_its_caller_and_has_no_code_of_its_own
     assert engine.is_symbol_defined(caller.overloads[(numba.float64,)].fndesc.mangled_name)
     with pytest.raises(TypeError):
         twice_the_log(np.float64(2.0))
+
+
+def test_packed_arrays_come_back_as_the_same_arrays():
+    """``_jit.pack_array`` / ``unpack_array``, how the block functions get their arrays: each
+    array comes back with its own address, shape and C strides, for every ndim and dtype the
+    blocks take, and the slots advance by 1 + ndim."""
+    import numpy as np
+
+    from fastxent import _jit
+
+    @numba.njit
+    def round_trip(packed, a, b, c):
+        k = _jit.pack_array(packed, 1, a)
+        k = _jit.pack_array(packed, k, b)
+        end = _jit.pack_array(packed, k, c)
+        a2, k = _jit.unpack_array(packed, 1, np.float32, 1)
+        b2, k = _jit.unpack_array(packed, k, np.uint16, 2)
+        c2, k = _jit.unpack_array(packed, k, np.float64, 3)
+        c2[1, 2, 3] = -1.0  # writes the original
+        return end, k, a2, b2, c2
+
+    a = np.arange(5, dtype=np.float32)
+    a.flags.writeable = False  # read-only in, a mutable view of it out
+    b = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    c = np.zeros((2, 3, 5))
+    packed = np.zeros(1 + 2 + 3 + 4, np.int64)
+    end, k, a2, b2, c2 = round_trip(packed, a, b, c)
+    assert end == k == packed.shape[0]
+    for original, unpacked in ((a, a2), (b, b2), (c, c2)):
+        assert unpacked.ctypes.data == original.ctypes.data
+        assert unpacked.shape == original.shape and unpacked.strides == original.strides
+        assert unpacked.dtype == original.dtype
+        np.testing.assert_array_equal(unpacked, original)
+    assert c[1, 2, 3] == -1.0
