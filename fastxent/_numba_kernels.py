@@ -1028,13 +1028,25 @@ def _float32_index_grad_chunks_overload(i, grad, grad16, e, y_local, a, y_term, 
     return lambda i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode: None  # float64
 
 
+@helper
+def _ignored_row(i, mode, narrow, loss, grad, grad16):
+    """Row i's loss 0 and (unless loss only) its gradient 0, in its storage."""
+    loss[i] = 0.0
+    if mode != LOSS:
+        if narrow:
+            grad16[i, :] = 0
+        else:
+            grad[i, :] = 0
+
+
 @outlined_helper
 def _index_rows(r0, r1, x, y, weight, p, mode, loss, grad, rowdata, scratch, xt_out, xt, x16, grad16, chunks):
     """Steps (0)-(4) for each row i of r0..r1-1 with a class-index target. ``scratch`` (``e``
     in a row) is the thread's scratch row, ``xt_out``/``xt`` its x' row, written and read
-    under two names (see the kernels). 16-bit storage (``p.storage``): the logits are ``x16`` and the gradient ``grad16`` (``x``
-    and ``grad`` are stand-ins never read); the mode is then LOSS or IN_PLACE. ``chunks``:
-    the thread's chunk state for long rows (chunked_steps).
+    under two names (see the kernels). 16-bit storage (``p.storage``): the logits are
+    ``x16`` and the gradient ``grad16`` (``x`` and ``grad`` are stand-ins never read); the
+    mode is then LOSS or IN_PLACE. ``chunks``: the thread's chunk state for long rows
+    (chunked_steps).
 
     The row's code is the loop's body (``continue`` ends a row), not a helper: see
     docs/DESIGN.md, "The row code in the loop"."""
@@ -1046,12 +1058,7 @@ def _index_rows(r0, r1, x, y, weight, p, mode, loss, grad, rowdata, scratch, xt_
         label = y[i]
         ignored = label == p.ignore_index
         if ignored and mode != STATS and not p.stats:  # ignored rows: loss 0, gradient 0, y_i never read
-            loss[i] = 0.0
-            if mode != LOSS:
-                if narrow:
-                    grad16[i, :] = 0
-                else:
-                    grad[i, :] = 0
+            _ignored_row(i, mode, narrow, loss, grad, grad16)
             if p.row_outputs:
                 rowdata[i, OUT_LSE] = 0.0
                 rowdata[i, OUT_Z] = 0.0
@@ -1135,12 +1142,7 @@ def _index_rows(r0, r1, x, y, weight, p, mode, loss, grad, rowdata, scratch, xt_
         if p.row_outputs:  # (3'): lse, the z-loss, the statistics (ignored rows too, for those)
             a = row_outputs(i, row, m, s, h, y_local, not ignored, a, p, rowdata)
         if ignored:  # reached with p.stats only: the statistics are written, nothing else
-            loss[i] = 0.0
-            if mode != LOSS:
-                if narrow:
-                    grad16[i, :] = 0
-                else:
-                    grad[i, :] = 0
+            _ignored_row(i, mode, narrow, loss, grad, grad16)
             continue
         loss[i] = row_loss
         if mode == LOSS:
