@@ -1469,6 +1469,39 @@ def _probability_lanes(r0, k, x, t, weight, p, mode, loss, grad, buf, tbuf, lane
 # _blocks_directly calls the blocks as Python.
 
 
+def widen_rows16(x16, g0, k, out, w0, p):
+    """Rows g0..g0+k-1 of the 16-bit words ``x16`` widened (exactly) into ``out``'s rows from
+    ``w0``: the lanes layout's 16-bit rows (see _index_block). The float32 kernels only (the
+    overload below)."""
+    for r in range(k):
+        words, wide = x16[g0 + r], out[w0 + r]
+        for c in range(wide.shape[0]):
+            wide[c] = widen16(words[c], p.storage)
+
+
+@overload(widen_rows16, jit_options={**overload_options(FASTMATH), "_nrt": False})
+def _widen_rows16_overload(x16, g0, k, out, w0, p):
+    if out.dtype == types.float32:
+        return widen_rows16  # (its own body, compiled as the implementation)
+    return lambda x16, g0, k, out, w0, p: None  # float64: never run
+
+
+def narrow_rows16(g, w0, k, grad16, g0, p):
+    """``g``'s rows from ``w0`` rounded into rows g0..g0+k-1 of the 16-bit words ``grad16``
+    (narrow16); the float32 kernels only, as widen_rows16."""
+    for r in range(k):
+        wide, words = g[w0 + r], grad16[g0 + r]
+        for c in range(wide.shape[0]):
+            words[c] = narrow16(wide[c], p.storage)
+
+
+@overload(narrow_rows16, jit_options={**overload_options(FASTMATH), "_nrt": False})
+def _narrow_rows16_overload(g, w0, k, grad16, g0, p):
+    if g.dtype == types.float32:
+        return narrow_rows16  # (its own body, compiled as the implementation)
+    return lambda g, w0, k, grad16, g0, p: None  # float64: never run
+
+
 @helper
 def _index_block(b, thread, p, mode, small, block_rows, arrays):
     """Rows ``b * block_rows`` to the next block's of class-index targets, on kernel thread
@@ -1480,8 +1513,24 @@ def _index_block(b, thread, p, mode, small, block_rows, arrays):
     r0 = b * block_rows
     r1 = min(n, r0 + block_rows)
     if small:
+        narrow = p.storage != STORAGE_NATIVE
         for g0 in range(r0, r1, LANES):
-            _index_lanes(g0, min(LANES, r1 - g0), x, y, weight, p, mode, loss, grad, buf, lanes[thread])
+            k = min(LANES, r1 - g0)
+            # 16-bit storage (mode LOSS or IN_PLACE): the rows widened into the thread's
+            # LANES rows of x' (exact), the float32 lanes in place there (read under the
+            # read-only name, written under the other), the gradient rounded back into its
+            # words: the float32 lanes kernel's gradient, rounded, as the Cython backend's
+            # blocks. The row layout took 3.5-6x as long (262144 x 10 bfloat16, 2 threads,
+            # loss+grad 14.3-18.2 -> 3.1-4.9 ms, loss only 12.4-13.1 -> 1.9-2.9 ms).
+            # The lanes' row 0 is row g0 (one call of _index_lanes: LLVM inlines each)
+            if narrow:
+                widen_rows16(x16, g0, k, xt_out, xt_row, p)
+                rows, g = xt[xt_row : xt_row + LANES], xt_out[xt_row : xt_row + LANES]
+            else:
+                rows, g = x[g0:], grad[g0:]
+            _index_lanes(0, k, rows, y[g0:], weight, p, mode, loss[g0:], g, buf, lanes[thread])
+            if narrow and mode != LOSS:
+                narrow_rows16(xt_out, xt_row, k, grad16, g0, p)
     else:
         chunks = lanes[thread].reshape(-1)  # (rows use the lanes state for long-row chunks)
         _index_rows(
@@ -2018,11 +2067,11 @@ def _scratch(dtype: np.dtype, width: int) -> tuple[np.ndarray, np.ndarray]:
 _CACHE_LINE = 64
 
 
-def _transformed_rows(dtype: np.dtype, n_classes: int, threads: int) -> np.ndarray:
+def _transformed_rows(dtype: np.dtype, n_classes: int, threads: int, rows: int = 1) -> np.ndarray:
     """The x' rows of step (0): (threads * k, C) exactly C wide (a row of x' is then typed
-    and sized as a row of x), of which each kernel thread uses row ``thread * k``; the k - 1
-    rows between keep two threads' rows off one cache line."""
-    k = 1 + -(-_CACHE_LINE // (n_classes * dtype.itemsize))
+    and sized as a row of x), of which each kernel thread uses ``rows`` rows from row
+    ``thread * k``; the rows after them keep two threads' rows off one cache line."""
+    k = rows + -(-_CACHE_LINE // (n_classes * dtype.itemsize))
     cache = _SCRATCH.__dict__.setdefault("transformed", {})
     flat = cache.get(dtype)
     size = threads * k * n_classes
@@ -2057,7 +2106,7 @@ def _xent(kind, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
     # 16-bit words are widened into the x' rows (step (0)) whether or not they are scaled
     widened = params.transformed or x16 is not _NO_WORDS_IN
     # the lanes layout has none of the extensions (x', z-loss, statistics): rows at a time
-    plain = not (widened or params.row_outputs)
+    plain = not (params.transformed or params.row_outputs)
     small = small_ok and plain and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
     block_rows = rows_per_block(n_classes)
     # a row; or the lanes' rows transposed and their max (probability targets: twice)
@@ -2065,7 +2114,9 @@ def _xent(kind, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
     scratch, lanes = _scratch(dtype, width)
     # the x' rows, written under one name and read under another, read-only, so that a row
     # of x and a row of x' have one numba type (and the steps after (0) one specialisation)
-    xt_out = _transformed_rows(dtype, n_classes, scratch.shape[0]) if widened else scratch
+    # (16-bit words in the lanes layout: LANES rows of x' per thread, see _index_block)
+    rows_per_thread = LANES if small else 1
+    xt_out = _transformed_rows(dtype, n_classes, scratch.shape[0], rows_per_thread) if widened else scratch
     if grad is None:
         grad = no_gradient(dtype)
     if grad is x:  # in place: the kernel reads a read-only view and writes the array itself

@@ -45,10 +45,12 @@ def _problem(rng, shape, n_classes, dtype, options):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", OPTIONS, ids=["plain", "weight+ignore+smooth", "z+cap+scale"])
-@pytest.mark.parametrize("n_classes", [200, 5000], ids=["rows", "chunked-rows"])
+@pytest.mark.parametrize("n_classes", [7, 32, 200, 5000], ids=["lanes", "lanes-32", "rows", "chunked-rows"])
 def test_words_are_the_float32_gradient_rounded(rng, dtype, reduction, options, n_classes):
-    # C = 200 > SMALL_C: the float32 kernel runs rows one at a time too (the same sums);
-    # C = 5000 >= LONG_ROW: both go by chunks (plain 16-bit rows keep one chunk of x')
+    # C <= SMALL_C: without a scale or cap both run the lanes layout (the 16-bit rows widened
+    # into float32 rows first), with them both run rows; C = 200 > SMALL_C: both run rows one
+    # at a time (the same sums); C = 5000 >= LONG_ROW: both go by chunks (plain 16-bit rows
+    # keep one chunk of x')
     x, y, options = _problem(rng, (3, 70), n_classes, dtype, options)
     loss, grad = fx.cross_entropy_with_grad(x, y, reduction=reduction, backend="numba", **options)
     loss32, grad32 = fx.cross_entropy_with_grad(
