@@ -981,6 +981,8 @@ def row_outputs(i, row, m, s, h, y_local, kept, a, p, rowdata):
     if kept and p.z_loss != 0:
         z_term = p.z_loss * lse * lse
         a += p.z_grad_scale * 2.0 * p.z_loss * lse / s
+    elif kept:  # z = 0: still 0 lse**2, NaN where lse is NaN or infinite, as the reference's
+        z_term = 0.0 * lse * lse  # and Cython's (the row's loss is NaN then too)
     rowdata[i, OUT_Z] = z_term
     if p.stats:
         rowdata[i, OUT_ENTROPY] = log_s + h / s

@@ -133,7 +133,8 @@ def cross_entropy(
         m = np.max(xt, axis=-1)
         lse = m + np.log(np.sum(np.exp(xt - m[:, None]), axis=-1))  # NaN where m is infinite
         z = np.where(kept, z_loss * lse * lse, 0.0)
-        z_grad = np.where(kept, 2.0 * z_loss * lse, 0.0)[:, None] * np.exp(log_softmax(xt))
+        # (an ignored row's gradient is 0 even where its softmax is NaN: a +inf or NaN logit)
+        z_grad = np.where(kept[:, None], (2.0 * z_loss * lse)[:, None] * np.exp(log_softmax(xt)), 0.0)
     if z_loss == 0:
         z_grad = np.zeros_like(grad)
     n_kept = float(np.count_nonzero(kept))

@@ -273,6 +273,25 @@ def test_statistics_of_ignored_rows_and_all_ignored(backend, rng):
     assert total == 0 and sum_stats.z_loss == 0
 
 
+@pytest.mark.parametrize("n_classes", [3, 40])
+def test_non_finite_rows_with_z_loss(backend, rng, n_classes):
+    """A kept row holding NaN or +inf has a NaN lse: its z-loss part ``s lse**2`` is NaN
+    even for ``s = 0`` (the statistic is the formula, as the loss), while an IGNORED such
+    row still gets loss 0 and gradient 0 (the z-loss gradient ``2 s lse p`` included):
+    numba's row layout once reported 0 for the first, the reference NaN for the second."""
+    x = rng.normal(size=(6, n_classes))
+    x[1, 2] = np.nan
+    x[4, 1] = np.inf
+    y = np.array([0, 1, 2, 0, -100, 1])
+    for z_loss in (0.0, 0.01):
+        total, stats = fx.cross_entropy(x, y, z_loss=z_loss, backend=backend, return_stats=True, reduction="sum")
+        assert math.isnan(total) and math.isnan(stats.z_loss), z_loss
+        loss, grad = fx.cross_entropy_with_grad(x, y, z_loss=z_loss, backend=backend, reduction="none")
+        assert loss[4] == 0 and not grad[4].any(), z_loss
+        assert np.isnan(loss[1]) and np.isnan(grad[1]).all(), z_loss
+        assert np.isfinite(loss[[0, 2, 3, 5]]).all() and np.isfinite(grad[[0, 2, 3, 5]]).all(), z_loss
+
+
 def test_z_loss_mean_divides_by_kept_rows_not_weights(backend, rng):
     """Liger-Kernel's and flash-attention's convention: with class weights, the z-loss is
     still averaged over the rows, the cross-entropy over the weights."""
