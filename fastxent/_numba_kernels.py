@@ -31,11 +31,12 @@ says which phases run and what is written:
 - ``SHARD_GRAD``: (4) on a class shard, from the merged ``m`` and the coefficients that
   ``finish`` computed from the merged statistics (``rowdata`` columns ``COEF_*``).
 
-The LAYOUT is chosen per call as well: for few classes (``C <= SMALL_C``, modes LOSS and
-GRAD) LANES = 64 rows are transposed into scratch so that the SIMD lanes run over ROWS: max, exp,
-sums, log, the loss and the gradient of those rows are then each one vector loop over the
-classes, with no per-row scalar work but the target's gather. Otherwise one row at a time,
-the lanes over the classes.
+The LAYOUT is chosen per call as well: for few classes (``C <= SMALL_C``, modes LOSS, GRAD
+and IN_PLACE) LANES = 64 rows are transposed into scratch so that the SIMD lanes run over ROWS:
+max, exp, sums, log, the loss and the gradient of those rows are then each one vector loop
+over the classes, with no per-row scalar work but the stores of the per-row outputs; for
+class-index targets with the options too (x', z-loss, statistics: _index_lanes). Otherwise one
+row at a time, the lanes over the classes.
 
 Accumulators (``s``, ``sw``, ``A``, ``B``) and the per-row loss are float64 for both
 dtypes, as in scikit-learn's ``_loss``; the exponentials and the gradient are computed in
@@ -1241,10 +1242,14 @@ def _probability_rows(r0, r1, x, t, weight, p, mode, loss, grad, rowdata, scratc
 # loaded before it (a load on one side only is a branch). Measured (float32, 262144 x 10,
 # one thread): loss 25.7 -> 14.0 ns a row, loss+grad out= 44.9 -> 22.9 (with the tiles).
 LANE_S, LANE_SW, LANE_MXY, LANE_WY, LANE_A, LANE_LOSS = 0, 1, 2, 3, 4, 5
-N_LANE_ROWS = 6
+#: the options' lanes (index targets): lse, the entropy's sum h (then the entropy), the first
+#: index of the max and of a NaN (C where there is none)
+LANE_LSE, LANE_H, LANE_FIRST_MAX, LANE_FIRST_NAN = 6, 7, 8, 9
+N_LANE_ROWS = 10
 #: chunks a long row may have (chunked_steps keeps three numbers each in the thread's lanes
-#: array, which the row layout does not otherwise use)
-MAX_CHUNKS = (N_LANE_ROWS + 1) * LANES // 3
+#: array, which the row layout does not otherwise use). Fixed at 7 * LANES // 3: it sets
+#: where a long row's chunks start, so the bits of the rows longer than CHUNK * MAX_CHUNKS
+MAX_CHUNKS = 7 * LANES // 3
 #: rows of lanes after the classes in the scratch: the max, the target class, x_y
 LANE_SCRATCH_ROWS = 3
 
@@ -1286,8 +1291,12 @@ def _lanes_max(buf, n_classes, n_lanes):
 
 
 @outlined_helper
-def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, buf, lanes):
-    """Steps (1)-(4) for rows r0..r0+k-1 (k <= LANES) with class-index targets."""
+def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, rowdata, buf, x_kept, lanes):
+    """Steps (0)-(4) for rows r0..r0+k-1 (k <= LANES) with class-index targets, every option
+    of the row layout (the transformed logits, the z-loss, the row outputs and statistics)
+    computed over the lanes as well. ``x_kept`` (LANES * C of scratch, with ``p.transformed``
+    or ``p.stats``) keeps the lanes' x' for what reads it after step (2) overwrote it: the
+    chain rule of step (4') and the entropy's sum."""
     wide_vectors()
     n_classes = x.shape[1]
     n_lanes = LANES  # a constant (see LANE_COLUMNS)
@@ -1299,8 +1308,15 @@ def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, buf, lanes):
         for j in range((r0 + k) * n_classes, min(flat.size, (r0 + 2 * k) * n_classes), 16):
             prefetch_for_write(flat, j)
     _transpose_in(x, r0, k, buf, n_lanes)
+    if p.transformed:  # (0) over the lanes: from here on buf holds x'
+        _lanes_transform(buf, n_classes, p)
+    if p.transformed or p.stats:
+        for j in range(n_classes * n_lanes):  # (a slice assignment would allocate)
+            x_kept[j] = buf[j]
     # the smoothing sums need x, before step (2) overwrites buf
     m = _lanes_max(buf, n_classes, n_lanes)  # (1)
+    if p.stats:  # the argmax test's first indices, before step (2)
+        _lanes_first_indices(buf, n_classes, lanes)
     sw = lanes[LANE_SW]
     for r in range(n_lanes):
         sw[r] = 0.0
@@ -1360,17 +1376,27 @@ def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, buf, lanes):
     block_loss = loss[r0 : r0 + k]
     for r in range(k):
         block_loss[r] = 0.0 if target[r] < 0 else row_loss[r]
+    if p.row_outputs:  # (3'), as row_outputs, the lanes at once
+        _lanes_row_outputs(r0, k, buf, x_kept, n_classes, target, p, rowdata, lanes)
     if mode == LOSS:
         return
     b = dt(p.grad_scale * p.spread)
+    scale, inv_cap = chain_factor(p)
+    s_t, k_t = dt(scale), dt(inv_cap)
     for c in range(n_classes):  # (4): g = e a - b w_c, the lanes' rows at once
         if p.smoothing:
             b_c = b * weight[c] if p.weighted else b
         else:
             b_c = dt(0.0)
         column = buf[c * n_lanes : (c + 1) * n_lanes]
-        for r in range(n_lanes):
-            column[r] = column[r] * dt(a[r]) - b_c
+        if p.transformed:  # (4'): times dx'/dx = a - a (x'/c)**2, as index_grad_row_chain
+            kept = x_kept[c * n_lanes : (c + 1) * n_lanes]
+            for r in range(n_lanes):
+                th = cap_ratio(kept[r], k_t)
+                column[r] = (column[r] * dt(a[r]) - b_c) * (s_t - s_t * th * th)
+        else:
+            for r in range(n_lanes):
+                column[r] = column[r] * dt(a[r]) - b_c
     y_term = x_y  # (x_y is spent)
     for r in range(n_lanes):
         y_term[r] = dt(p.grad_scale * p.keep * w_y[r])
@@ -1378,11 +1404,106 @@ def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, buf, lanes):
         # of its own, as index_grad_row's ``g[y] -= y_term`` after the row (the same rounding)
         class_index = dt(c)
         column = buf[c * n_lanes : (c + 1) * n_lanes]
-        for r in range(n_lanes):
-            g_c, y_term_r, target_r = column[r], y_term[r], target[r]
-            g_c = g_c - y_term_r if target_r == class_index else g_c
-            column[r] = g_c if target_r >= 0 else dt(0.0)
+        if p.transformed:
+            kept = x_kept[c * n_lanes : (c + 1) * n_lanes]
+            for r in range(n_lanes):
+                g_c, y_term_r, target_r, th = column[r], y_term[r], target[r], cap_ratio(kept[r], k_t)
+                g_c = g_c - y_term_r * (s_t - s_t * th * th) if target_r == class_index else g_c
+                column[r] = g_c if target_r >= 0 else dt(0.0)
+        else:
+            for r in range(n_lanes):
+                g_c, y_term_r, target_r = column[r], y_term[r], target[r]
+                g_c = g_c - y_term_r if target_r == class_index else g_c
+                column[r] = g_c if target_r >= 0 else dt(0.0)
     _transpose_out(buf, n_lanes, grad, r0, k)
+
+
+@helper
+def _lanes_transform(buf, n_classes, p):
+    """Step (0) on the lanes' rows, in place: ``x' = c tanh(x a/c)`` (``a x`` without a cap),
+    as transform_row_max's values."""
+    dt = buf.dtype.type
+    n_lanes = LANES
+    if p.softcap > 0:
+        cap = dt(p.softcap)
+        scale = dt(p.logit_scale / p.softcap)  # a / c in float64, then rounded once
+        for c in range(n_classes):
+            column = buf[c * n_lanes : (c + 1) * n_lanes]
+            for r in range(n_lanes):
+                column[r] = cap * fast_tanh(column[r] * scale)
+    else:
+        a = dt(p.logit_scale)
+        for c in range(n_classes):
+            column = buf[c * n_lanes : (c + 1) * n_lanes]
+            for r in range(n_lanes):
+                column[r] = column[r] * a
+
+
+@helper
+def _lanes_first_indices(buf, n_classes, lanes):
+    """For the argmax test (first_max_is): per lane the first class whose x' is the max, and
+    the first that is a NaN (C where none is), into LANE_FIRST_MAX / LANE_FIRST_NAN; the
+    classes from the last, so that the first match is the one kept (selects: vectorised)."""
+    n_lanes = LANES
+    m = buf[n_classes * n_lanes : (n_classes + 1) * n_lanes]
+    first_max = lanes[LANE_FIRST_MAX]
+    first_nan = lanes[LANE_FIRST_NAN]
+    for r in range(n_lanes):
+        first_max[r] = np.float64(n_classes)
+        first_nan[r] = np.float64(n_classes)
+    for c in range(n_classes - 1, -1, -1):
+        column = buf[c * n_lanes : (c + 1) * n_lanes]
+        index = np.float64(c)
+        for r in range(n_lanes):
+            x_c, m_r, max_r, nan_r = column[r], m[r], first_max[r], first_nan[r]
+            first_max[r] = index if x_c == m_r else max_r
+            first_nan[r] = index if x_c != x_c else nan_r
+
+
+@helper
+def _lanes_row_outputs(r0, k, e_buf, x_kept, n_classes, target, p, rowdata, lanes):
+    """Step (3') on the lanes (row_outputs' arithmetic): ``lse = m + log s``, the z-loss's
+    ``z lse**2`` of a kept row and its gradient coefficient ``z_grad_scale 2 z lse / s`` added
+    to LANE_A; with ``p.stats`` the entropy ``log s + h / s`` (``h = sum_c e_c (m - x'_c)``,
+    0 where ``e_c = 0``, from the exponentials in ``e_buf`` and the kept x') and the argmax
+    test. Then each row's outputs into ``rowdata[r0 + r, OUT_*]``; an ignored row writes 0
+    there, but its lse and entropy with ``p.stats``."""
+    n_lanes = LANES
+    m = e_buf[n_classes * n_lanes : (n_classes + 1) * n_lanes]
+    s = lanes[LANE_S]
+    a = lanes[LANE_A]
+    lse = lanes[LANE_LSE]
+    for r in range(n_lanes):
+        lse[r] = np.float64(m[r]) + fast_log(s[r])
+    if p.z_loss != 0:
+        for r in range(n_lanes):
+            a[r] += p.z_grad_scale * 2.0 * p.z_loss * lse[r] / s[r]
+    h = lanes[LANE_H]
+    if p.stats:
+        for r in range(n_lanes):
+            h[r] = 0.0
+        for c in range(n_classes):
+            column = e_buf[c * n_lanes : (c + 1) * n_lanes]
+            kept = x_kept[c * n_lanes : (c + 1) * n_lanes]
+            for r in range(n_lanes):
+                e_c, m_r, x_c = column[r], m[r], kept[r]
+                h[r] += np.float64(e_c) * (np.float64(m_r) - np.float64(x_c)) if e_c > 0 else 0.0
+        for r in range(n_lanes):
+            h[r] = fast_log(s[r]) + h[r] / s[r]
+    first_max = lanes[LANE_FIRST_MAX]
+    first_nan = lanes[LANE_FIRST_NAN]
+    out = rowdata[r0 : r0 + k]
+    for r in range(k):  # (a row's outputs are a row of rowdata: scalar stores)
+        kept_row = target[r] >= 0
+        if kept_row or p.stats:
+            out[r, OUT_LSE] = lse[r]
+        else:
+            out[r, OUT_LSE] = 0.0
+        out[r, OUT_Z] = p.z_loss * lse[r] * lse[r] if kept_row else 0.0  # (as row_outputs)
+        if p.stats:
+            out[r, OUT_ENTROPY] = h[r]
+            first = first_nan[r] if first_nan[r] < n_classes else first_max[r]
+            out[r, OUT_CORRECT] = 1.0 if kept_row and first == np.float64(target[r]) else 0.0
 
 
 @helper
@@ -1516,6 +1637,8 @@ def _index_block(b, thread, p, mode, small, block_rows, arrays):
     r1 = min(n, r0 + block_rows)
     if small:
         narrow = p.storage != STORAGE_NATIVE
+        # the lanes' scratch, then (a scale, a cap or statistics) the kept x' (_index_lanes)
+        width = LANES * ((x.shape[1] if p.storage == STORAGE_NATIVE else x16.shape[1]) + LANE_SCRATCH_ROWS)
         for g0 in range(r0, r1, LANES):
             k = min(LANES, r1 - g0)
             # 16-bit storage (mode LOSS or IN_PLACE): the rows widened into the thread's
@@ -1530,7 +1653,9 @@ def _index_block(b, thread, p, mode, small, block_rows, arrays):
                 rows, g = xt[xt_row : xt_row + LANES], xt_out[xt_row : xt_row + LANES]
             else:
                 rows, g = x[g0:], grad[g0:]
-            _index_lanes(0, k, rows, y[g0:], weight, p, mode, loss[g0:], g, buf, lanes[thread])
+            _index_lanes(
+                0, k, rows, y[g0:], weight, p, mode, loss[g0:], g, rowdata[g0:], buf[:width], buf[width:], lanes[thread]
+            )
             if narrow and mode != LOSS:
                 narrow_rows16(xt_out, xt_row, k, grad16, g0, p)
     else:
@@ -2107,16 +2232,25 @@ def _xent(kind, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
     dtype = x.dtype
     # 16-bit words are widened into the x' rows (step (0)) whether or not they are scaled
     widened = params.transformed or x16 is not _NO_WORDS_IN
-    # the lanes layout has none of the extensions (x', z-loss, statistics): rows at a time
+    # the lanes layout of probability targets has none of the extensions (x', z-loss,
+    # statistics): rows at a time; class indices have them in both layouts
     plain = not (params.transformed or params.row_outputs)
-    small = small_ok and plain and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
+    small = small_ok and (plain or kind == "index") and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
     block_rows = rows_per_block(n_classes)
-    # a row; or the lanes' rows transposed and their max (probability targets: twice)
-    width = (2 if kind == "probability" else 1) * LANES * (n_classes + LANE_SCRATCH_ROWS) if small else n_classes
+    # a row; or the lanes' rows transposed and their max (probability targets: twice; class
+    # indices with a scale, a cap or statistics: and the kept x', see _index_lanes)
+    width = n_classes
+    if small:
+        width = LANES * (n_classes + LANE_SCRATCH_ROWS)
+        if kind == "probability":
+            width *= 2
+        elif params.transformed or params.stats:
+            width += LANES * n_classes
     scratch, lanes = _scratch(dtype, width)
     # the x' rows, written under one name and read under another, read-only, so that a row
     # of x and a row of x' have one numba type (and the steps after (0) one specialisation)
-    # (16-bit words in the lanes layout: LANES rows of x' per thread, see _index_block)
+    # (16-bit words in the lanes layout: LANES rows of x' per thread, see _index_block; the
+    # lanes transform x' in the scratch themselves)
     rows_per_thread = LANES if small else 1
     xt_out = _transformed_rows(dtype, n_classes, scratch.shape[0], rows_per_thread) if widened else scratch
     if grad is None:

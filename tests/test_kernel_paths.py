@@ -377,3 +377,63 @@ def test_every_row_position_across_blocks(backend, n_classes, dtype):
         check_all_modes(x, y, backend, f"{what}, index, edges, weight+smoothing", **options)
         check_all_modes(x, t, backend, f"{what}, probability, edges, weight+smoothing", **options)
         check_all_modes(x, y, backend, f"{what}, index, edges, plain")
+
+
+# --- the extensions (z-loss, logit scale, soft cap, statistics) in every lane ------------
+
+#: the extension sets: each turns on a different part of the kernels' option code
+EXTENSION_SETS = {
+    "z-loss": {"z_loss": 1e-3},
+    "scale+stats": {"logit_scale": 0.7, "return_stats": True},
+    "cap+z-loss+stats+weight+smoothing": {"softcap": 5.0, "z_loss": 1e-2, "return_stats": True, "label_smoothing": 0.1},
+}
+
+
+def check_extensions(x, y, backend, what, **options):
+    """Every mode's loss and gradient, and the statistics, against the reference; loss
+    only, loss+grad, ``out=`` and in place must give the same statistics (one pass)."""
+    dtype = x.dtype
+    for reduction in ("none", "mean"):
+        expected = _reference.cross_entropy(x, y, reduction=reduction, **options)
+        kwargs = {"reduction": reduction, "backend": backend, **options}
+        at = f"{what}, {reduction}"
+        poison_free_memory(x)
+        results = {"loss only": fx.cross_entropy(x, y, **kwargs)}
+        results["loss+grad"] = fx.cross_entropy_with_grad(x, y, **kwargs)
+        in_place = x.copy()
+        results["in place"] = fx.cross_entropy_with_grad(in_place, y, out=in_place, **kwargs)
+        check(results["loss+grad"][1], expected[1], dtype, f"{at}, gradient")
+        check(in_place, expected[1], dtype, f"{at}, in place gradient")
+        for mode, result in results.items():
+            loss = result[0] if options.get("return_stats") else (result if mode == "loss only" else result[0])
+            check(loss, expected[0], dtype, f"{at}, {mode} loss")
+            if options.get("return_stats"):
+                stats = result[-1]
+                for name in ("lse", "z_loss", "entropy"):
+                    check(getattr(stats, name), expected[2][name], dtype, f"{at}, {mode} {name}")
+                assert stats.accuracy == pytest.approx(expected[2]["accuracy"], abs=1e-12), f"{at}, {mode} accuracy"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_classes", SMALL_CLASS_COUNTS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_extensions_in_every_lane_and_row_position(backend, n_classes, dtype):
+    """The extensions on rows whose far-ahead max, tie, +-inf or NaN sits in every class
+    position, with ignored rows, across two lane groups and a partial one (numba runs 64
+    rows across the lanes, Cython 32, both with the extensions since v2): the argmax test
+    (first index of the max or of a NaN), the entropy, lse, the z-loss and the soft cap's
+    chain rule all read every lane."""
+    rng = np.random.default_rng(4000 + n_classes)
+    n = 2 * 64 + 37
+    x, y, _, _ = blocked_lead_rows(n, n_classes, dtype, rng)
+    ignored, odd = edge_rows(n, n_classes)
+    x[odd[1::2]] = dtype(0.25)  # all classes tie: the first is the argmax
+    y[ignored] = -100
+    specials, special_targets = special_rows(n_classes, dtype, rng)
+    x = np.concatenate([x, specials])
+    y = np.concatenate([y, special_targets])
+    weight = rng.uniform(0.25, 2.0, n_classes).astype(dtype)
+    for name, options in EXTENSION_SETS.items():
+        if "smoothing" in name:
+            options = {**options, "weight": weight}
+        check_extensions(x, y, backend, f"C={n_classes} {np.dtype(dtype)} {backend}, {name}", **options)
