@@ -1368,9 +1368,11 @@ def _index_lanes(r0, k, x, y, weight, p, mode, loss, grad, rowdata, buf, x_kept,
     a = lanes[LANE_A]
     row_loss = lanes[LANE_LOSS]
     smoothing = p.spread * p.weight_total if p.smoothing else 0.0
+    log_s = lanes[LANE_LSE]  # (log s here; (3') turns it into lse)
     for r in range(n_lanes):  # (3), the same arithmetic as index_finish, the lanes at once
+        log_s[r] = fast_log(s[r])
         row_loss[r] = index_row_loss(
-            m_minus_x_y[r], fast_log(s[r]), sw[r], w_y[r], p.keep, p.spread, p.smoothing, p.weight_total
+            m_minus_x_y[r], log_s[r], sw[r], w_y[r], p.keep, p.spread, p.smoothing, p.weight_total
         )
         a[r] = p.grad_scale * (p.keep * w_y[r] + smoothing) / s[r]
     block_loss = loss[r0 : r0 + k]
@@ -1462,22 +1464,18 @@ def _lanes_first_indices(buf, n_classes, lanes):
 
 @helper
 def _lanes_row_outputs(r0, k, e_buf, x_kept, n_classes, target, p, rowdata, lanes):
-    """Step (3') on the lanes (row_outputs' arithmetic): ``lse = m + log s``, the z-loss's
-    ``z lse**2`` of a kept row and its gradient coefficient ``z_grad_scale 2 z lse / s`` added
-    to LANE_A; with ``p.stats`` the entropy ``log s + h / s`` (``h = sum_c e_c (m - x'_c)``,
-    0 where ``e_c = 0``, from the exponentials in ``e_buf`` and the kept x') and the argmax
-    test. Then each row's outputs into ``rowdata[r0 + r, OUT_*]``; an ignored row writes 0
-    there, but its lse and entropy with ``p.stats``."""
+    """Step (3') on the lanes (row_outputs' arithmetic; LANE_LSE holds log s from step (3),
+    one logarithm per lane): ``lse = m + log s``, the z-loss's ``z lse**2`` of a kept row and
+    its gradient coefficient ``z_grad_scale 2 z lse / s`` added to LANE_A; with ``p.stats``
+    the entropy ``log s + h / s`` (``h = sum_c e_c (m - x'_c)``, 0 where ``e_c = 0``, from
+    the exponentials in ``e_buf`` and the kept x') and the argmax test. Then each row's
+    outputs into ``rowdata[r0 + r, OUT_*]``; an ignored row writes 0 there, but its lse and
+    entropy with ``p.stats``."""
     n_lanes = LANES
     m = e_buf[n_classes * n_lanes : (n_classes + 1) * n_lanes]
     s = lanes[LANE_S]
     a = lanes[LANE_A]
-    lse = lanes[LANE_LSE]
-    for r in range(n_lanes):
-        lse[r] = np.float64(m[r]) + fast_log(s[r])
-    if p.z_loss != 0:
-        for r in range(n_lanes):
-            a[r] += p.z_grad_scale * 2.0 * p.z_loss * lse[r] / s[r]
+    lse = lanes[LANE_LSE]  # log s from step (3), lse below
     h = lanes[LANE_H]
     if p.stats:
         for r in range(n_lanes):
@@ -1489,7 +1487,12 @@ def _lanes_row_outputs(r0, k, e_buf, x_kept, n_classes, target, p, rowdata, lane
                 e_c, m_r, x_c = column[r], m[r], kept[r]
                 h[r] += np.float64(e_c) * (np.float64(m_r) - np.float64(x_c)) if e_c > 0 else 0.0
         for r in range(n_lanes):
-            h[r] = fast_log(s[r]) + h[r] / s[r]
+            h[r] = lse[r] + h[r] / s[r]
+    for r in range(n_lanes):
+        lse[r] = np.float64(m[r]) + lse[r]
+    if p.z_loss != 0:
+        for r in range(n_lanes):
+            a[r] += p.z_grad_scale * 2.0 * p.z_loss * lse[r] / s[r]
     first_max = lanes[LANE_FIRST_MAX]
     first_nan = lanes[LANE_FIRST_NAN]
     out = rowdata[r0 : r0 + k]
