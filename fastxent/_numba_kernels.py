@@ -1247,8 +1247,9 @@ LANE_S, LANE_SW, LANE_MXY, LANE_WY, LANE_A, LANE_LOSS = 0, 1, 2, 3, 4, 5
 LANE_LSE, LANE_H, LANE_FIRST_MAX, LANE_FIRST_NAN = 6, 7, 8, 9
 N_LANE_ROWS = 10
 #: chunks a long row may have (chunked_steps keeps three numbers each in the thread's lanes
-#: array, which the row layout does not otherwise use). Fixed at 7 * LANES // 3: it sets
-#: where a long row's chunks start, so the bits of the rows longer than CHUNK * MAX_CHUNKS
+#: array, which the row layout does not otherwise use). Fixed at 7 * LANES // 3, not derived
+#: from N_LANE_ROWS: it sets where a long row's chunks start, so the bits of every row longer
+#: than CHUNK * MAX_CHUNKS classes
 MAX_CHUNKS = 7 * LANES // 3
 #: rows of lanes after the classes in the scratch: the max, the target class, x_y
 LANE_SCRATCH_ROWS = 3
@@ -2233,12 +2234,14 @@ def _xent(kind, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
         x16 = _frozen(x)
         x = _NO_LOGITS
     dtype = x.dtype
-    # 16-bit words are widened into the x' rows (step (0)) whether or not they are scaled
-    widened = params.transformed or x16 is not _NO_WORDS_IN
     # the lanes layout of probability targets has none of the extensions (x', z-loss,
     # statistics): rows at a time; class indices have them in both layouts
     plain = not (params.transformed or params.row_outputs)
     small = small_ok and (plain or kind == "index") and mode in (LOSS, GRAD, IN_PLACE) and n_classes <= SMALL_C
+    # 16-bit words are widened into the x' rows (step (0)) whether or not they are scaled;
+    # the row layout writes a scaled or capped x' there too (the lanes transform it in the
+    # scratch themselves)
+    widened = x16 is not _NO_WORDS_IN or (params.transformed and not small)
     block_rows = rows_per_block(n_classes)
     # a row; or the lanes' rows transposed and their max (probability targets: twice; class
     # indices with a scale, a cap or statistics: and the kept x', see _index_lanes)
@@ -2252,8 +2255,7 @@ def _xent(kind, x, target, weight, params, mode, loss, grad, rowdata, small_ok):
     scratch, lanes = _scratch(dtype, width)
     # the x' rows, written under one name and read under another, read-only, so that a row
     # of x and a row of x' have one numba type (and the steps after (0) one specialisation)
-    # (16-bit words in the lanes layout: LANES rows of x' per thread, see _index_block; the
-    # lanes transform x' in the scratch themselves)
+    # (16-bit words in the lanes layout: LANES rows of x' per thread, see _index_block)
     rows_per_thread = LANES if small else 1
     xt_out = _transformed_rows(dtype, n_classes, scratch.shape[0], rows_per_thread) if widened else scratch
     if grad is None:
