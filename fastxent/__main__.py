@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "precompile",
         help="compile every kernel into numba's cache (a warm-up for fresh machines)",
         description="Compile every numba kernel specialisation of the dispatch table into numba's on-disk cache "
-        "(two worker processes), so that no later call pays a compile.",
+        "(this process and a worker process side by side), so that no later call pays a compile.",
     )
     info_command = commands.add_parser(
         "info",

@@ -38,6 +38,11 @@ def _worker() -> None:
         start = time.perf_counter()
         _dispatch.KERNELS[name].warm_up(function, np.dtype(dtype))
         print(_DONE, f"{time.perf_counter() - start:.6f}", flush=True)
+    # Its work is in the cache's files, written and closed as each kernel compiled: skip the
+    # interpreter's finalisation (~0.4 s with numba's LLVM state loaded), which the caller
+    # would otherwise wait for at the end of the last kernel.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _start_worker() -> tuple[subprocess.Popen, IO[bytes]]:
@@ -64,14 +69,69 @@ def _start_worker() -> tuple[subprocess.Popen, IO[bytes]]:
     return worker, stderr
 
 
-def _feed(worker: subprocess.Popen, stderr: IO[bytes], todo: queue.SimpleQueue, done: queue.SimpleQueue) -> None:
-    """One worker's thread: hands it the next item of ``todo`` until none is left, putting
-    ``(item, seconds)`` on ``done`` after each, or ``(item, why)`` (a str) if it failed."""
+def _compiles_here(item: tuple) -> bool:
+    """Whether this process compiles ``item`` itself (else numba would compile it in a child
+    process anyway: ``THROUGH_THE_CACHE``)."""
+    name, function, _ = item
+    return function not in getattr(_dispatch.KERNELS[name], "THROUGH_THE_CACHE", ())
+
+
+class _WorkList:
+    """The plan's items, handed out to the compilers: this process (index 0), which takes
+    only what it compiles itself (``_compiles_here``), and the worker processes, which take
+    the rest first.
+
+    Then each compiler takes the items of its own dtype, in the plan's order (the longest
+    first), then the other dtype's: the kernels of one dtype share helpers (the exponential,
+    the row max, the chunk steps) that numba compiles once per process and dtype."""
+
+    def __init__(self, plan: list) -> None:
+        self._items = list(plan)
+        self._lock = threading.Lock()
+        self._dtypes = list(dict.fromkeys(dtype for _, _, dtype in plan))
+        self.stopped = False
+
+    def take(self, index: int) -> tuple | None:
+        """The next item for compiler ``index``, or None when none is left for it."""
+        with self._lock:
+            if self.stopped:
+                return None
+            own = self._dtypes[index % len(self._dtypes)]
+            here = [_compiles_here(item) for item in self._items]
+            if index == 0:
+                order = [p for p in range(len(self._items)) if here[p]]
+            else:
+                order = [p for p in range(len(self._items)) if not here[p]] or list(range(len(self._items)))
+            for position in order:
+                if self._items[position][2] == own:
+                    return self._items.pop(position)
+            return self._items.pop(order[0]) if order else None
+
+
+def _compile_here(todo: _WorkList, done: queue.SimpleQueue) -> None:
+    """This process as one of precompile's compilers (a thread): compiles the items that it
+    compiles itself (its kernels are then the ones its own later calls run, as after a lazy
+    first call), putting ``(item, -seconds)`` on ``done`` after each, or ``(item, why)``
+    (a str) if one failed."""
+    while (item := todo.take(0)) is not None:
+        name, function, dtype = item
+        start = time.perf_counter()
+        try:
+            _dispatch.KERNELS[name].warm_up(function, dtype)
+        except Exception as error:  # reported by precompile, in the calling thread
+            done.put((item, f"{type(error).__name__}: {error}"))
+            return
+        done.put((item, -(time.perf_counter() - start)))  # negative: compiled here
+
+
+def _feed(worker: subprocess.Popen, stderr: IO[bytes], todo: _WorkList, index: int, done: queue.SimpleQueue) -> None:
+    """One worker's thread: hands it ``todo``'s next item for worker ``index`` until none is
+    left, putting ``(item, seconds)`` on ``done`` after each, or ``(item, why)`` (a str) if
+    it failed."""
     assert worker.stdin is not None and worker.stdout is not None
     while True:
-        try:
-            item = todo.get_nowait()
-        except queue.Empty:
+        item = todo.take(index)
+        if item is None:
             break
         name, function, dtype = item
         answer = ""
@@ -117,9 +177,11 @@ def precompile(
     warm-up, a container build) calls this once. What it compiles comes from the dispatch
     table (``_dispatch.precompile_plan``): every backend function for float32 and float64.
 
-    ``jobs`` worker processes (default: one per core, at most 2; 1 compiles here) compile
-    into numba's on-disk cache side by side; this process loads each kernel from it as soon
-    as its worker is done (so its loading overlaps the other worker's compile).
+    ``jobs`` compilers (default: one per core, at most 2) work side by side: this process
+    (in a thread) and ``jobs - 1`` worker processes, which compile into numba's on-disk
+    cache; this process loads their kernels from it at the end. Kernels that numba compiles
+    in a child process anyway (``THROUGH_THE_CACHE``) go to the workers. With ``jobs=1``
+    everything compiles here, in turn.
     ``progress(done, total, what, seconds)`` is called after each; ``fastxent precompile``
     prints it. Returns how many kernel specialisations the numba backend now holds.
     """
@@ -130,23 +192,36 @@ def precompile(
     if jobs is None:
         jobs = min(2, os.cpu_count() or 1)
     if jobs > 1 and len(plan) > 1 and _cache_is_on():
-        todo: queue.SimpleQueue = queue.SimpleQueue()
-        for item in plan:  # in the plan's order: the float32 and float64 class-index kernels, the largest, first
-            todo.put(item)
+        todo = _WorkList(plan)  # the plan's order: the class-index kernels, the largest, first
         done: queue.SimpleQueue = queue.SimpleQueue()
-        workers = [_start_worker() for _ in range(jobs)]
-        feeders = [threading.Thread(target=_feed, args=(*worker, todo, done), daemon=True) for worker in workers]
-        for feeder in feeders:
-            feeder.start()
+        workers = [_start_worker() for _ in range(jobs - 1)]
+        feeders = [
+            threading.Thread(target=_feed, args=(*worker, todo, index, done), daemon=True)
+            for index, worker in enumerate(workers, 1)
+        ]
+        # (not joined after a failure or an interrupt: its compile cannot be stopped, and ends
+        # on its own, or with this process)
+        compiler = threading.Thread(target=_compile_here, args=(todo, done), daemon=True)
+        for thread in (*feeders, compiler):
+            thread.start()
+        from_the_cache = []
         try:
             for count in range(1, len(plan) + 1):
-                (name, function, dtype), seconds = done.get()
+                item, seconds = done.get()
+                name, function, dtype = item
                 if isinstance(seconds, str):
-                    raise RuntimeError(f"precompile: a worker failed on {name} {function} {dtype}:\n{seconds}")
-                _dispatch.KERNELS[name].warm_up(function, dtype)  # here: from the cache
+                    raise RuntimeError(f"precompile: compiling {name} {function} {dtype} failed:\n{seconds}")
+                if seconds >= 0:
+                    from_the_cache.append(item)
                 if progress is not None:
-                    progress(count, len(plan), f"{name} {function} {dtype} (worker)", seconds)
+                    where = "here" if seconds < 0 else "worker"
+                    progress(count, len(plan), f"{name} {function} {dtype} ({where})", abs(seconds))
+            # Loading a worker's kernels takes numba's compiler lock, which this process's own
+            # compile holds: loaded at the end (~0.5 s for all), the progress is not held up.
+            for name, function, dtype in from_the_cache:
+                _dispatch.KERNELS[name].warm_up(function, dtype)
         except BaseException:  # a failure or an interrupt: no more compiles
+            todo.stopped = True
             for worker, _ in workers:
                 worker.kill()
             raise

@@ -1897,6 +1897,11 @@ def block_function(kind: str, dtype: np.dtype):
     return compiled
 
 
+#: the functions whose kernels compile in a child process (``compiled_through_the_cache``):
+#: ``precompile`` leaves them to its workers instead of compiling them in the caller
+THROUGH_THE_CACHE: set[str] = set()
+
+
 def compiled_through_the_cache(function: str):
     """Decorator for a parallel kernel that calls outlined helpers (after ``@kernel``): its
     overload for a new signature comes from numba's cache, compiled first by a child process
@@ -1904,6 +1909,8 @@ def compiled_through_the_cache(function: str):
     when neither works, numba compiles it here as before. numba's dispatcher calls
     ``_compile_for_args`` only when no compiled overload matches the arguments, so a call
     that finds one pays nothing for this."""
+
+    THROUGH_THE_CACHE.add(function)
 
     def install(dispatcher):
         if numba.config.DISABLE_JIT:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import fastxent as fx
 from fastxent import _dispatch
@@ -134,15 +135,19 @@ def test_precompile_from_a_script_without_a_main_guard(tmp_path):
         assert int(lines[-1]) > 0  # the specialisations it holds
 
 
-def test_precompile_reports_a_failing_worker(monkeypatch):
-    """A worker that dies (here: an item its warm_up rejects) stops precompile with an error
-    naming the item and quoting the worker's own message, instead of hanging or passing."""
+@pytest.mark.parametrize("where", ["worker", "here"])
+def test_precompile_reports_a_failing_compile(monkeypatch, where):
+    """A worker that dies, or this process's own compile that fails (here: an item that
+    warm_up rejects), stops precompile with an error naming the item and quoting the
+    compiler's own message, instead of hanging or passing."""
     if "numba" not in fx.available_backends():
         return
-    import pytest
+    from fastxent import _info
 
     plan = [("logsumexp_rows", np.dtype(np.float32)), ("no_such_function", np.dtype(np.float32))]
     monkeypatch.setattr(_dispatch, "precompile_plan", lambda name: plan if name == "numba" else [])
+    # which compiler takes the bad item: the workers take what this process does not compile
+    monkeypatch.setattr(_info, "_compiles_here", lambda item: (item[1] == "no_such_function") == (where == "here"))
     with pytest.raises(RuntimeError, match="no_such_function") as failure:
         fx.precompile(backend="numba", jobs=2)
-    assert "unknown function" in str(failure.value)  # the worker's traceback
+    assert "unknown function" in str(failure.value)  # the worker's traceback, or the error here
