@@ -151,3 +151,34 @@ def test_precompile_reports_a_failing_compile(monkeypatch, where):
     with pytest.raises(RuntimeError, match="no_such_function") as failure:
         fx.precompile(backend="numba", jobs=2)
     assert "unknown function" in str(failure.value)  # the worker's traceback, or the error here
+
+
+def test_precompile_hands_out_the_plan_by_dtype_and_where_it_compiles():
+    """precompile's work list: this process (compiler 0) never gets a kernel that numba
+    compiles through the cache in a child (THROUGH_THE_CACHE: it would start one more
+    interpreter), the workers take those first, and each compiler keeps to its own dtype
+    while it has one left; every item is handed out exactly once."""
+    if "numba" not in fx.available_backends():
+        return
+    from fastxent import _info
+
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    through_the_cache = _dispatch.KERNELS["numba"].THROUGH_THE_CACHE
+    assert through_the_cache == {"distill", "score_rows"}
+    plan = [("numba", function, dtype) for function in _dispatch.FUNCTIONS for dtype in (f32, f64)]
+    work = _info._WorkList(plan)
+    # a worker: the child-compiled kernels first, its own dtype (float64) first among them
+    first = [work.take(1) for _ in range(4)]
+    assert first == [("numba", "distill", f64), ("numba", "score_rows", f64), ("numba", "distill", f32),
+                     ("numba", "score_rows", f32)]  # fmt: skip
+    assert work.take(0) == ("numba", "xent_index", f32)  # this process: its own dtype, the longest first
+    assert work.take(0) == ("numba", "xent_probability", f32)
+    assert work.take(1) == ("numba", "xent_index", f64)  # then the worker's own dtype among the rest
+    rest = []
+    while (item := work.take(0)) is not None:
+        assert item[1] not in through_the_cache
+        rest.append(item)
+    assert work.take(1) is None
+    handed_out = [*first, ("numba", "xent_index", f32), ("numba", "xent_probability", f32)]
+    handed_out += [("numba", "xent_index", f64), *rest]
+    assert sorted(map(str, handed_out)) == sorted(map(str, plan))  # each exactly once
