@@ -117,7 +117,14 @@ def outlined_helper(func):
     ``NRT_incref`` / ``NRT_decref`` call, several a row that LLVM cannot prune across the
     row code's branches, and each call makes LLVM spill and reload the vector registers
     (all caller-saved): float32 65536 x 128, one thread, 11.4 -> 9.0 ms (docs/DESIGN.md)."""
-    return numba.njit(nogil=True, fastmath=set(FASTMATH), error_model=ERROR_MODEL, _nrt=False, **LINK_ONLY)(func)
+    return numba.njit(**OUTLINED_OPTIONS)(func)
+
+
+#: njit options of an outlined helper (``outlined_helper``); also the ``jit_options`` of an
+#: ``@overload`` whose implementation is such a helper's body
+OUTLINED_OPTIONS: dict[str, Any] = {
+    "nogil": True, "fastmath": set(FASTMATH), "error_model": ERROR_MODEL, "_nrt": False, **LINK_ONLY,
+}  # fmt: skip
 
 
 def exact_helper(func):

@@ -65,6 +65,7 @@ from ._jit import (
     COMPILE_IN_PROCESS_ENV,
     EXP_FASTMATH,
     FASTMATH,
+    OUTLINED_OPTIONS,
     address_as,
     block_cfunc,
     call_by_address,
@@ -885,7 +886,6 @@ def _chunks_long_rows_overload(row):
     return lambda row: False
 
 
-@outlined_helper
 def chunked_steps(src, xt_out, row, e, chunks, p, dst):
     """Steps (0)-(2) of a long row by chunks (see above): ``(m, s, h)``, with the terms
     ``e'_c`` in ``e`` and each chunk's factor ``f_k`` in ``chunks[k]`` for step (4). ``src``
@@ -943,10 +943,15 @@ def float32_chunked_steps(src, xt_out, row, e, chunks, p, dst):
     return chunked_steps(src, xt_out, row, e, chunks, p, dst)
 
 
-@overload(float32_chunked_steps, jit_options=overload_options(FASTMATH))
+# The float32 implementation is chunked_steps' own body, with the outlined helpers' options
+# (it is not inlined by numba), not a forwarder to an outlined chunked_steps: a forwarder
+# is a library of its own that links chunked_steps and optimises it once more (with
+# _index_grad_chunks below: the float32 class-index kernel's LLVM 5.1 -> 4.7 s of CPU, the
+# same bits and speed; docs/DESIGN.md).
+@overload(float32_chunked_steps, jit_options=OUTLINED_OPTIONS)
 def _float32_chunked_steps_overload(src, xt_out, row, e, chunks, p, dst):
     if row.dtype == types.float32:
-        return lambda src, xt_out, row, e, chunks, p, dst: chunked_steps(src, xt_out, row, e, chunks, p, dst)
+        return chunked_steps
     return lambda src, xt_out, row, e, chunks, p, dst: (row[0], 0.0, 0.0)  # float64: never run
 
 
@@ -994,7 +999,6 @@ def row_outputs(i, row, m, s, h, y_local, kept, a, p, rowdata):
 # --- one row at a time (lanes across the classes) ------------------------------------
 
 
-@outlined_helper
 def _index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode):
     """Step (4) of a long row, chunk k with the coefficient ``a f_k`` (chunked_steps), by the
     same per-row functions as a whole row, the target's term in its own chunk (float32
@@ -1024,10 +1028,10 @@ def float32_index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p,
     _index_grad_chunks(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode)
 
 
-@overload(float32_index_grad_chunks, jit_options=overload_options(FASTMATH))
+@overload(float32_index_grad_chunks, jit_options=OUTLINED_OPTIONS)
 def _float32_index_grad_chunks_overload(i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode):
     if row.dtype == types.float32:
-        return float32_index_grad_chunks
+        return _index_grad_chunks  # its body, as chunked_steps above
     return lambda i, grad, grad16, e, y_local, a, y_term, weight, p, row, chunks, mode: None  # float64
 
 
