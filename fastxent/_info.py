@@ -111,23 +111,23 @@ class _WorkList:
 def _compile_here(todo: _WorkList, done: queue.SimpleQueue) -> None:
     """This process as one of precompile's compilers (a thread): compiles the items that it
     compiles itself (its kernels are then the ones its own later calls run, as after a lazy
-    first call), putting ``(item, -seconds)`` on ``done`` after each, or ``(item, why)``
-    (a str) if one failed."""
+    first call), putting ``(item, seconds, "here")`` on ``done`` after each, or ``(item,
+    why, "here")`` (``why`` a str) if one failed."""
     while (item := todo.take(0)) is not None:
         name, function, dtype = item
         start = time.perf_counter()
         try:
             _dispatch.KERNELS[name].warm_up(function, dtype)
         except Exception as error:  # reported by precompile, in the calling thread
-            done.put((item, f"{type(error).__name__}: {error}"))
+            done.put((item, f"{type(error).__name__}: {error}", "here"))
             return
-        done.put((item, -(time.perf_counter() - start)))  # negative: compiled here
+        done.put((item, time.perf_counter() - start, "here"))
 
 
 def _feed(worker: subprocess.Popen, stderr: IO[bytes], todo: _WorkList, index: int, done: queue.SimpleQueue) -> None:
     """One worker's thread: hands it ``todo``'s next item for worker ``index`` until none is
-    left, putting ``(item, seconds)`` on ``done`` after each, or ``(item, why)`` (a str) if
-    it failed."""
+    left, putting ``(item, seconds, "worker")`` on ``done`` after each, or ``(item, why,
+    "worker")`` (``why`` a str) if it failed."""
     assert worker.stdin is not None and worker.stdout is not None
     while True:
         item = todo.take(index)
@@ -145,9 +145,9 @@ def _feed(worker: subprocess.Popen, stderr: IO[bytes], todo: _WorkList, index: i
         except OSError:  # its pipe broke: it died
             answer = ""
         if not answer:
-            done.put((item, _why(worker, stderr)))
+            done.put((item, _why(worker, stderr), "worker"))
             return
-        done.put((item, float(answer.split()[1])))
+        done.put((item, float(answer.split()[1]), "worker"))
     try:
         worker.stdin.close()
     except OSError:
@@ -207,15 +207,14 @@ def precompile(
         from_the_cache = []
         try:
             for count in range(1, len(plan) + 1):
-                item, seconds = done.get()
+                item, seconds, where = done.get()
                 name, function, dtype = item
                 if isinstance(seconds, str):
                     raise RuntimeError(f"precompile: compiling {name} {function} {dtype} failed:\n{seconds}")
-                if seconds >= 0:
+                if where == "worker":
                     from_the_cache.append(item)
                 if progress is not None:
-                    where = "here" if seconds < 0 else "worker"
-                    progress(count, len(plan), f"{name} {function} {dtype} ({where})", abs(seconds))
+                    progress(count, len(plan), f"{name} {function} {dtype} ({where})", seconds)
             # Loading a worker's kernels takes numba's compiler lock, which this process's own
             # compile holds: loaded at the end (~0.5 s for all), the progress is not held up.
             for name, function, dtype in from_the_cache:

@@ -1252,8 +1252,8 @@ LANE_LSE, LANE_H, LANE_FIRST_MAX, LANE_FIRST_NAN = 6, 7, 8, 9
 N_LANE_ROWS = 10
 #: chunks a long row may have (chunked_steps keeps three numbers each in the thread's lanes
 #: array, which the row layout does not otherwise use). Fixed at 7 * LANES // 3, not derived
-#: from N_LANE_ROWS: it sets where a long row's chunks start, so the bits of every row longer
-#: than CHUNK * MAX_CHUNKS classes
+#: from N_LANE_ROWS: it sets where a long row's chunks start (chunk_width), so the bits of
+#: every row longer than CHUNK * MAX_CHUNKS classes would change with it
 MAX_CHUNKS = 7 * LANES // 3
 #: rows of lanes after the classes in the scratch: the max, the target class, x_y
 LANE_SCRATCH_ROWS = 3
