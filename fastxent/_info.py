@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import subprocess
@@ -30,14 +31,20 @@ _DONE = "fastxent-precompile-done"
 def _worker() -> None:
     """A worker process of ``precompile`` (``python -c``, see _start_worker): reads one
     ``backend function dtype`` line at a time from stdin, compiles it into numba's on-disk
-    cache and answers ``_DONE seconds`` on stdout; ends at the end of its input."""
+    cache and answers ``_DONE seconds kernels`` on stdout (``kernels``: a JSON list of the
+    kernel specialisations it now holds, ``compiled_kernels``); ends at the end of its input."""
+    import json
+
     import numpy as np
 
     for line in sys.stdin:
         name, function, dtype = line.split()
         start = time.perf_counter()
-        _dispatch.KERNELS[name].warm_up(function, np.dtype(dtype))
-        print(_DONE, f"{time.perf_counter() - start:.6f}", flush=True)
+        module = _dispatch.KERNELS[name]
+        module.warm_up(function, np.dtype(dtype))
+        seconds = time.perf_counter() - start
+        held = sorted(module.compiled_kernels()) if hasattr(module, "compiled_kernels") else []
+        print(_DONE, f"{seconds:.6f}", json.dumps(held), flush=True)
     # Its work is in the cache's files, written and closed as each kernel compiled: skip the
     # interpreter's finalisation (~0.4 s with numba's LLVM state loaded), which the caller
     # would otherwise wait for at the end of the last kernel.
@@ -124,10 +131,17 @@ def _compile_here(todo: _WorkList, done: queue.SimpleQueue) -> None:
         done.put((item, time.perf_counter() - start, "here"))
 
 
-def _feed(worker: subprocess.Popen, stderr: IO[bytes], todo: _WorkList, index: int, done: queue.SimpleQueue) -> None:
+def _feed(
+    worker: subprocess.Popen,
+    stderr: IO[bytes],
+    todo: _WorkList,
+    index: int,
+    done: queue.SimpleQueue,
+    held: set[str],
+) -> None:
     """One worker's thread: hands it ``todo``'s next item for worker ``index`` until none is
     left, putting ``(item, seconds, "worker")`` on ``done`` after each, or ``(item, why,
-    "worker")`` (``why`` a str) if it failed."""
+    "worker")`` (``why`` a str) if it failed; adds the kernels the worker holds to ``held``."""
     assert worker.stdin is not None and worker.stdout is not None
     while True:
         item = todo.take(index)
@@ -147,7 +161,9 @@ def _feed(worker: subprocess.Popen, stderr: IO[bytes], todo: _WorkList, index: i
         if not answer:
             done.put((item, _why(worker, stderr), "worker"))
             return
-        done.put((item, float(answer.split()[1]), "worker"))
+        _, seconds, kernels = answer.split(maxsplit=2)
+        held.update(json.loads(kernels))
+        done.put((item, float(seconds), "worker"))
     try:
         worker.stdin.close()
     except OSError:
@@ -169,6 +185,7 @@ def precompile(
     *,
     progress: Callable[[int, int, str, float], None] | None = None,
     jobs: int | None = None,
+    load: bool = True,
 ) -> int:
     """Compile (or load from numba's cache) every kernel specialisation the API uses.
 
@@ -184,6 +201,10 @@ def precompile(
     everything compiles here, in turn.
     ``progress(done, total, what, seconds)`` is called after each; ``fastxent precompile``
     prints it. Returns how many kernel specialisations the numba backend now holds.
+
+    ``load=False`` leaves the workers' kernels in the cache, unloaded (~0.5 s saved), for a
+    process that ends next (``fastxent precompile``); the count then is of the kernels this
+    process and the workers hold together.
     """
     names = [backend] if backend is not None else list(_dispatch.available_backends())
     if backend is not None:
@@ -191,12 +212,13 @@ def precompile(
     plan = [(name, function, dtype) for name in names for function, dtype in _dispatch.precompile_plan(name)]
     if jobs is None:
         jobs = min(2, os.cpu_count() or 1)
+    in_workers: set[str] = set()  # the kernels the workers hold (filled by _feed)
     if jobs > 1 and len(plan) > 1 and _cache_is_on():
         todo = _WorkList(plan)  # the plan's order: the class-index kernels, the largest, first
         done: queue.SimpleQueue = queue.SimpleQueue()
         workers = [_start_worker() for _ in range(jobs - 1)]
         feeders = [
-            threading.Thread(target=_feed, args=(*worker, todo, index, done), daemon=True)
+            threading.Thread(target=_feed, args=(*worker, todo, index, done, in_workers), daemon=True)
             for index, worker in enumerate(workers, 1)
         ]
         # (not joined after a failure or an interrupt: its compile cannot be stopped, and ends
@@ -217,7 +239,7 @@ def precompile(
                     progress(count, len(plan), f"{name} {function} {dtype} ({where})", seconds)
             # Loading a worker's kernels takes numba's compiler lock, which this process's own
             # compile holds: loaded at the end (~0.5 s for all), the progress is not held up.
-            for name, function, dtype in from_the_cache:
+            for name, function, dtype in from_the_cache if load else ():
                 _dispatch.KERNELS[name].warm_up(function, dtype)
         except BaseException:  # a failure or an interrupt: no more compiles
             todo.stopped = True
@@ -236,7 +258,11 @@ def precompile(
             if progress is not None:
                 progress(count, len(plan), f"{name} {function} {dtype}", time.perf_counter() - start)
     numba_module = _dispatch.KERNELS.get("numba")
-    return numba_module.compiled_count() if numba_module is not None and "numba" in names else 0
+    if numba_module is None or "numba" not in names:
+        return 0
+    if not load:  # (the feeders were joined above: the workers' set is complete)
+        return len(numba_module.compiled_kernels() | in_workers)
+    return numba_module.compiled_count()
 
 
 def _cache_is_on() -> bool:

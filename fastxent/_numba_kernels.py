@@ -2433,10 +2433,17 @@ def warm_up(function: str, dtype: np.dtype) -> None:
         raise ValueError(f"warm_up: unknown function {function!r} (expected one of {', '.join(COMPILED)})")
 
 
+def compiled_kernels() -> set[str]:
+    """The kernel specialisations numba holds (compiled or loaded) in this process, each
+    named by its function and signature (so two processes' sets can be joined)."""
+    dispatchers = {d for kernels in COMPILED.values() for d in kernels}
+    named = {f"{d.py_func.__qualname__}{signature}" for d in dispatchers for signature in d.signatures}
+    return named | {f"block {kind} {dtype}" for kind, dtype in _COMPILED_BLOCKS}
+
+
 def compiled_count() -> int:
     """How many kernel specialisations numba holds (compiled or loaded) in this process."""
-    dispatchers = {d for kernels in COMPILED.values() for d in kernels}
-    return sum(len(d.signatures) for d in dispatchers) + len(_COMPILED_BLOCKS)
+    return len(compiled_kernels())
 
 
 # =====================================================================================

@@ -135,6 +135,27 @@ def test_precompile_from_a_script_without_a_main_guard(tmp_path):
         assert int(lines[-1]) > 0  # the specialisations it holds
 
 
+def test_precompile_without_loading_counts_the_workers_kernels():
+    """``load=False`` (what ``fastxent precompile`` asks for, since its process ends next)
+    leaves the workers' kernels in the cache: this process holds fewer, and the count it
+    returns is still every specialisation, joined over this process and the worker."""
+    if "numba" not in fx.available_backends():
+        pytest.skip("the numba backend is not available")
+    from fastxent import _numba_kernels as nb
+
+    every = fx.precompile(backend="numba")
+    assert every == nb.compiled_count()
+    script = (
+        "import fastxent as fx\nfrom fastxent import _numba_kernels as nb\n"
+        "print(fx.precompile(backend='numba', jobs=2, load=False), nb.compiled_count())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counted, held_here = map(int, done.stdout.split())
+    assert counted == every
+    assert 0 < held_here < every
+
+
 @pytest.mark.parametrize("where", ["worker", "here"])
 def test_precompile_reports_a_failing_compile(monkeypatch, where):
     """A worker that dies, or this process's own compile that fails (here: an item that
