@@ -33,8 +33,6 @@ def _worker() -> None:
     ``backend function dtype`` line at a time from stdin, compiles it into numba's on-disk
     cache and answers ``_DONE seconds kernels`` on stdout (``kernels``: a JSON list of the
     kernel specialisations it now holds, ``compiled_kernels``); ends at the end of its input."""
-    import json
-
     import numpy as np
 
     for line in sys.stdin:
